@@ -1,0 +1,5 @@
+import sys
+
+from rsna22_utils.cli import main
+
+sys.exit(main())
