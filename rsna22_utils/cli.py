@@ -1,0 +1,86 @@
+"""Command line: `python -m rsna22_utils COMMAND ...` (also installed as `rsna22`).
+
+Each command imports its module lazily so `--help` and light commands stay fast.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+from pathlib import Path
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="python -m rsna22_utils", description=__doc__)
+    parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    p = sub.add_parser("synth", help="write a synthetic competition in the Kaggle layout")
+    p.add_argument("--out", type=Path, required=True, help="folder to create (must be empty or absent)")
+    p.add_argument("--studies", type=int, default=40, help="number of train studies")
+    p.add_argument("--test-studies", type=int, default=None, help="number of test studies (default: studies // 10, at least 3)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--image-size", type=int, default=128, help="rows = cols of every slice (Kaggle: 512)")
+    p.add_argument("--slices", type=int, default=None, help="median slices per study (default scales with image size)")
+    p.add_argument("--segmented", type=float, default=0.5, help="fraction of train studies that get a NIfTI segmentation")
+    p.add_argument("--workers", type=int, default=None, help="parallel processes (default: all cores)")
+
+    p = sub.add_parser("scan", help="read every study's DICOM headers into one table (one row per slice)")
+    p.add_argument("data_dir", type=Path, help="competition folder holding train_images/ and/or test_images/")
+    p.add_argument("--out", type=Path, required=True, help="output .parquet (or .csv)")
+    p.add_argument("--workers", type=int, default=None, help="parallel processes (default: all cores)")
+
+    p = sub.add_parser("bench-decode", help="decode speed (ms/slice, one core) of dicomsdl vs pydicom")
+    p.add_argument("paths", type=Path, nargs="*", help="DICOM files or study folders (default: ../shared/realdata JPEG Lossless study)")
+    p.add_argument("--repeat", type=int, default=5)
+
+    p = sub.add_parser("demo", help="synthetic competition -> every stage of the pipeline -> report")
+    p.add_argument("--out", type=Path, default=Path("demo"), help="working folder of the demo")
+    p.add_argument("--studies", type=int, default=60)
+    p.add_argument("--image-size", type=int, default=96)
+    p.add_argument("--seed", type=int, default=0)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = _parser().parse_args(argv)
+    logging.basicConfig(
+        level=logging.DEBUG if args.verbose else logging.INFO,
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+        datefmt="%H:%M:%S",
+    )
+    if args.command == "synth":
+        from rsna22_utils.synth import generate_competition
+
+        generate_competition(
+            args.out,
+            n_studies=args.studies,
+            n_test_studies=args.test_studies,
+            seed=args.seed,
+            image_size=args.image_size,
+            median_slices=args.slices,
+            segmented_fraction=args.segmented,
+            workers=args.workers,
+        )
+        return 0
+    if args.command == "scan":
+        from rsna22_utils.scan import scan_competition
+
+        failures = scan_competition(args.data_dir, args.out, workers=args.workers)
+        return 1 if failures and not args.out.exists() else 0
+    if args.command == "bench-decode":
+        from rsna22_utils.bench import bench_decode
+
+        bench_decode(args.paths, repeat=args.repeat)
+        return 0
+    if args.command == "demo":
+        from rsna22_utils.demo import run_demo
+
+        run_demo(args.out, n_studies=args.studies, image_size=args.image_size, seed=args.seed)
+        return 0
+    raise AssertionError(args.command)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

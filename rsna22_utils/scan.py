@@ -1,0 +1,103 @@
+"""Scan a competition folder: every study's DICOM headers into one table, one row per slice.
+
+Runs studies in parallel worker processes with a progress bar; a study that cannot be read is
+reported (study, file, reason) and the scan goes on with the others.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from concurrent.futures import ProcessPoolExecutor, as_completed
+from dataclasses import dataclass
+from pathlib import Path
+
+import pandas as pd
+from tqdm.auto import tqdm
+
+logger = logging.getLogger(__name__)
+
+SPLIT_FOLDERS = ("train_images", "test_images")
+
+
+@dataclass(frozen=True)
+class ScanFailure:
+    """A study the scan could not read."""
+
+    split: str
+    study: str
+    file: str
+    reason: str
+
+
+def find_studies(data_dir: Path) -> list[tuple[str, Path]]:
+    """(split, study folder) for every study under train_images/ and test_images/, sorted."""
+    data_dir = Path(data_dir)
+    studies = [
+        (split, study_dir)
+        for split in SPLIT_FOLDERS
+        if (data_dir / split).is_dir()
+        for study_dir in sorted((data_dir / split).iterdir())
+        if study_dir.is_dir()
+    ]
+    if not studies:
+        raise FileNotFoundError(f"{data_dir}: no study folders under {' or '.join(SPLIT_FOLDERS)}/")
+    return studies
+
+
+def _scan_one(split: str, study_dir: Path) -> pd.DataFrame:
+    from rsna22_utils.dicom import read_slice_headers
+
+    table = read_slice_headers(study_dir)
+    table.insert(0, "split", split.removesuffix("_images"))
+    table["slice_index"] = range(len(table))
+    return table
+
+
+def _failure(split: str, study_dir: Path, error: BaseException) -> ScanFailure:
+    file = getattr(error, "path", None) or getattr(error, "filename", None) or ""
+    return ScanFailure(split, study_dir.name, Path(file).name if file else "", f"{type(error).__name__}: {error}")
+
+
+def scan_competition(data_dir: Path, out: Path, workers: int | None = None) -> list[ScanFailure]:
+    """Write one row per slice of every study to `out` (.parquet or .csv); return the failures.
+
+    Failures are also written beside the output as `<out stem>.failures.csv`.
+    """
+    data_dir, out = Path(data_dir), Path(out)
+    if out.suffix not in (".parquet", ".csv"):
+        raise ValueError(f"{out}: output must end in .parquet or .csv")
+    studies = find_studies(data_dir)
+    workers = workers or os.cpu_count() or 1
+    tables: list[pd.DataFrame] = []
+    failures: list[ScanFailure] = []
+    with ProcessPoolExecutor(max_workers=workers) as pool:
+        futures = {pool.submit(_scan_one, split, study_dir): (split, study_dir) for split, study_dir in studies}
+        for future in tqdm(as_completed(futures), total=len(futures), desc="scan studies", unit="study"):
+            split, study_dir = futures[future]
+            try:
+                tables.append(future.result())
+            except Exception as error:  # noqa: BLE001 - every failure is reported, the scan goes on
+                failure = _failure(split, study_dir, error)
+                failures.append(failure)
+                logger.warning("skipped study %s/%s: %s %s", split, failure.study, failure.file, failure.reason)
+
+    out.parent.mkdir(parents=True, exist_ok=True)
+    failures_path = out.with_name(out.stem + ".failures.csv")
+    if failures:
+        pd.DataFrame([f.__dict__ for f in failures]).to_csv(failures_path, index=False)
+        logger.warning("%d of %d studies failed; listed in %s", len(failures), len(studies), failures_path)
+    elif failures_path.exists():
+        failures_path.unlink()
+    if not tables:
+        logger.error("no study could be read under %s; nothing written to %s", data_dir, out)
+        return failures
+    table = pd.concat(tables, ignore_index=True).sort_values(["split", "StudyInstanceUID", "slice_index"], kind="stable")
+    tmp = out.with_name(out.name + ".tmp")
+    if out.suffix == ".parquet":
+        table.to_parquet(tmp, index=False)
+    else:
+        table.to_csv(tmp, index=False)
+    os.replace(tmp, out)
+    logger.info("wrote %d slices of %d studies to %s", len(table), table["StudyInstanceUID"].nunique(), out)
+    return failures
