@@ -1,0 +1,92 @@
+"""Inference-side logic: turning per-slice predictions into study-level results.
+
+Box stage: per-slice has-box probability + box (mean over folds/seeds) -> one box per study around
+all C1-C7 slices and the slice range where the spine starts and ends, in the 3rd place's
+study-level table layout `x0 y0 x1 y1 slnum_from slnum_to slnum_max`. Here `slnum_*` are slice
+*positions* head -> feet (0-based `slice_index` of read_study / the cache), never file numbers,
+and `slnum_max` is the study's slice count.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import pandas as pd
+from scipy.ndimage import median_filter
+
+BOX_COLUMNS = ["x0", "y0", "x1", "y1"]
+STUDY_BOX_COLUMNS = ["StudyInstanceUID", *BOX_COLUMNS, "slnum_from", "slnum_to", "slnum_max"]
+
+
+def _longest_run(mask: np.ndarray) -> tuple[int, int] | None:
+    """(first, last) index of the longest run of True, or None."""
+    best, start = None, None
+    for i, value in enumerate(np.append(mask, False)):
+        if value and start is None:
+            start = i
+        elif not value and start is not None:
+            if best is None or i - start > best[1] - best[0] + 1:
+                best = (start, i - 1)
+            start = None
+    return best
+
+
+def study_box_from_slices(
+    slice_index: np.ndarray,
+    p_box: np.ndarray,
+    boxes: np.ndarray,
+    threshold: float = 0.5,
+    smooth: int = 5,
+    quantile: float = 0.05,
+) -> dict[str, float]:
+    """One study: slice range = longest run of median-filtered p_box >= threshold; box = robust outer box.
+
+    The outer box takes low/high quantiles of the per-slice corners inside the range (not min/max),
+    so a single stray slice prediction cannot blow it up.
+    """
+    order = np.argsort(slice_index)
+    slice_index, p_box, boxes = slice_index[order], p_box[order], boxes[order]
+    # a median filter removes isolated flips but, unlike a mean, keeps the edges of the run in place
+    p_smooth = median_filter(p_box, size=smooth, mode="nearest") if smooth > 1 else p_box
+    run = _longest_run(p_smooth >= threshold)
+    if run is None:  # no confident slice: fall back to the single most confident one
+        peak = int(np.argmax(p_box))
+        run = (peak, peak)
+    inside = slice(run[0], run[1] + 1)
+    weights = p_box[inside]
+    chosen = boxes[inside][weights >= min(threshold, weights.max())]
+    x0, y0 = np.quantile(chosen[:, 0], quantile), np.quantile(chosen[:, 1], quantile)
+    x1, y1 = np.quantile(chosen[:, 2], 1 - quantile), np.quantile(chosen[:, 3], 1 - quantile)
+    return {
+        "x0": float(x0), "y0": float(y0), "x1": float(x1), "y1": float(y1),
+        "slnum_from": int(slice_index[run[0]]), "slnum_to": int(slice_index[run[1]]), "slnum_max": int(len(slice_index)),
+    }
+
+
+def study_boxes(slice_predictions: pd.DataFrame, threshold: float = 0.5, smooth: int = 5) -> pd.DataFrame:
+    """Per-slice predictions (StudyInstanceUID, slice_index, p_box, x0..y1 in pixels) -> one row per study."""
+    rows = []
+    for uid, group in slice_predictions.groupby("StudyInstanceUID", sort=True):
+        result = study_box_from_slices(
+            group["slice_index"].to_numpy(), group["p_box"].to_numpy(), group[BOX_COLUMNS].to_numpy(float), threshold, smooth
+        )
+        rows.append({"StudyInstanceUID": uid, **result})
+    return pd.DataFrame(rows, columns=STUDY_BOX_COLUMNS)
+
+
+def box_iou(a: np.ndarray, b: np.ndarray) -> np.ndarray:
+    """IoU of paired boxes (n, 4) x0, y0, x1, y1."""
+    a, b = np.asarray(a, float), np.asarray(b, float)
+    iw = np.clip(np.minimum(a[:, 2], b[:, 2]) - np.maximum(a[:, 0], b[:, 0]), 0, None)
+    ih = np.clip(np.minimum(a[:, 3], b[:, 3]) - np.maximum(a[:, 1], b[:, 1]), 0, None)
+    inter = iw * ih
+    area = lambda box: (box[:, 2] - box[:, 0]) * (box[:, 3] - box[:, 1])  # noqa: E731
+    return inter / np.maximum(area(a) + area(b) - inter, 1e-9)
+
+
+def evaluate_study_boxes(predicted: pd.DataFrame, truth: pd.DataFrame) -> pd.DataFrame:
+    """Join predicted and true study boxes; adds iou and slice-range errors (|from| and |to|)."""
+    merged = predicted.merge(truth, on="StudyInstanceUID", suffixes=("", "_true"), validate="one_to_one")
+    merged["iou"] = box_iou(merged[BOX_COLUMNS].to_numpy(), merged[[f"{c}_true" for c in BOX_COLUMNS]].to_numpy())
+    merged["from_error"] = (merged["slnum_from"] - merged["slnum_from_true"]).abs()
+    merged["to_error"] = (merged["slnum_to"] - merged["slnum_to_true"]).abs()
+    return merged
