@@ -1,0 +1,343 @@
+"""Training labels derived from the segmentations, and the cross-validation folds.
+
+The 3rd-place pipeline learns two things from the 87 segmented studies:
+- the box model: per slice, the outer box around the seven cervical vertebrae (`slice_boxes`);
+- the slice vertebra model: per slice and vertebra, how much of that vertebra the slice shows,
+  as a fraction of its largest cross-section in the study (`vertebra_ratios`).
+`build_segmentation_labels` computes both for every segmented train study and writes them as
+parquet tables keyed by (StudyInstanceUID, slice_number, slice_index) with the study's fold.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from collections.abc import Iterable, Sequence
+from concurrent.futures import ProcessPoolExecutor, as_completed
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+from tqdm.auto import tqdm
+
+logger = logging.getLogger(__name__)
+
+CERVICAL = tuple(range(1, 8))
+VERTEBRAE = tuple(f"C{k}" for k in CERVICAL)
+BOX_COLUMNS = ("x0", "y0", "x1", "y1")
+
+
+def _slice_keys(seg: np.ndarray, study_uid: str | None, slice_numbers: Iterable[int] | None) -> pd.DataFrame:
+    """StudyInstanceUID, slice_index (0-based, head -> feet) and slice_number for each slice of `seg`."""
+    if seg.ndim != 3:
+        raise ValueError(f"study {study_uid}: expected a (slices, rows, cols) label volume, got shape {seg.shape}")
+    n = seg.shape[0]
+    if slice_numbers is None:
+        numbers = np.arange(1, n + 1, dtype=np.int64)
+    else:
+        numbers = np.asarray(list(slice_numbers), dtype=np.int64)
+        if len(numbers) != n:
+            raise ValueError(f"study {study_uid}: {len(numbers)} slice numbers for a volume of {n} slices")
+    return pd.DataFrame(
+        {
+            "StudyInstanceUID": pd.Series([study_uid] * n, dtype=object),
+            "slice_number": numbers,
+            "slice_index": np.arange(n, dtype=np.int64),
+        }
+    )
+
+
+def slice_boxes(
+    seg: np.ndarray,
+    study_uid: str | None = None,
+    slice_numbers: Iterable[int] | None = None,
+    labels: Iterable[int] = range(1, 8),
+) -> pd.DataFrame:
+    """One row per slice: the outer box of all `labels` (C1..C7) in that slice, for the box model.
+
+    Columns: StudyInstanceUID, slice_number, slice_index, x0, y0, x1, y1, has_box. Pixel
+    coordinates of `seg` (x = column, y = row), x1/y1 exclusive (width = x1 - x0). Slices with
+    none of the labels get NaN coordinates and has_box 0. `slice_numbers` are the study table's
+    file numbers in volume order; without them slice_number is the position from 1.
+    (The 3rd place stored the last pixel, x1 - 1, and the image centre for empty slices.)
+    """
+    keys = _slice_keys(seg, study_uid, slice_numbers)
+    lut = np.zeros(max(256, int(seg.max(initial=0)) + 1), dtype=bool)
+    lut[list(labels)] = True
+    mask = lut[seg]
+    rows_hit = mask.any(axis=2)  # (slices, rows)
+    cols_hit = mask.any(axis=1)  # (slices, cols)
+    has_box = rows_hit.any(axis=1)
+    n_rows, n_cols = seg.shape[1], seg.shape[2]
+    y0 = rows_hit.argmax(axis=1).astype(np.float64)
+    y1 = (n_rows - rows_hit[:, ::-1].argmax(axis=1)).astype(np.float64)
+    x0 = cols_hit.argmax(axis=1).astype(np.float64)
+    x1 = (n_cols - cols_hit[:, ::-1].argmax(axis=1)).astype(np.float64)
+    for coord in (x0, y0, x1, y1):
+        coord[~has_box] = np.nan
+    keys["x0"], keys["y0"], keys["x1"], keys["y1"] = x0, y0, x1, y1
+    keys["has_box"] = has_box.astype(np.int64)
+    return keys
+
+
+def vertebra_ratios(
+    seg: np.ndarray,
+    study_uid: str | None = None,
+    slice_numbers: Iterable[int] | None = None,
+    labels: Sequence[int] = CERVICAL,
+    names: Sequence[str] | None = None,
+) -> pd.DataFrame:
+    """Per slice and vertebra: its pixels in the slice / its most pixels in any slice of the study.
+
+    Columns: StudyInstanceUID, slice_number, slice_index, then one column per label (C1..C7 by
+    default, or `names`), in [0, 1]; 1 on the slice(s) with the vertebra's largest
+    cross-section, 0 for a vertebra absent from the study. This is the 3rd place's target for
+    the slice vertebra model.
+    """
+    labels = list(labels)
+    names = list(names) if names is not None else [f"C{k}" for k in labels]
+    if len(names) != len(labels):
+        raise ValueError(f"{len(names)} names for {len(labels)} labels")
+    keys = _slice_keys(seg, study_uid, slice_numbers)
+    size = max(256, int(seg.max(initial=0)) + 1)
+    counts = np.stack([np.bincount(s.ravel(), minlength=size) for s in seg]) if len(seg) else np.zeros((0, size))
+    counts = counts[:, labels].astype(np.float64)
+    peak = counts.max(axis=0, initial=0)
+    ratios = np.divide(counts, peak, out=np.zeros_like(counts), where=peak > 0)
+    for name, column in zip(names, ratios.T):
+        keys[name] = column
+    return keys
+
+
+def study_box(boxes: pd.DataFrame) -> dict:
+    """Outer box over a study's slice boxes, and the first/last slice that has a box.
+
+    Returns x0, y0, x1, y1 (x1/y1 exclusive), first_slice_index, last_slice_index,
+    first_slice_number, last_slice_number and n_slices_with_box; coordinates and slices are None
+    when no slice has a box. `boxes` is one study's `slice_boxes` table.
+    """
+    if "StudyInstanceUID" in boxes and boxes["StudyInstanceUID"].nunique() > 1:
+        raise ValueError(f"study_box expects one study, got {boxes['StudyInstanceUID'].nunique()}")
+    hit = boxes[boxes["has_box"] == 1]
+    if hit.empty:
+        return {
+            **{c: None for c in BOX_COLUMNS},
+            "first_slice_index": None,
+            "last_slice_index": None,
+            "first_slice_number": None,
+            "last_slice_number": None,
+            "n_slices_with_box": 0,
+        }
+    first = hit.loc[hit["slice_index"].idxmin()]
+    last = hit.loc[hit["slice_index"].idxmax()]
+    return {
+        "x0": int(hit["x0"].min()),
+        "y0": int(hit["y0"].min()),
+        "x1": int(hit["x1"].max()),
+        "y1": int(hit["y1"].max()),
+        "first_slice_index": int(first["slice_index"]),
+        "last_slice_index": int(last["slice_index"]),
+        "first_slice_number": int(first["slice_number"]),
+        "last_slice_number": int(last["slice_number"]),
+        "n_slices_with_box": int(len(hit)),
+    }
+
+
+# ----------------------------------------------------------------------------------------- folds
+
+
+def _read_fold_file(fold_file: Path) -> pd.DataFrame:
+    table = pd.read_parquet(fold_file) if fold_file.suffix == ".parquet" else pd.read_csv(fold_file)
+    if "StudyInstanceUID" not in table.columns and "cube_id" in table.columns:
+        table = table.rename(columns={"cube_id": "StudyInstanceUID"})
+    missing = {"StudyInstanceUID", "fold"} - set(table.columns)
+    if missing:
+        raise ValueError(f"{fold_file}: fold file lacks column(s) {sorted(missing)} (has {list(table.columns)})")
+    duplicated = table["StudyInstanceUID"][table["StudyInstanceUID"].duplicated()].unique()
+    if len(duplicated):
+        raise ValueError(f"{fold_file}: {len(duplicated)} studies listed twice, e.g. {list(duplicated[:5])}")
+    return table[["StudyInstanceUID", "fold"]]
+
+
+def _strata(train_df: pd.DataFrame, n_folds: int) -> np.ndarray:
+    """patient_overall combined with the number of fractured vertebrae, rare counts merged upward."""
+    vertebrae = [c for c in VERTEBRAE if c in train_df.columns]
+    overall = train_df["patient_overall"].to_numpy(dtype=np.int64) if "patient_overall" in train_df else None
+    n_frac = train_df[vertebrae].sum(axis=1).to_numpy(dtype=np.int64) if vertebrae else None
+    if overall is None and n_frac is None:
+        return np.zeros(len(train_df), dtype=np.int64)
+    if n_frac is None:
+        return overall
+    # Cap the count where fewer than n_folds studies would have it or more, so no stratum is too small.
+    cap = max(c for c in range(int(n_frac.max(initial=0)) + 1) if (n_frac >= c).sum() >= n_folds or c == 0)
+    n_frac = np.minimum(n_frac, cap)
+    return n_frac if overall is None else overall * 100 + n_frac
+
+
+def make_folds(
+    train_df: pd.DataFrame,
+    n_folds: int = 5,
+    seed: int = 42,
+    fold_file: str | Path | None = None,
+) -> pd.DataFrame:
+    """`train_df` with a `fold` column (0..n_folds-1), in `train_df`'s row order.
+
+    If `fold_file` exists (the 3rd place's split is `train_folded_v01.csv`: train.csv's columns
+    + fold; a `cube_id` column is accepted for the study id) its folds are used, and every study
+    of `train_df` must be in it (the error lists the missing ones). Otherwise a stratified split
+    is made (StratifiedKFold over patient_overall x number of fractured vertebrae, rare counts
+    merged) and it is the caller's job to save it, so later stages reuse the same split.
+    """
+    if "StudyInstanceUID" not in train_df.columns:
+        raise ValueError(f"make_folds needs a StudyInstanceUID column, got {list(train_df.columns)}")
+    if train_df["StudyInstanceUID"].duplicated().any():
+        raise ValueError("make_folds: train_df lists some StudyInstanceUIDs twice")
+    out = train_df.drop(columns=["fold"], errors="ignore").reset_index(drop=True)
+
+    if fold_file is not None and Path(fold_file).is_file():
+        fold_file = Path(fold_file)
+        folds = _read_fold_file(fold_file).set_index("StudyInstanceUID")["fold"]
+        missing = sorted(set(out["StudyInstanceUID"]) - set(folds.index))
+        if missing:
+            shown = ", ".join(missing[:10]) + (" ..." if len(missing) > 10 else "")
+            raise ValueError(f"{fold_file}: {len(missing)} of {len(out)} studies have no fold: {shown}")
+        out["fold"] = folds.loc[out["StudyInstanceUID"]].to_numpy().astype(np.int64)
+        found = out["fold"].nunique()
+        if found != n_folds:
+            logger.warning("%s: the fold file has %d folds (n_folds=%d ignored)", fold_file, found, n_folds)
+        logger.info("folds for %d studies read from %s", len(out), fold_file)
+        return out
+    if fold_file is not None:
+        logger.info("fold file %s not found; making a stratified %d-fold split (seed %d)", fold_file, n_folds, seed)
+
+    if len(out) < n_folds:
+        raise ValueError(f"make_folds: {len(out)} studies cannot fill {n_folds} folds")
+    from sklearn.model_selection import StratifiedKFold
+
+    strata = _strata(out, n_folds)
+    # StratifiedKFold needs every stratum to have at least n_folds members; merge the rest into one.
+    values, counts = np.unique(strata, return_counts=True)
+    rare = values[counts < n_folds]
+    if len(rare):
+        strata = np.where(np.isin(strata, rare), -1, strata)
+    fold = np.full(len(out), -1, dtype=np.int64)
+    splitter = StratifiedKFold(n_splits=n_folds, shuffle=True, random_state=seed)
+    for k, (_, valid) in enumerate(splitter.split(np.zeros(len(out)), strata)):
+        fold[valid] = k
+    out["fold"] = fold
+    logger.info("made a stratified %d-fold split of %d studies (seed %d)", n_folds, len(out), seed)
+    return out
+
+
+# ------------------------------------------------------------------------ segmentation labels
+
+
+@dataclass(frozen=True)
+class LabelFailure:
+    """A segmented study whose labels could not be built."""
+
+    study: str
+    file: str
+    reason: str
+
+
+def _study_labels(uid: str, nifti_path: Path, study_dir: Path) -> tuple[pd.DataFrame, pd.DataFrame]:
+    from rsna22_utils.dicom import read_slice_headers
+    from rsna22_utils.segmentation import load_segmentation
+
+    table = read_slice_headers(study_dir)
+    seg = load_segmentation(nifti_path, table)
+    numbers = table["slice_number"].to_numpy()
+    return slice_boxes(seg, uid, numbers), vertebra_ratios(seg, uid, numbers)
+
+
+def _write_parquet(table: pd.DataFrame, path: Path) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    table.to_parquet(tmp, index=False)
+    os.replace(tmp, path)
+
+
+def build_segmentation_labels(
+    data_dir: str | Path,
+    out_dir: str | Path,
+    folds_df: pd.DataFrame | None = None,
+    workers: int | None = None,
+) -> dict[str, Path]:
+    """Slice boxes and vertebra ratios for every segmented train study -> parquet files in `out_dir`.
+
+    Reads `segmentations/<uid>.nii` for every uid with a `train_images/<uid>` folder, aligns it
+    to the study by z (`load_segmentation` with the study's `read_slice_headers` table) and
+    writes `slice_boxes.parquet` and `vertebra_ratios.parquet`, both keyed by StudyInstanceUID,
+    slice_number, slice_index (0-based head -> feet) with the study's `fold` from `folds_df`
+    (-1 when `folds_df` is None or lacks the study). A study that fails is logged with its file
+    and reason, listed in `segmentation_labels.failures.csv`, and skipped.
+    Returns {"slice_boxes": path, "vertebra_ratios": path} (+ "failures" when any failed).
+    """
+    data_dir, out_dir = Path(data_dir), Path(out_dir)
+    seg_dir = data_dir / "segmentations"
+    if not seg_dir.is_dir():
+        raise FileNotFoundError(f"{seg_dir}: no segmentations folder")
+    nifti = sorted(p for p in seg_dir.iterdir() if p.name.endswith((".nii", ".nii.gz")))
+    from rsna22_utils.segmentation import study_uid_from_path
+
+    jobs = [(study_uid_from_path(p), p, data_dir / "train_images" / study_uid_from_path(p)) for p in nifti]
+    orphans = [uid for uid, _, study_dir in jobs if not study_dir.is_dir()]
+    if orphans:
+        logger.info("%d segmentations have no train_images folder and are skipped, e.g. %s", len(orphans), orphans[:3])
+    jobs = [job for job in jobs if job[2].is_dir()]
+    if not jobs:
+        raise FileNotFoundError(f"{seg_dir}: no segmentation has a study folder under {data_dir / 'train_images'}")
+
+    folds: dict[str, int] = {}
+    if folds_df is not None:
+        folds = dict(zip(folds_df["StudyInstanceUID"], folds_df["fold"].astype(int)))
+        unfolded = [uid for uid, _, _ in jobs if uid not in folds]
+        if unfolded:
+            logger.warning("%d segmented studies have no fold (fold -1), e.g. %s", len(unfolded), unfolded[:3])
+
+    workers = workers or min(4, os.cpu_count() or 1)
+    results: dict[str, tuple[pd.DataFrame, pd.DataFrame]] = {}
+    failures: list[LabelFailure] = []
+
+    def fail(uid: str, path: Path, error: BaseException) -> None:
+        failures.append(LabelFailure(uid, str(path), f"{type(error).__name__}: {error}"))
+        logger.warning("skipped segmented study %s (%s): %s: %s", uid, path, type(error).__name__, error)
+
+    progress = dict(total=len(jobs), desc="segmentation labels", unit="study")
+    if workers > 1 and len(jobs) > 1:
+        with ProcessPoolExecutor(max_workers=workers) as pool:
+            futures = {pool.submit(_study_labels, *job): job for job in jobs}
+            for future in tqdm(as_completed(futures), **progress):
+                uid, path, _ = futures[future]
+                try:
+                    results[uid] = future.result()
+                except Exception as error:  # noqa: BLE001 - reported, the others go on
+                    fail(uid, path, error)
+    else:
+        for uid, path, study_dir in tqdm(jobs, **progress):
+            try:
+                results[uid] = _study_labels(uid, path, study_dir)
+            except Exception as error:  # noqa: BLE001 - reported, the others go on
+                fail(uid, path, error)
+
+    out_dir.mkdir(parents=True, exist_ok=True)
+    written: dict[str, Path] = {}
+    failures_path = out_dir / "segmentation_labels.failures.csv"
+    if failures:
+        pd.DataFrame([f.__dict__ for f in failures]).to_csv(failures_path, index=False)
+        logger.warning("%d of %d segmented studies failed; listed in %s", len(failures), len(jobs), failures_path)
+        written["failures"] = failures_path
+    elif failures_path.exists():
+        failures_path.unlink()
+    if not results:
+        raise RuntimeError(f"no segmented study could be labelled; reasons in {failures_path}")
+
+    for index, name in enumerate(("slice_boxes", "vertebra_ratios")):
+        table = pd.concat([results[uid][index] for uid in sorted(results)], ignore_index=True)
+        table.insert(3, "fold", table["StudyInstanceUID"].map(folds).fillna(-1).astype(np.int64))
+        path = out_dir / f"{name}.parquet"
+        _write_parquet(table, path)
+        logger.info("wrote %s: %d slices of %d studies to %s", name, len(table), len(results), path)
+        written[name] = path
+    return written
