@@ -40,7 +40,17 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--studies", type=int, default=60)
     p.add_argument("--image-size", type=int, default=96)
     p.add_argument("--seed", type=int, default=0)
+
+    # Modules that own their commands register them here (each parser sets func=callable(args) -> int).
+    import importlib
+
+    for module in COMMAND_MODULES:
+        importlib.import_module(module).add_commands(sub)
     return parser
+
+
+# Imported when the parser is built, so they must import their heavy dependencies lazily.
+COMMAND_MODULES: tuple[str, ...] = ()
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -50,6 +60,8 @@ def main(argv: list[str] | None = None) -> int:
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",
         datefmt="%H:%M:%S",
     )
+    if getattr(args, "func", None) is not None:
+        return int(args.func(args) or 0)
     if args.command == "synth":
         from rsna22_utils.synth import generate_competition
 
