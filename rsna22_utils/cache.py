@@ -1,0 +1,149 @@
+"""The study cache: every study decoded once into a compact, memory-mappable form.
+
+Training reads slices from here instead of decoding DICOMs every epoch (the 3rd place decoded
+on the fly). One cache holds every study resized to `image_size` x `image_size` and windowed to
+uint8, one channel per (center, width) window:
+
+    <cache_dir>/<spec.name>/
+        spec.json                  the CacheSpec the cache was built with
+        volumes/<uid>.npy          uint8 (slices, image_size, image_size, n_windows), head -> feet
+        slices/<uid>.parquet       the study's per-slice table (read_study order) + `slice_index`
+
+A study is complete when its .npy exists (it is written to a temp name and renamed last), so an
+interrupted build resumes where it stopped.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+from concurrent.futures import ProcessPoolExecutor, as_completed
+from dataclasses import asdict, dataclass, field
+from functools import lru_cache
+from pathlib import Path
+
+import cv2
+import numpy as np
+import pandas as pd
+from tqdm.auto import tqdm
+
+logger = logging.getLogger(__name__)
+
+BONE_WINDOW = (400, 1800)
+
+
+@dataclass(frozen=True)
+class CacheSpec:
+    """How studies are stored: output size (square) and HU windows (one uint8 channel each)."""
+
+    image_size: int = 256
+    windows: tuple[tuple[int, int], ...] = field(default=(BONE_WINDOW,))
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "windows", tuple((int(c), int(w)) for c, w in self.windows))
+        if self.image_size < 16:
+            raise ValueError(f"cache image_size must be at least 16, got {self.image_size}")
+        if not self.windows:
+            raise ValueError("a cache needs at least one (center, width) window")
+
+    @property
+    def name(self) -> str:
+        """Folder name that identifies the spec, e.g. `256px_w400-1800`."""
+        return f"{self.image_size}px_" + "_".join(f"w{c}-{w}" for c, w in self.windows)
+
+
+def encode_study(volume_hu: np.ndarray, spec: CacheSpec) -> np.ndarray:
+    """HU volume (slices, rows, cols) -> cached uint8 (slices, size, size, n_windows)."""
+    from rsna22_utils.dicom import window
+
+    size = spec.image_size
+    out = np.empty((volume_hu.shape[0], size, size, len(spec.windows)), dtype=np.uint8)
+    interpolation = cv2.INTER_AREA if volume_hu.shape[1] > size else cv2.INTER_LINEAR
+    for i, hu in enumerate(volume_hu):
+        resized = cv2.resize(hu.astype(np.float32), (size, size), interpolation=interpolation)
+        out[i] = window(resized, spec.windows)
+    return out
+
+
+def _write_study(study_dir: Path, root: Path, spec: CacheSpec) -> str:
+    from rsna22_utils.dicom import read_study
+
+    volume, table = read_study(study_dir)
+    uid = study_dir.name
+    slices = table.reset_index(drop=True).copy()
+    slices["slice_index"] = np.arange(len(slices))
+    slices_path = root / "slices" / f"{uid}.parquet"
+    slices.to_parquet(slices_path.with_suffix(".tmp"), index=False)
+    os.replace(slices_path.with_suffix(".tmp"), slices_path)
+    volume_path = root / "volumes" / f"{uid}.npy"
+    tmp = volume_path.with_name(f"{uid}.tmp.npy")
+    np.save(tmp, encode_study(volume, spec))
+    os.replace(tmp, volume_path)
+    return uid
+
+
+def build_cache(
+    study_dirs: list[Path], cache_dir: Path, spec: CacheSpec, workers: int | None = None
+) -> tuple[Path, list[tuple[str, str]]]:
+    """Decode every study once into `cache_dir/<spec.name>/`; returns (cache root, failures).
+
+    Studies already cached are skipped (resumable); a study that fails is reported as
+    (study folder, reason) and the others go on.
+    """
+    root = Path(cache_dir) / spec.name
+    (root / "volumes").mkdir(parents=True, exist_ok=True)
+    (root / "slices").mkdir(parents=True, exist_ok=True)
+    spec_path = root / "spec.json"
+    if spec_path.exists():
+        if CacheSpec(**json.loads(spec_path.read_text())) != spec:
+            raise ValueError(f"{spec_path}: cache built with another spec; use another cache_dir")
+    else:
+        spec_path.write_text(json.dumps(asdict(spec)))
+    todo = [d for d in study_dirs if not (root / "volumes" / f"{Path(d).name}.npy").exists()]
+    logger.info("study cache %s: %d studies cached, %d to decode", root, len(study_dirs) - len(todo), len(todo))
+    failures: list[tuple[str, str]] = []
+    if todo:
+        with ProcessPoolExecutor(max_workers=workers or os.cpu_count() or 1) as pool:
+            futures = {pool.submit(_write_study, Path(d), root, spec): Path(d) for d in todo}
+            for future in tqdm(as_completed(futures), total=len(futures), desc="cache studies", unit="study"):
+                try:
+                    future.result()
+                except Exception as error:  # noqa: BLE001 - reported, the build goes on
+                    failures.append((str(futures[future]), f"{type(error).__name__}: {error}"))
+                    logger.warning("could not cache %s: %s", futures[future], failures[-1][1])
+    logger.info("study cache ready in %s (%d failures)", root, len(failures))
+    return root, failures
+
+
+class StudyCache:
+    """Read access to a built cache: memory-mapped volumes and per-slice tables by study."""
+
+    def __init__(self, root: Path) -> None:
+        self.root = Path(root)
+        spec_path = self.root / "spec.json"
+        if not spec_path.exists():
+            raise FileNotFoundError(f"{self.root}: not a study cache (no spec.json); build it with 00_prepare")
+        self.spec = CacheSpec(**json.loads(spec_path.read_text()))
+
+    @property
+    def uids(self) -> list[str]:
+        """Studies present in the cache, sorted."""
+        return sorted(p.name[: -len(".npy")] for p in (self.root / "volumes").glob("*.npy") if not p.name.endswith(".tmp.npy"))
+
+    def volume(self, uid: str) -> np.ndarray:
+        """uint8 (slices, size, size, n_windows), memory-mapped (nothing is read until indexed)."""
+        return _open_volume(str(self.root / "volumes" / f"{uid}.npy"))
+
+    def slices(self, uid: str) -> pd.DataFrame:
+        """The study's per-slice table in volume order (column `slice_index`)."""
+        return pd.read_parquet(self.root / "slices" / f"{uid}.parquet")
+
+    def all_slices(self) -> pd.DataFrame:
+        """Per-slice tables of all cached studies, concatenated."""
+        return pd.concat([self.slices(uid) for uid in self.uids], ignore_index=True)
+
+
+@lru_cache(maxsize=64)
+def _open_volume(path: str) -> np.ndarray:
+    return np.load(path, mmap_mode="r")

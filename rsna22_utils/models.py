@@ -1,0 +1,195 @@
+"""The kit's networks, built from a config by one factory, timm-style.
+
+Every network wraps a timm backbone whose name goes straight to `timm.create_model`;
+`pretrained` is a switch that works offline: False builds random weights, True loads timm's
+weights (needs internet or timm's cache), and `pretrained_path` loads a local weights file (the
+way to get ImageNet weights on an offline Kaggle kernel: attach them as a dataset).
+"""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+from typing import Any
+
+import timm
+import torch
+from torch import nn
+from torch.nn import functional as F
+
+logger = logging.getLogger(__name__)
+
+
+def create_backbone(name: str, in_chans: int, pretrained: bool = False, pretrained_path: str | Path | None = None) -> nn.Module:
+    """timm feature extractor (num_classes=0, global pooled) with offline-safe weight loading."""
+    kwargs: dict[str, Any] = {"in_chans": in_chans, "num_classes": 0}
+    if pretrained_path:
+        path = Path(pretrained_path)
+        if not path.is_file():
+            raise FileNotFoundError(f"pretrained_path {path}: no such weights file")
+        kwargs["pretrained_cfg_overlay"] = {"file": str(path)}
+        pretrained = True
+    try:
+        return timm.create_model(name, pretrained=pretrained, **kwargs)
+    except RuntimeError as error:
+        if pretrained and not pretrained_path:
+            raise RuntimeError(
+                f"could not load pretrained weights for timm model {name!r} ({error}); offline, set "
+                "pretrained=False or pretrained_path=<local weights file>"
+            ) from error
+        raise
+
+
+def feature_size(encoder: nn.Module) -> int:
+    """Width of a pooled timm backbone's output (`head_hidden_size` when a conv head follows pooling, e.g. MobileNetV3)."""
+    return int(getattr(encoder, "head_hidden_size", None) or encoder.num_features)
+
+
+class BoxModel(nn.Module):
+    """Single slice -> has-box logit + C1-C7 box (x0, y0, x1, y1 as fractions of the image)."""
+
+    def __init__(self, backbone: str, in_chans: int = 1, pretrained: bool = False, pretrained_path: str | None = None) -> None:
+        super().__init__()
+        self.encoder = create_backbone(backbone, in_chans, pretrained, pretrained_path)
+        self.head = nn.Linear(feature_size(self.encoder), 5)
+
+    def forward(self, batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        out = self.head(self.encoder(batch["image"]))
+        return {"has_box": out[:, 0], "box": torch.sigmoid(out[:, 1:])}
+
+
+def box_loss(outputs: dict[str, torch.Tensor], batch: dict[str, torch.Tensor], box_weight: float = 5.0) -> torch.Tensor:
+    """BCE on has-box for every slice + L1 on the coordinates only where a box exists."""
+    has_box = batch["has_box"].float()
+    loss = F.binary_cross_entropy_with_logits(outputs["has_box"].float(), has_box)
+    mask = has_box > 0.5
+    if mask.any():
+        loss = loss + box_weight * F.l1_loss(outputs["box"].float()[mask], batch["box"].float()[mask])
+    return loss
+
+
+class SequenceModel(nn.Module):
+    """2.5D CNN + bidirectional LSTM: a sequence of images -> per-image outputs (stages 03 and 05).
+
+    Each image is `slices_per_image` adjacent slices stacked as channels; the CNN embeds every
+    image on its own, the BiLSTM lets each image see its neighbours along the neck. The number of
+    outputs is a parameter: 7 vertebra ratios (stage 03) or 7 vertebra + 7 fracture (stage 05).
+    """
+
+    def __init__(
+        self,
+        backbone: str,
+        in_chans: int,
+        n_outputs: int,
+        lstm_hidden: int = 128,
+        dropout: float = 0.1,
+        pretrained: bool = False,
+        pretrained_path: str | None = None,
+    ) -> None:
+        super().__init__()
+        self.encoder = create_backbone(backbone, in_chans, pretrained, pretrained_path)
+        self.lstm = nn.LSTM(feature_size(self.encoder), lstm_hidden, batch_first=True, bidirectional=True)
+        self.dropout = nn.Dropout(dropout)
+        self.head = nn.Linear(2 * lstm_hidden, n_outputs)
+
+    @property
+    def embedding_size(self) -> int:
+        return feature_size(self.encoder)
+
+    def embed(self, images: torch.Tensor) -> torch.Tensor:
+        """(batch, steps, C, H, W) -> CNN embeddings (batch, steps, features)."""
+        batch, steps = images.shape[:2]
+        return self.encoder(images.flatten(0, 1)).view(batch, steps, -1)
+
+    def forward(self, batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        sequence, _ = self.lstm(self.embed(batch["image"]))
+        return {"logits": self.head(self.dropout(sequence))}
+
+
+def sequence_loss(outputs: dict[str, torch.Tensor], batch: dict[str, torch.Tensor]) -> torch.Tensor:
+    """BCE (soft targets) over every image of the sequence that lies inside the study (`mask`)."""
+    logits, target, mask = outputs["logits"].float(), batch["target"].float(), batch["mask"].float()
+    per_image = F.binary_cross_entropy_with_logits(logits, target, reduction="none").mean(-1)
+    return (per_image * mask).sum() / mask.sum().clamp(min=1.0)
+
+
+class StudyHead(nn.Module):
+    """Study level (stage 06): per-image embeddings -> BiLSTM -> attention + max pooling -> 8 logits.
+
+    Output order is `rsna22_utils.metric.TARGETS`: patient_overall, C1..C7. `mask` marks real
+    (not padded) steps of each sequence.
+    """
+
+    def __init__(self, in_features: int, lstm_hidden: int = 128, n_outputs: int = 8, dropout: float = 0.2) -> None:
+        super().__init__()
+        self.lstm = nn.LSTM(in_features, lstm_hidden, batch_first=True, bidirectional=True)
+        self.attention = nn.Sequential(nn.Linear(2 * lstm_hidden, lstm_hidden), nn.Tanh(), nn.Linear(lstm_hidden, 1))
+        self.dropout = nn.Dropout(dropout)
+        self.head = nn.Linear(4 * lstm_hidden, n_outputs)
+
+    def forward(self, embeddings: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        sequence, _ = self.lstm(embeddings)
+        valid = mask.bool().unsqueeze(-1)
+        scores = self.attention(sequence).masked_fill(~valid, float("-inf"))
+        attended = (torch.softmax(scores, dim=1) * sequence).sum(1)
+        maxed = sequence.masked_fill(~valid, float("-inf")).amax(1)
+        return self.head(self.dropout(torch.cat([attended, maxed], dim=-1)))
+
+
+class StudyModel(nn.Module):
+    """The stage-05 CNN (frozen) + a new StudyHead: a whole study -> patient_overall + C1..C7 logits.
+
+    Training feeds precomputed `embeddings` (the CNN is frozen, so they never change); inference
+    feeds `image` chunks and the same CNN embeds them.
+    """
+
+    def __init__(self, encoder: nn.Module, head: StudyHead, max_len: int = 192) -> None:
+        super().__init__()
+        self.encoder = encoder
+        self.head = head
+        self.max_len = max_len
+        for parameter in self.encoder.parameters():
+            parameter.requires_grad_(False)
+
+    def train(self, mode: bool = True) -> "StudyModel":
+        super().train(mode)
+        self.encoder.eval()  # frozen: batch-norm statistics stay those of stage 05
+        return self
+
+    def forward(self, batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        if "embeddings" in batch:
+            embeddings, mask = batch["embeddings"], batch["mask"]
+        else:
+            images = batch["image"]
+            with torch.no_grad():
+                embeddings = self.encoder(images.flatten(0, 1)).view(*images.shape[:2], -1)
+            embeddings, mask = fit_length(embeddings, batch["mask"], self.max_len)
+        return {"logits": self.head(embeddings.float(), mask)}
+
+
+def fit_length(embeddings: torch.Tensor, mask: torch.Tensor, max_len: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Linearly interpolate sequences longer than `max_len` down to `max_len` steps (one study at a time).
+
+    (batch, steps, features) with a (batch, steps) mask -> same with steps <= max_len.
+    """
+    if embeddings.shape[1] <= max_len:
+        return embeddings, mask
+    out = embeddings.new_zeros(embeddings.shape[0], max_len, embeddings.shape[2])
+    out_mask = mask.new_zeros(mask.shape[0], max_len)
+    for i in range(embeddings.shape[0]):
+        length = int(mask[i].sum())
+        steps = embeddings[i, :length].T.unsqueeze(0)
+        if length > max_len:
+            steps = F.interpolate(steps, size=max_len, mode="linear", align_corners=True)
+        n = steps.shape[-1]
+        out[i, :n] = steps[0].T
+        out_mask[i, :n] = 1
+    return out, out_mask
+
+
+def create_model(cfg: Any) -> nn.Module:
+    """Build the network a stage config asks for (`cfg.model`: "box", ...)."""
+    kind = getattr(cfg, "model", None)
+    if kind == "box":
+        return BoxModel(cfg.backbone, in_chans=len(cfg.windows), pretrained=cfg.pretrained, pretrained_path=cfg.pretrained_path)
+    raise ValueError(f"unknown model kind {kind!r} in config of stage {getattr(cfg, 'stage', '?')}")

@@ -1,0 +1,69 @@
+"""Shapes and behaviour of the kit's networks (random weights, tiny inputs, CPU)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from rsna22_utils.models import BoxModel, feature_size, SequenceModel, StudyHead, StudyModel, box_loss, create_backbone, fit_length, sequence_loss
+
+BACKBONE = "mobilenetv3_small_050"
+
+
+def test_box_model_outputs_and_loss_ignores_coordinates_without_box() -> None:
+    model = BoxModel(BACKBONE, in_chans=1)
+    batch = {"image": torch.randn(4, 1, 32, 32), "has_box": torch.tensor([1.0, 0.0, 1.0, 0.0]), "box": torch.rand(4, 4)}
+    out = model(batch)
+    assert out["has_box"].shape == (4,) and out["box"].shape == (4, 4)
+    assert ((out["box"] >= 0) & (out["box"] <= 1)).all()
+    changed = dict(batch, box=batch["box"].clone())
+    changed["box"][[1, 3]] = 0.5  # coordinates of slices without a box must not matter
+    assert torch.allclose(box_loss(out, batch), box_loss(out, changed))
+
+
+def test_sequence_model_gives_one_output_per_image_and_masked_loss() -> None:
+    model = SequenceModel(BACKBONE, in_chans=3, n_outputs=14, lstm_hidden=16)
+    batch = {"image": torch.randn(2, 5, 3, 32, 32)}
+    logits = model(batch)["logits"]
+    assert logits.shape == (2, 5, 14)
+    target = torch.rand(2, 5, 14)
+    mask = torch.tensor([[1, 1, 1, 0, 0], [1, 1, 1, 1, 1]], dtype=torch.float32)
+    other = target.clone()
+    other[0, 3:] = 1 - other[0, 3:]  # padded images must not change the loss
+    assert torch.allclose(sequence_loss({"logits": logits}, {"target": target, "mask": mask}), sequence_loss({"logits": logits}, {"target": other, "mask": mask}))
+
+
+def test_fit_length_interpolates_only_long_sequences() -> None:
+    embeddings = torch.arange(10, dtype=torch.float32).view(1, 10, 1).repeat(2, 1, 3)
+    mask = torch.ones(2, 10)
+    mask[1, 6:] = 0
+    short, short_mask = fit_length(embeddings, mask, 12)
+    assert short is embeddings and short_mask is mask
+    out, out_mask = fit_length(embeddings, mask, 4)
+    assert out.shape == (2, 4, 3)
+    assert out[0, :, 0].tolist() == pytest.approx([0, 3, 6, 9])  # ends kept, linear in between
+    assert out_mask[1].tolist() == [1, 1, 1, 1]  # 6 real steps > 4 -> interpolated to 4
+    assert out[1, -1, 0].item() == pytest.approx(5.0)
+
+
+def test_study_model_freezes_the_cnn_and_ignores_padding() -> None:
+    encoder = create_backbone(BACKBONE, in_chans=3)
+    model = StudyModel(encoder, StudyHead(feature_size(encoder), lstm_hidden=8), max_len=6)
+    assert not any(p.requires_grad for p in model.encoder.parameters())
+    model.train()
+    assert not model.encoder.training and model.head.training
+    model.eval()
+    embeddings = torch.randn(1, 5, feature_size(encoder))
+    padded = torch.cat([embeddings, torch.randn(1, 3, feature_size(encoder))], dim=1)
+    short = model({"embeddings": embeddings, "mask": torch.ones(1, 5)})["logits"]
+    long = model({"embeddings": padded, "mask": torch.tensor([[1, 1, 1, 1, 1, 0, 0, 0]], dtype=torch.float32)})["logits"]
+    assert short.shape == (1, 8)
+    # the BiLSTM's backward direction starts at the padding, so outputs differ slightly; attention/max ignore pads
+    images = torch.randn(1, 9, 3, 32, 32)
+    from_images = model({"image": images, "mask": torch.ones(1, 9)})["logits"]
+    assert from_images.shape == (1, 8) and torch.isfinite(long).all()
+
+
+def test_offline_pretrained_path_must_exist(tmp_path) -> None:
+    with pytest.raises(FileNotFoundError, match="no such weights file"):
+        create_backbone(BACKBONE, in_chans=1, pretrained_path=tmp_path / "missing.safetensors")
