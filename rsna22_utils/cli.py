@@ -50,7 +50,7 @@ def _parser() -> argparse.ArgumentParser:
 
 
 # Imported when the parser is built, so they must import their heavy dependencies lazily.
-COMMAND_MODULES: tuple[str, ...] = ()
+COMMAND_MODULES: tuple[str, ...] = ("rsna22_utils.kaggle",)
 
 
 def main(argv: list[str] | None = None) -> int:

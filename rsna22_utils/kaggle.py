@@ -1,0 +1,713 @@
+"""Kaggle delivery: build the kit's datasets, generate kernel metadata, push both to Kaggle.
+
+Three datasets carry the kit to Kaggle notebooks (which run without internet at inference):
+  rsna22-utils   this package's source + notebooks, mounted at /kaggle/input/rsna22-utils
+  rsna22-weights trained runs (<stage>/fold<f>-seed<s>/model.safetensors + config.json + manifest.json)
+  rsna22-wheels  offline wheels of the DICOM decoders (pip install --no-index --find-links ...)
+Kernel metadata (`kernel-metadata/<stage>/kernel-metadata.json`) is generated from
+`KaggleSettings`, never edited by hand; the notebook is copied next to it at push time.
+
+The `kaggle` client is imported lazily (only by the push functions): importing it authenticates
+at import time and prints a long help text when no credentials are configured.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import dataclasses
+import io
+import json
+import logging
+import os
+import re
+import shutil
+import subprocess
+import sys
+from collections.abc import Callable, Iterable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+logger = logging.getLogger(__name__)
+
+REPO_ROOT = Path(__file__).resolve().parent.parent
+SETTINGS_FILE = REPO_ROOT / "kaggle-settings.json"
+KERNEL_METADATA_DIR = REPO_ROOT / "kernel-metadata"
+NOTEBOOKS_DIR = REPO_ROOT / "notebooks"
+PLACEHOLDER_OWNER = "YOUR_KAGGLE_USERNAME"
+
+# Same names as rsna22_utils.stages.STAGE_FUNCTIONS (not imported here: it pulls in torch).
+TRAINING_STAGES: tuple[str, ...] = (
+    "00_prepare",
+    "01_train_box",
+    "02_infer_box",
+    "03_train_vertebra",
+    "04_infer_vertebra",
+    "05_train_fracture",
+    "06_train_study",
+)
+INFERENCE_STAGE = "07_inference"
+STAGES: tuple[str, ...] = TRAINING_STAGES + (INFERENCE_STAGE,)
+
+DEFAULT_WHEEL_PACKAGES: tuple[str, ...] = (
+    "dicomsdl",
+    "pylibjpeg",
+    "pylibjpeg-libjpeg",
+    "pylibjpeg-openjpeg",
+    "pylibjpeg-rle",
+    "python-gdcm",
+    "pyjpegls",
+)
+
+_SLUG_RE = re.compile(r"^[a-z0-9]+(?:-[a-z0-9]+)*$")
+_OWNER_RE = re.compile(r"^[A-Za-z0-9_-]+$")
+
+
+class KaggleError(RuntimeError):
+    """A Kaggle delivery step failed (bad metadata, missing file, missing credentials, API error)."""
+
+
+@dataclass
+class KaggleSettings:
+    """Everything that names the kit on Kaggle: owner, competition, dataset and kernel slugs.
+
+    Loaded from `kaggle-settings.json` at the repo root (see `load_settings`); kernel slugs
+    default to `slugify(f"{title_prefix} {stage}")` so the title resolves to the id, as Kaggle wants.
+    """
+
+    owner: str = PLACEHOLDER_OWNER
+    competition: str = "rsna-2022-cervical-spine-fracture-detection"
+    utils_dataset: str = "rsna22-utils"
+    weights_dataset: str = "rsna22-weights"
+    wheels_dataset: str = "rsna22-wheels"
+    title_prefix: str = "RSNA22 kit"
+    is_private: bool = True
+    license: str = "MIT"
+    kernel_slugs: dict[str, str] = field(default_factory=dict)
+
+    def dataset_ref(self, name: str) -> str:
+        """`owner/slug` of dataset `name` (utils, weights or wheels)."""
+        return f"{self.owner}/{self.dataset_slug(name)}"
+
+    def dataset_slug(self, name: str) -> str:
+        """Slug of dataset `name` (utils, weights or wheels)."""
+        slugs = {"utils": self.utils_dataset, "weights": self.weights_dataset, "wheels": self.wheels_dataset}
+        if name not in slugs:
+            raise KaggleError(f"unknown dataset {name!r}; expected one of {sorted(slugs)}")
+        return slugs[name]
+
+    def kernel_title(self, stage: str) -> str:
+        """Kernel title of a notebook stage, e.g. 'RSNA22 kit 07 inference'."""
+        return f"{self.title_prefix} {stage.replace('_', ' ')}"
+
+    def kernel_slug(self, stage: str) -> str:
+        """Kernel slug of a stage (from `kernel_slugs`, else the slug of its title)."""
+        return self.kernel_slugs.get(stage) or slugify(self.kernel_title(stage))
+
+    def kernel_ref(self, stage: str) -> str:
+        """`owner/slug` of a stage's kernel."""
+        return f"{self.owner}/{self.kernel_slug(stage)}"
+
+
+def slugify(text: str) -> str:
+    """Kaggle-style slug: lowercase ASCII letters and digits joined by single hyphens."""
+    return re.sub(r"[^a-z0-9]+", "-", text.lower()).strip("-")
+
+
+def load_settings(path: Path | str | None = None, **overrides: Any) -> KaggleSettings:
+    """Settings from defaults < JSON/TOML file < $KAGGLE_USERNAME (owner) < keyword overrides.
+
+    `path` defaults to `kaggle-settings.json` at the repo root (skipped when absent). Unknown keys
+    in the file are an error naming the file, so a typo does not silently fall back to a default.
+    """
+    values: dict[str, Any] = {}
+    file = Path(path) if path is not None else SETTINGS_FILE
+    if file.exists():
+        try:
+            if file.suffix == ".toml":
+                import tomllib
+
+                data = tomllib.loads(file.read_text())
+                data = data.get("kaggle", data)
+            else:
+                data = json.loads(file.read_text())
+        except (ValueError, OSError) as exc:
+            raise KaggleError(f"{file}: cannot read Kaggle settings: {exc}") from exc
+        known = {f.name for f in dataclasses.fields(KaggleSettings)}
+        unknown = sorted(set(data) - known - {"$comment", "comment"})
+        if unknown:
+            raise KaggleError(f"{file}: unknown Kaggle settings {unknown}; known: {sorted(known)}")
+        values.update({k: v for k, v in data.items() if k in known})
+    elif path is not None:
+        raise KaggleError(f"{file}: Kaggle settings file not found")
+    if os.environ.get("KAGGLE_USERNAME"):
+        values["owner"] = os.environ["KAGGLE_USERNAME"]
+    values.update({k: v for k, v in overrides.items() if v is not None})
+    return KaggleSettings(**values)
+
+
+# --------------------------------------------------------------------------------------------
+# Metadata validation
+# --------------------------------------------------------------------------------------------
+
+
+def validate_slug(slug: str, what: str = "slug", min_len: int = 6, max_len: int = 50) -> None:
+    """Raise KaggleError unless `slug` is lowercase letters/digits/hyphens of allowed length.
+
+    Kaggle's client rejects dataset slugs outside 6..50 characters when creating a dataset.
+    """
+    if not (min_len <= len(slug) <= max_len):
+        raise KaggleError(f"{what} {slug!r}: must be {min_len}-{max_len} characters (has {len(slug)})")
+    if not _SLUG_RE.match(slug):
+        raise KaggleError(f"{what} {slug!r}: only lowercase letters, digits and single hyphens are allowed")
+
+
+def validate_ref(ref: str, what: str = "id") -> None:
+    """Raise KaggleError unless `ref` is `owner/slug` with a valid owner and slug."""
+    parts = ref.split("/")
+    if len(parts) != 2 or not parts[0] or not _OWNER_RE.match(parts[0]):
+        raise KaggleError(f"{what} {ref!r}: expected 'owner/slug'")
+    validate_slug(parts[1], what=f"{what} slug", min_len=5 if what.startswith("kernel") else 6)
+
+
+def validate_dataset_metadata(meta: dict[str, Any]) -> None:
+    """Check a dataset-metadata.json dict against the rules Kaggle's client enforces."""
+    title = meta.get("title", "")
+    if not (6 <= len(title) <= 50):
+        raise KaggleError(f"dataset title {title!r}: must be 6-50 characters (has {len(title)})")
+    validate_ref(meta.get("id", ""), what="dataset id")
+    licenses = meta.get("licenses")
+    if not isinstance(licenses, list) or len(licenses) != 1 or not licenses[0].get("name"):
+        raise KaggleError(f"dataset {meta.get('id')}: licenses must be exactly one {{'name': ...}}")
+    subtitle = meta.get("subtitle")
+    if subtitle and not (20 <= len(subtitle) <= 80):
+        raise KaggleError(f"dataset {meta.get('id')}: subtitle must be 20-80 characters (has {len(subtitle)})")
+
+
+def dataset_metadata(name: str, settings: KaggleSettings, title: str, subtitle: str, description: str) -> dict[str, Any]:
+    """A validated dataset-metadata.json dict for dataset `name` (utils, weights, wheels)."""
+    meta = {
+        "title": title,
+        "id": settings.dataset_ref(name),
+        "subtitle": subtitle,
+        "description": description,
+        "licenses": [{"name": settings.license}],
+    }
+    validate_dataset_metadata(meta)
+    return meta
+
+
+def _write_json(path: Path, data: Any) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(data, indent=2, sort_keys=False) + "\n")
+
+
+def _fresh_dir(out_dir: Path) -> Path:
+    out_dir = Path(out_dir)
+    if out_dir.exists():
+        shutil.rmtree(out_dir)
+    out_dir.mkdir(parents=True)
+    return out_dir
+
+
+# --------------------------------------------------------------------------------------------
+# Dataset builders
+# --------------------------------------------------------------------------------------------
+
+UTILS_README = """# {title}
+
+Source of `rsna22_utils` (the rsna22-kit package) and the kit's notebooks, for Kaggle notebooks
+that run without internet. Add this dataset to a notebook, then:
+
+```python
+import sys
+sys.path.insert(0, "/kaggle/input/{slug}")
+import rsna22_utils
+```
+
+Decoders that the Kaggle image lacks (dicomsdl, pylibjpeg plugins, gdcm, pyjpegls) come from the
+wheels dataset:
+
+```
+!pip install --no-index --find-links /kaggle/input/{wheels_slug}/wheels {packages}
+```
+
+Built from the repository with `python -m rsna22_utils kaggle build-dataset utils`.
+"""
+
+
+def build_utils_dataset(out_dir: Path, settings: KaggleSettings, root: Path = REPO_ROOT) -> Path:
+    """Write the utils dataset folder: package source, notebooks/*.py, requirements.txt, README.
+
+    Why: Kaggle inference notebooks run offline, so the kit travels as a dataset added to sys.path.
+    """
+    out = _fresh_dir(out_dir)
+    package = root / "rsna22_utils"
+    if not (package / "__init__.py").exists():
+        raise KaggleError(f"{package}: package source not found")
+    ignore = shutil.ignore_patterns("__pycache__", "*.pyc", "*.pyo", ".ipynb_checkpoints")
+    shutil.copytree(package, out / "rsna22_utils", ignore=ignore)
+    notebooks = sorted((root / "notebooks").glob("*.py"))
+    (out / "notebooks").mkdir()
+    for nb in notebooks:
+        shutil.copy2(nb, out / "notebooks" / nb.name)
+    if (root / "requirements.txt").exists():
+        shutil.copy2(root / "requirements.txt", out / "requirements.txt")
+    slug = settings.dataset_slug("utils")
+    title = f"{settings.title_prefix} utils"
+    (out / "README.md").write_text(
+        UTILS_README.format(
+            title=title, slug=slug, wheels_slug=settings.dataset_slug("wheels"), packages=" ".join(DEFAULT_WHEEL_PACKAGES)
+        )
+    )
+    meta = dataset_metadata(
+        "utils",
+        settings,
+        title=title,
+        subtitle="rsna22_utils package source and notebooks",
+        description=(out / "README.md").read_text(),
+    )
+    _write_json(out / "dataset-metadata.json", meta)
+    n_files = sum(1 for p in out.rglob("*") if p.is_file())
+    logger.info("wrote utils dataset %s (%d files, %d notebooks)", out, n_files, len(notebooks))
+    return out
+
+
+_RUN_RE = re.compile(r"^fold(\d+)-seed(\d+)$")
+RUN_FILES = ("model.safetensors", "config.json", "metrics.json")
+
+
+def build_weights_dataset(
+    run_dirs: Sequence[Path],
+    out_dir: Path,
+    settings: KaggleSettings,
+    name_map: dict[str, str] | None = None,
+) -> Path:
+    """Write the weights dataset: `<stage>/fold<f>-seed<s>/{model.safetensors,config.json}` + manifest.json.
+
+    `run_dirs` are `runs/<stage>/fold<f>-seed<s>/` folders; `name_map` renames stages (e.g. a run
+    folder's stage name -> the name the inference notebook expects). The manifest lists every
+    run with its CV metrics so the inference notebook (and a reader) knows what it loads.
+    """
+    if not run_dirs:
+        raise KaggleError("build_weights_dataset: no run folders given")
+    name_map = name_map or {}
+    out = _fresh_dir(out_dir)
+    runs = []
+    for run_dir in run_dirs:
+        run_dir = Path(run_dir)
+        missing = [f for f in RUN_FILES if not (run_dir / f).is_file()]
+        if missing:
+            raise KaggleError(f"run folder {run_dir}: missing {', '.join(missing)}")
+        match = _RUN_RE.match(run_dir.name)
+        if not match:
+            raise KaggleError(f"run folder {run_dir}: name must be fold<f>-seed<s>")
+        try:
+            metrics = json.loads((run_dir / "metrics.json").read_text())
+        except ValueError as exc:
+            raise KaggleError(f"{run_dir / 'metrics.json'}: not valid JSON: {exc}") from exc
+        stage = name_map.get(run_dir.parent.name, run_dir.parent.name)
+        dest = out / stage / run_dir.name
+        if dest.exists():
+            raise KaggleError(f"run folder {run_dir}: two runs map to {stage}/{run_dir.name}")
+        dest.mkdir(parents=True)
+        for name in ("model.safetensors", "config.json"):
+            shutil.copy2(run_dir / name, dest / name)
+        runs.append(
+            {
+                "stage": stage,
+                "fold": int(match.group(1)),
+                "seed": int(match.group(2)),
+                "path": f"{stage}/{run_dir.name}",
+                "source": str(run_dir),
+                "metrics": metrics,
+            }
+        )
+    runs.sort(key=lambda r: (r["stage"], r["fold"], r["seed"]))
+    _write_json(out / "manifest.json", {"runs": runs})
+    stages = sorted({r["stage"] for r in runs})
+    meta = dataset_metadata(
+        "weights",
+        settings,
+        title=f"{settings.title_prefix} weights",
+        subtitle=f"{len(runs)} trained runs of the rsna22-kit pipeline",
+        description="Trained runs (safetensors + config) for stages: " + ", ".join(stages) + ". See manifest.json.",
+    )
+    _write_json(out / "dataset-metadata.json", meta)
+    logger.info("wrote weights dataset %s (%d runs, stages %s)", out, len(runs), stages)
+    return out
+
+
+Downloader = Callable[[list[str]], None]
+
+
+def _pip_download(cmd: list[str]) -> None:
+    """Run a `pip download` command line, raising KaggleError with pip's output on failure."""
+    logger.info("running %s", " ".join(cmd))
+    proc = subprocess.run(cmd, capture_output=True, text=True)
+    if proc.returncode != 0:
+        raise KaggleError(f"pip download failed ({proc.returncode}):\n{proc.stderr[-3000:]}")
+
+
+def build_wheels_dataset(
+    out_dir: Path,
+    settings: KaggleSettings,
+    packages: Sequence[str] = DEFAULT_WHEEL_PACKAGES,
+    python_version: str = "3.11",
+    platform: str = "manylinux2014_x86_64",
+    no_deps: bool = True,
+    downloader: Downloader | None = _pip_download,
+) -> Path:
+    """Write the wheels dataset: `wheels/*.whl` for the Kaggle image's Python + an install.sh.
+
+    Why: the inference kernel has no internet, so decoders missing from the Kaggle image are
+    installed offline. `downloader` receives the `pip download` argv (inject a fake in tests;
+    None skips downloading and only writes metadata + install.sh). With `no_deps` (default)
+    dependencies the image already has (numpy) are not downloaded.
+    """
+    out = _fresh_dir(out_dir)
+    wheels = out / "wheels"
+    wheels.mkdir()
+    cmd = [
+        sys.executable, "-m", "pip", "download",
+        "--only-binary=:all:",
+        "--python-version", python_version,
+        "--platform", platform,
+        "--disable-pip-version-check",
+        "-d", str(wheels),
+    ]
+    if no_deps:
+        cmd.append("--no-deps")
+    cmd += list(packages)
+    if downloader is not None:
+        downloader(cmd)
+    found = sorted(p.name for p in wheels.glob("*.whl"))
+    if downloader is not None and not found:
+        raise KaggleError(f"{wheels}: no wheels were downloaded for {list(packages)}")
+    slug = settings.dataset_slug("wheels")
+    install = f"pip install --no-index --find-links /kaggle/input/{slug}/wheels {' '.join(packages)}"
+    (out / "install.sh").write_text(f"#!/usr/bin/env bash\n# Offline install on Kaggle (add the {slug} dataset first)\nset -euo pipefail\n{install}\n")
+    (out / "install.sh").chmod(0o755)
+    meta = dataset_metadata(
+        "wheels",
+        settings,
+        title=f"{settings.title_prefix} wheels",
+        subtitle=f"Offline wheels (Python {python_version}) for DICOM decoding",
+        description=(
+            f"Wheels for {platform}, Python {python_version}: {', '.join(found) or '(none)'}.\n\n"
+            f"In a notebook: `!{install}`"
+        ),
+    )
+    _write_json(out / "dataset-metadata.json", meta)
+    logger.info("wrote wheels dataset %s (%d wheels)", out, len(found))
+    return out
+
+
+# --------------------------------------------------------------------------------------------
+# Kernel metadata
+# --------------------------------------------------------------------------------------------
+
+
+def kernel_metadata(stage: str, settings: KaggleSettings, gpu: bool = True, internet: bool | None = None) -> dict[str, Any]:
+    """kernel-metadata.json for a notebook stage (read by `kaggle kernels push -p FOLDER`).
+
+    `code_file` is relative to the kernel folder: the notebook `<stage>.ipynb` is copied there at
+    push time. Internet defaults to on for training stages (pip, timm weights) and off for
+    07_inference (competition rule for code submissions).
+    """
+    if internet is None:
+        internet = stage != INFERENCE_STAGE
+    meta = {
+        "id": settings.kernel_ref(stage),
+        "title": settings.kernel_title(stage),
+        "code_file": f"{stage}.ipynb",
+        "language": "python",
+        "kernel_type": "notebook",
+        "is_private": bool(settings.is_private),
+        "enable_gpu": bool(gpu),
+        "enable_tpu": False,
+        "enable_internet": bool(internet),
+        "dataset_sources": [settings.dataset_ref(n) for n in ("utils", "weights", "wheels")],
+        "competition_sources": [settings.competition],
+        "kernel_sources": [],
+        "model_sources": [],
+    }
+    validate_ref(meta["id"], what="kernel id")
+    if len(meta["title"]) < 5:
+        raise KaggleError(f"kernel {meta['id']}: title {meta['title']!r} shorter than 5 characters")
+    return meta
+
+
+def write_kernel_folders(
+    settings: KaggleSettings, stages: Iterable[str] = STAGES, out_dir: Path = KERNEL_METADATA_DIR
+) -> list[Path]:
+    """Write `out_dir/<stage>/kernel-metadata.json` for each stage; return the folders.
+
+    Also writes `out_dir/.gitignore` so notebooks copied in at push time are not committed.
+    """
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    (out_dir / ".gitignore").write_text("# notebooks are copied here by `kaggle push-kernel`; the .ipynb in notebooks/ is the source\n*.ipynb\n")
+    folders = []
+    for stage in stages:
+        folder = out_dir / stage
+        _write_json(folder / "kernel-metadata.json", kernel_metadata(stage, settings))
+        logger.info("wrote %s", folder / "kernel-metadata.json")
+        folders.append(folder)
+    return folders
+
+
+def prepare_kernel_folder(
+    stage: str, settings: KaggleSettings, out_dir: Path = KERNEL_METADATA_DIR, notebooks_dir: Path = NOTEBOOKS_DIR
+) -> Path:
+    """Regenerate a stage's kernel metadata from the settings and copy its notebook in."""
+    notebook = Path(notebooks_dir) / f"{stage}.ipynb"
+    if not notebook.is_file():
+        raise KaggleError(f"{notebook}: notebook not found; build it from the .py with `python -m rsna22_utils notebooks sync`")
+    (folder,) = write_kernel_folders(settings, [stage], out_dir)
+    shutil.copy2(notebook, folder / notebook.name)
+    return folder
+
+
+# --------------------------------------------------------------------------------------------
+# Pushing (the only part that imports the kaggle client)
+# --------------------------------------------------------------------------------------------
+
+
+def kaggle_api() -> Any:
+    """An authenticated `kaggle.KaggleApi`, imported lazily with a clear error on missing credentials.
+
+    Credentials: KAGGLE_API_TOKEN, or KAGGLE_USERNAME + KAGGLE_KEY, or ~/.kaggle/kaggle.json.
+    `KAGGLE_API_ENVIRONMENT=TEST` (kagglesdk's localhost:7777 environment, which kaggle 2.x
+    itself ignores) points every call at a local recorder, as the tests do.
+    """
+    captured = io.StringIO()
+    try:
+        with contextlib.redirect_stdout(captured), contextlib.redirect_stderr(captured):
+            from kaggle.api.kaggle_api_extended import KaggleApi
+    except ImportError as exc:
+        raise KaggleError(f"cannot import the kaggle client ({exc}); install it with `pip install kaggle six`") from exc
+    api = KaggleApi()
+    if os.environ.get("KAGGLE_API_ENVIRONMENT") == "TEST":
+        from kagglesdk import KaggleClient, KaggleEnv
+
+        def build_test_client() -> Any:
+            return KaggleClient(
+                env=KaggleEnv.TEST,
+                username=api.config_values.get(api.CONFIG_NAME_USER),
+                password=api.config_values.get(api.CONFIG_NAME_KEY),
+                api_token=api.config_values.get(api.CONFIG_NAME_TOKEN),
+                response_processor=api.get_response_processor(),
+            )
+
+        api.build_kaggle_client = build_test_client
+    try:
+        with contextlib.redirect_stdout(captured):
+            api.authenticate()
+    except SystemExit:
+        raise KaggleError(
+            "no Kaggle credentials: set KAGGLE_API_TOKEN (or KAGGLE_USERNAME and KAGGLE_KEY), "
+            "or save ~/.kaggle/kaggle.json (https://www.kaggle.com/settings -> API)"
+        ) from None
+    return api
+
+
+def _check_owner(ref: str) -> None:
+    if ref.startswith(PLACEHOLDER_OWNER + "/"):
+        raise KaggleError(
+            f"{ref}: owner is still the placeholder; set 'owner' in {SETTINGS_FILE.name} or export KAGGLE_USERNAME"
+        )
+
+
+def _http_status(exc: BaseException) -> int | None:
+    response = getattr(exc, "response", None)
+    return getattr(response, "status_code", None)
+
+
+def push_dataset(folder: Path, message: str, settings: KaggleSettings | None = None, api: Any = None) -> str:
+    """Create the dataset in `folder` on Kaggle, or add a new version when it already exists.
+
+    Sub-folders are zipped (dir_mode "zip"; Kaggle unpacks them). Returns the dataset ref.
+    """
+    folder = Path(folder)
+    meta_file = folder / "dataset-metadata.json"
+    if not meta_file.is_file():
+        raise KaggleError(f"{meta_file}: not found; build the dataset first (kaggle build-dataset)")
+    meta = json.loads(meta_file.read_text())
+    validate_dataset_metadata(meta)
+    ref = meta["id"]
+    _check_owner(ref)
+    public = not (settings.is_private if settings is not None else True)
+    api = api or kaggle_api()
+    try:
+        api.dataset_status(ref)
+        exists = True
+    except Exception as exc:  # requests.HTTPError; 404 means "not created yet"
+        if _http_status(exc) != 404:
+            raise KaggleError(f"{ref}: cannot read dataset status: {exc}") from exc
+        exists = False
+    if exists:
+        logger.info("dataset %s exists: uploading a new version from %s", ref, folder)
+        result = api.dataset_create_version(str(folder), message, quiet=True, dir_mode="zip")
+    else:
+        logger.info("dataset %s not found: creating it from %s (private=%s)", ref, folder, not public)
+        result = api.dataset_create_new(str(folder), public=public, quiet=True, dir_mode="zip")
+    error = getattr(result, "error", None)
+    if error:
+        raise KaggleError(f"{ref}: Kaggle refused the upload: {error}")
+    logger.info("pushed dataset %s (%s)", ref, getattr(result, "url", "") or getattr(result, "status", ""))
+    return ref
+
+
+def push_kernel(folder: Path, api: Any = None) -> str:
+    """Push the kernel in `folder` (kernel-metadata.json + its code_file); return the kernel url/ref."""
+    folder = Path(folder)
+    meta_file = folder / "kernel-metadata.json"
+    if not meta_file.is_file():
+        raise KaggleError(f"{meta_file}: not found; run `kaggle write-kernel-metadata`")
+    meta = json.loads(meta_file.read_text())
+    _check_owner(meta.get("id", ""))
+    code = folder / meta.get("code_file", "")
+    if not code.is_file():
+        raise KaggleError(f"{meta_file}: code_file {code.name!r} not found in {folder}")
+    api = api or kaggle_api()
+    result = api.kernels_push(str(folder))
+    error = getattr(result, "error", None)
+    if error:
+        raise KaggleError(f"{meta['id']}: Kaggle refused the kernel: {error}")
+    for kind in ("dataset", "competition", "kernel"):
+        invalid = list(getattr(result, f"invalid_{kind}_sources", None) or [])
+        if invalid:
+            logger.warning("kernel %s: Kaggle did not attach %s sources %s (not created yet, or no access)", meta["id"], kind, invalid)
+    url = getattr(result, "url", "") or meta["id"]
+    logger.info("pushed kernel %s (version %s): %s", meta["id"], getattr(result, "version_number", None), url)
+    return url
+
+
+# --------------------------------------------------------------------------------------------
+# Command line: python -m rsna22_utils kaggle ...
+# --------------------------------------------------------------------------------------------
+
+DEFAULT_BUILD_DIR = REPO_ROOT / "build" / "kaggle"
+
+
+def _settings_from_args(args: argparse.Namespace) -> KaggleSettings:
+    return load_settings(args.settings, owner=args.owner)
+
+
+def _cmd_build_dataset(args: argparse.Namespace) -> int:
+    settings = _settings_from_args(args)
+    out = args.out or DEFAULT_BUILD_DIR / args.name
+    if args.name == "utils":
+        build_utils_dataset(out, settings)
+    elif args.name == "weights":
+        if not args.runs:
+            raise SystemExit("build-dataset weights: give the run folders with --runs runs/<stage>/fold*-seed*")
+        build_weights_dataset(args.runs, out, settings)
+    else:
+        build_wheels_dataset(
+            out, settings, packages=args.packages or DEFAULT_WHEEL_PACKAGES,
+            python_version=args.python_version, platform=args.platform,
+        )
+    print(out)
+    return 0
+
+
+def _cmd_push_dataset(args: argparse.Namespace) -> int:
+    settings = _settings_from_args(args)
+    folder = args.folder or DEFAULT_BUILD_DIR / args.name
+    if not (folder / "dataset-metadata.json").exists():
+        if args.name != "utils":
+            raise SystemExit(f"{folder}: not built; run `kaggle build-dataset {args.name} --out {folder}` first")
+        build_utils_dataset(folder, settings)
+    print(push_dataset(folder, args.message, settings))
+    return 0
+
+
+def _cmd_push_kernel(args: argparse.Namespace) -> int:
+    settings = _settings_from_args(args)
+    folder = prepare_kernel_folder(args.stage, settings)
+    print(push_kernel(folder))
+    return 0
+
+
+def _cmd_write_kernel_metadata(args: argparse.Namespace) -> int:
+    settings = _settings_from_args(args)
+    for folder in write_kernel_folders(settings, args.stages or STAGES, args.out):
+        print(folder / "kernel-metadata.json")
+    return 0
+
+
+def _guard(func: Callable[[argparse.Namespace], int]) -> Callable[[argparse.Namespace], int]:
+    """Turn KaggleError into a one-line message and exit status 2 (no deep traceback)."""
+
+    def run(args: argparse.Namespace) -> int:
+        try:
+            return func(args)
+        except KaggleError as exc:
+            print(f"error: {exc}", file=sys.stderr)
+            return 2
+
+    return run
+
+
+def add_commands(subparsers: Any) -> None:
+    """Register `kaggle` (build-dataset, push-dataset, push-kernel, write-kernel-metadata)."""
+    kaggle = subparsers.add_parser("kaggle", help="build / push the kit's Kaggle datasets and kernels")
+    sub = kaggle.add_subparsers(dest="kaggle_command", required=True)
+
+    def common(p: argparse.ArgumentParser) -> None:
+        p.add_argument("--settings", type=Path, default=None, help=f"settings file (default: {SETTINGS_FILE.name} at the repo root)")
+        p.add_argument("--owner", default=None, help="Kaggle username (default: settings file, then $KAGGLE_USERNAME)")
+
+    p = sub.add_parser("build-dataset", help="write a dataset folder with dataset-metadata.json")
+    p.add_argument("name", choices=("utils", "weights", "wheels"))
+    p.add_argument("--out", type=Path, default=None, help="folder to (re)create (default: build/kaggle/NAME)")
+    p.add_argument("--runs", type=Path, nargs="*", default=None, help="weights: run folders runs/<stage>/fold<f>-seed<s>")
+    p.add_argument("--packages", nargs="*", default=None, help="wheels: packages to download")
+    p.add_argument("--python-version", default="3.11", help="wheels: Python of the Kaggle image")
+    p.add_argument("--platform", default="manylinux2014_x86_64", help="wheels: pip platform tag")
+    common(p)
+    p.set_defaults(func=_guard(_cmd_build_dataset))
+
+    p = sub.add_parser("push-dataset", help="create the dataset on Kaggle, or upload a new version")
+    p.add_argument("name", choices=("utils", "weights", "wheels"))
+    p.add_argument("--folder", type=Path, default=None, help="built folder (default: build/kaggle/NAME; utils is built when absent)")
+    p.add_argument("--message", default="update from rsna22-kit", help="version notes")
+    common(p)
+    p.set_defaults(func=_guard(_cmd_push_dataset))
+
+    p = sub.add_parser("push-kernel", help="regenerate a stage's kernel metadata, copy its notebook, push it")
+    p.add_argument("stage", choices=STAGES)
+    common(p)
+    p.set_defaults(func=_guard(_cmd_push_kernel))
+
+    p = sub.add_parser("write-kernel-metadata", help="write kernel-metadata/<stage>/kernel-metadata.json from the settings")
+    p.add_argument("--stages", nargs="*", default=None, help=f"default: all ({', '.join(STAGES)})")
+    p.add_argument("--out", type=Path, default=KERNEL_METADATA_DIR)
+    common(p)
+    p.set_defaults(func=_guard(_cmd_write_kernel_metadata))
+
+
+def main(argv: list[str] | None = None) -> int:
+    """`python -m rsna22_utils.kaggle COMMAND`: the kaggle commands alone, needing only the stdlib
+    (+ the kaggle client for pushes), so CI can publish without installing torch."""
+    parser = argparse.ArgumentParser(prog="python -m rsna22_utils.kaggle", description=__doc__.split("\n")[0])
+    parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+    add_commands(parser.add_subparsers(dest="command", required=True))
+    argv = list(sys.argv[1:] if argv is None else argv)
+    # Accept both `kaggle build-dataset ...` and `build-dataset ...`.
+    if not argv or argv[0] != "kaggle":
+        argv = [a for a in argv if a in ("-v", "--verbose")] + ["kaggle"] + [a for a in argv if a not in ("-v", "--verbose")]
+    args = parser.parse_args(argv)
+    logging.basicConfig(
+        level=logging.DEBUG if args.verbose else logging.INFO,
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+        datefmt="%H:%M:%S",
+    )
+    return int(args.func(args) or 0)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
