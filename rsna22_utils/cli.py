@@ -50,7 +50,7 @@ def _parser() -> argparse.ArgumentParser:
 
 
 # Imported when the parser is built, so they must import their heavy dependencies lazily.
-COMMAND_MODULES: tuple[str, ...] = ("rsna22_utils.kaggle",)
+COMMAND_MODULES: tuple[str, ...] = ("rsna22_utils.kaggle", "rsna22_utils.runner", "rsna22_utils.notebooks")
 
 
 def main(argv: list[str] | None = None) -> int:
