@@ -1,0 +1,142 @@
+"""The generic trainer on a tiny toy regression (CPU): learning, resume, outputs, accumulation, freezing, DDP."""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+import pandas as pd
+import pytest
+import torch
+
+from ddp_toy import ToyDataset, ToyModel, ToyTask, run, toy_config
+from rsna22_utils.config import load_config
+from rsna22_utils.train import load_weights, param_groups
+
+STATIC = ["train_loss", "valid_loss", "mse", "mae", "lr"]
+
+
+def _mse(model: torch.nn.Module, n: int = 24) -> float:
+    data = ToyDataset(n, 1)
+    with torch.no_grad():
+        pred = model(data.x)
+    return float(((pred - data.y) ** 2).mean())
+
+
+def _history(path: Path) -> pd.DataFrame:
+    return pd.read_csv(path / "history.csv")[["epoch", *STATIC]]
+
+
+def test_loss_goes_down(tmp_path: Path) -> None:
+    before = _mse(ToyModel())
+    model, metrics = run(tmp_path, n_train=128, epochs=3, lr=0.03)
+    train = [h["train_loss"] for h in metrics["history"]]
+    assert train[-1] < 0.5 * train[0], train
+    assert metrics["metrics"]["mse"] < 0.2 * before, (before, metrics["metrics"])
+    assert metrics["metrics"]["mse"] == pytest.approx(_mse(model), rel=1e-4)  # OOF rows come from the final model
+
+
+def test_resume_after_interrupt_matches_uninterrupted(tmp_path: Path) -> None:
+    full, _ = run(tmp_path / "full")
+
+    class Interrupted(Exception):
+        pass
+
+    class InterruptingTask(ToyTask):
+        calls = 0
+
+        def loss(self, model, batch):
+            if model.training:
+                InterruptingTask.calls += 1
+                if InterruptingTask.calls > 8:  # first step of epoch 2 (8 steps per epoch)
+                    raise Interrupted
+            return super().loss(model, batch)
+
+    with pytest.raises(Interrupted):
+        run(tmp_path / "resumed", task=InterruptingTask())
+    assert torch.load(tmp_path / "resumed" / "checkpoint.pt", weights_only=True)["epoch"] == 1
+    assert not (tmp_path / "resumed" / "metrics.json").exists()
+    other = ToyModel()
+    with torch.no_grad():
+        for p in other.parameters():
+            p.add_(1.0)  # a different start: the resumed weights must come from the checkpoint
+    resumed, metrics = run(tmp_path / "resumed", model=other)
+    for (name, a), b in zip(full.state_dict().items(), resumed.state_dict().values()):
+        assert torch.equal(a, b), name
+    pd.testing.assert_frame_equal(_history(tmp_path / "full"), _history(tmp_path / "resumed"))
+    assert len(metrics["history"]) == 2
+
+
+def test_outputs_written_and_loadable(tmp_path: Path) -> None:
+    model, metrics = run(tmp_path, fold=2, seed=7, save="best", monitor="mse", epochs=3)
+    fresh = ToyModel()
+    load_weights(fresh, tmp_path / "model.safetensors")
+    oof = pd.read_parquet(tmp_path / "oof.parquet")
+    assert len(oof) == 24 and sorted(oof["id"]) == list(range(24))
+    assert set(oof["fold"]) == {2} and set(oof["seed"]) == {7}
+    saved = json.loads((tmp_path / "metrics.json").read_text())
+    mses = [h["mse"] for h in saved["history"]]
+    assert saved["epoch"] == 1 + mses.index(min(mses))  # save=best keeps the best epoch
+    assert saved["metrics"]["mse"] == pytest.approx(min(mses))
+    assert saved["metrics"]["mse"] == pytest.approx(_mse(fresh), rel=1e-4)  # weights of that epoch
+    assert saved["n_train"] == 64 and saved["n_valid"] == 24 and saved["world_size"] == 1
+    assert load_config(tmp_path / "config.json") == toy_config(tmp_path, fold=2, seed=7, save="best", monitor="mse", epochs=3)
+    assert len(pd.read_csv(tmp_path / "history.csv")) == 3
+    # the checkpoint is a valid weights file too
+    load_weights(ToyModel(), tmp_path / "checkpoint.pt")
+    assert not [p for p in tmp_path.iterdir() if p.name.startswith(".")]  # no temporary files left
+
+
+def test_gradient_accumulation_matches_full_batch(tmp_path: Path) -> None:
+    one, _ = run(tmp_path / "a1", batch_size=8, grad_accum=1)
+    two, _ = run(tmp_path / "a2", batch_size=8, grad_accum=2)
+    h1, h2 = _history(tmp_path / "a1"), _history(tmp_path / "a2")
+    pd.testing.assert_frame_equal(h1, h2, rtol=1e-4)
+    for a, b in zip(one.parameters(), two.parameters()):
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5)
+
+
+def test_frozen_parameters_untouched_and_not_optimised(tmp_path: Path) -> None:
+    model = ToyModel(freeze=True)
+    stem = {k: v.clone() for k, v in model.stem.state_dict().items()}
+    head = model.head.weight.clone()
+    groups = param_groups(model, 0.01)
+    ids = {id(p) for g in groups for p in g["params"]}
+    assert not any(id(p) in ids for p in model.stem.parameters())
+    assert [p is model.head.weight for p in groups[0]["params"]] == [True]  # only the matrix is decayed
+    assert {id(p) for p in groups[1]["params"]} == {id(model.norm.weight), id(model.norm.bias), id(model.head.bias)}
+    run(tmp_path, model=model)
+    for k, v in model.stem.state_dict().items():
+        assert torch.equal(v, stem[k]), k
+    assert not torch.equal(model.head.weight, head)
+    ckpt = torch.load(tmp_path / "checkpoint.pt", weights_only=True)
+    assert sum(len(g["params"]) for g in ckpt["optimizer"]["param_groups"]) == 4
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.mark.slow
+def test_ddp_two_processes_match_single_process(tmp_path: Path) -> None:
+    script = Path(__file__).with_name("ddp_toy.py")
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_addr", "127.0.0.1",
+           "--master_port", str(_free_port()), str(script), str(tmp_path / "ddp")]
+    proc = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=180)
+    log = proc.stdout + proc.stderr
+    assert proc.returncode == 0, log[-3000:]
+    run(tmp_path / "single")
+    pd.testing.assert_frame_equal(_history(tmp_path / "ddp"), _history(tmp_path / "single"), rtol=1e-5)
+    metrics = json.loads((tmp_path / "ddp" / "metrics.json").read_text())
+    assert metrics["world_size"] == 2
+    assert log.count("wrote metrics") == 1 and log.count("wrote checkpoint") == 2  # rank 0 only, once per epoch
+    assert sorted(p.name for p in (tmp_path / "ddp").iterdir()) == sorted(p.name for p in (tmp_path / "single").iterdir())
+    oof = pd.read_parquet(tmp_path / "ddp" / "oof.parquet")
+    assert sorted(oof["id"]) == list(range(24))  # both shards gathered, no padded duplicates
