@@ -32,7 +32,7 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--workers", type=int, default=None, help="parallel processes (default: all cores)")
 
     p = sub.add_parser("bench-decode", help="decode speed (ms/slice, one core) of dicomsdl vs pydicom")
-    p.add_argument("paths", type=Path, nargs="*", help="DICOM files or study folders (default: ../shared/realdata JPEG Lossless study)")
+    p.add_argument("paths", type=Path, nargs="*", help="DICOM files or study folders (default: every real study in ../shared/realdata)")
     p.add_argument("--repeat", type=int, default=5)
 
     p = sub.add_parser("demo", help="synthetic competition -> every stage of the pipeline -> report")
@@ -40,6 +40,11 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--studies", type=int, default=60)
     p.add_argument("--image-size", type=int, default=96)
     p.add_argument("--seed", type=int, default=0)
+
+    p = sub.add_parser("train", help="run one stage with a config (torchrun-compatible): train STAGE -p key=value ...")
+    p.add_argument("stage", help="stage name, e.g. 01_train_box (also the infer stages and 00_prepare)")
+    p.add_argument("-p", "--param", dest="params", action="append", default=[], metavar="KEY=VALUE", help="config override (repeatable)")
+    p.set_defaults(func=_train)
 
     # Modules that own their commands register them here (each parser sets func=callable(args) -> int).
     import importlib
@@ -51,6 +56,19 @@ def _parser() -> argparse.ArgumentParser:
 
 # Imported when the parser is built, so they must import their heavy dependencies lazily.
 COMMAND_MODULES: tuple[str, ...] = ("rsna22_utils.kaggle", "rsna22_utils.runner", "rsna22_utils.notebooks")
+
+
+def _train(args: argparse.Namespace) -> int:
+    import json
+
+    from rsna22_utils.config import parse_overrides, resolve_config
+    from rsna22_utils.stages import run_stage_function
+
+    cfg = resolve_config(args.stage, parse_overrides(args.params))
+    metrics = run_stage_function(args.stage, cfg)
+    summary = {k: v for k, v in metrics.items() if isinstance(v, (int, float, str))}
+    logging.getLogger("rsna22_utils").info("%s done (%s): %s", args.stage, cfg.out_dir, json.dumps(summary, default=str))
+    return 0
 
 
 def main(argv: list[str] | None = None) -> int:
