@@ -38,7 +38,7 @@ class CacheSource:
         self.spec = cache.spec
 
     def slice(self, uid: str, slice_index: int) -> np.ndarray:
-        return np.asarray(self.cache.volume(uid)[slice_index])
+        return np.array(self.cache.volume(uid)[slice_index])  # a writable copy (the cache is a read-only memmap)
 
 
 class DicomSource:

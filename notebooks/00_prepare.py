@@ -1,0 +1,54 @@
+# ---
+# jupyter:
+#   jupytext:
+#     formats: ipynb,py:percent
+#     text_representation:
+#       extension: .py
+#       format_name: percent
+#   kernelspec:
+#     display_name: Python 3
+#     language: python
+#     name: python3
+# ---
+
+# %% [markdown]
+# # 00 · Prepare
+# Reads every study's DICOM headers (slice order by ImagePositionPatient z), writes the folds
+# (`fold_file`, e.g. the 3rd place's `train_folded_v01.csv`, or a stratified split), the
+# segmentation labels (per-slice C1–C7 boxes and vertebra ratios) and the study cache that
+# every later stage reads instead of DICOMs.
+#
+# `python -m rsna22_utils run 00_prepare -p data_dir=... -p image_size=256`
+
+# %% tags=["parameters"]
+overrides = {}
+
+# %%
+import sys
+from pathlib import Path
+
+try:
+    import rsna22_utils  # noqa: F401  (a clone: ./kit and the runner put the repo on the path)
+except ImportError:  # on Kaggle: the utils dataset
+    sys.path.insert(0, "/kaggle/input/rsna22-utils")
+from IPython.display import Image, display
+
+from rsna22_utils import qc
+from rsna22_utils.config import resolve_config
+from rsna22_utils.stages import run_stage_function
+
+# %%
+cfg = resolve_config("00_prepare", overrides)
+cfg
+
+# %%
+outputs = run_stage_function("00_prepare", cfg)
+outputs
+
+# %%
+import pandas as pd
+
+slices = pd.read_parquet(Path(cfg.out_dir) / "slices.parquet")
+print(slices.groupby("split")["StudyInstanceUID"].nunique().rename("studies"))
+print(slices.groupby("StudyInstanceUID").size().describe().rename("slices per study"))
+pd.read_csv(Path(cfg.out_dir) / "folds.csv")["fold"].value_counts().sort_index()

@@ -1,0 +1,55 @@
+# ---
+# jupyter:
+#   jupytext:
+#     formats: ipynb,py:percent
+#     text_representation:
+#       extension: .py
+#       format_name: percent
+#   kernelspec:
+#     display_name: Python 3
+#     language: python
+#     name: python3
+# ---
+
+# %% [markdown]
+# # 01 · Train the box model (one fold × seed)
+# Single windowed slice → has-box logit (BCE on every slice) + C1–C7 box (L1 only where a box
+# exists), on the segmented studies. All folds and seeds:
+# `python -m rsna22_utils run 01_train_box --folds 0 1 2 3 4 --seeds 0 1 2`
+
+# %% tags=["parameters"]
+fold = 0
+seed = 0
+overrides = {}
+
+# %%
+import sys
+from pathlib import Path
+
+try:
+    import rsna22_utils  # noqa: F401  (a clone: ./kit and the runner put the repo on the path)
+except ImportError:  # on Kaggle: the utils dataset
+    sys.path.insert(0, "/kaggle/input/rsna22-utils")
+from IPython.display import Image, display
+
+from rsna22_utils import qc
+from rsna22_utils.config import resolve_config
+from rsna22_utils.stages import run_stage_function
+
+# %%
+cfg = resolve_config("01_train_box", {**overrides, "fold": fold, "seed": seed})
+cfg
+
+# %%
+metrics = run_stage_function("01_train_box", cfg)
+{k: v for k, v in metrics.items() if not isinstance(v, (list, dict))}
+
+# %%
+out = Path(cfg.out_dir)
+display(Image(qc.plot_loss_curves({f"fold{fold}-seed{seed}": out / "history.csv"}, out / "loss.png")))
+
+# %%
+from rsna22_utils.stages import box_examples
+
+images, predicted, true = box_examples(cfg, n=8)
+display(Image(qc.draw_boxes_grid(images, predicted, true, out / "boxes.png")))

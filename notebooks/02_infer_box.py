@@ -1,0 +1,51 @@
+# ---
+# jupyter:
+#   jupytext:
+#     formats: ipynb,py:percent
+#     text_representation:
+#       extension: .py
+#       format_name: percent
+#   kernelspec:
+#     display_name: Python 3
+#     language: python
+#     name: python3
+# ---
+
+# %% [markdown]
+# # 02 · Infer the box model on every slice
+# Every trained box model (all folds × seeds) on every slice of every study, averaged; per study
+# one box around C1–C7 and the slice range where the spine starts and ends
+# (`study_boxes.csv`: x0 y0 x1 y1 slnum_from slnum_to slnum_max).
+
+# %% tags=["parameters"]
+overrides = {}
+
+# %%
+import sys
+from pathlib import Path
+
+try:
+    import rsna22_utils  # noqa: F401  (a clone: ./kit and the runner put the repo on the path)
+except ImportError:  # on Kaggle: the utils dataset
+    sys.path.insert(0, "/kaggle/input/rsna22-utils")
+from IPython.display import Image, display
+
+from rsna22_utils import qc
+from rsna22_utils.config import resolve_config
+from rsna22_utils.stages import run_stage_function
+
+# %%
+cfg = resolve_config("02_infer_box", overrides)
+metrics = run_stage_function("02_infer_box", cfg)
+{k: v for k, v in metrics.items() if k != "models"}
+
+# %%
+import pandas as pd
+
+out = Path(cfg.out_dir)
+pd.read_csv(out / "study_boxes.csv").head()
+
+# %%
+if (out / "box_eval.csv").exists():  # synthetic data: true boxes of studies no box model saw
+    evaluation = pd.read_csv(out / "box_eval.csv")
+    display(Image(qc.plot_iou_histogram(evaluation["iou"], out / "iou.png")))

@@ -1,0 +1,177 @@
+"""The demo: a synthetic competition through every stage of the pipeline on a CPU, then a report.
+
+    ./kit demo                       # = python -m rsna22_utils demo --out demo
+
+It runs exactly what a user runs on the real data (the papermill runner over the stage
+notebooks, fold x seed), with a small profile (`DEMO_PROFILE`: tiny backbone, 96 px cache, few
+epochs, 3 folds) so the whole pipeline finishes in minutes on two cores. Everything lands in
+`--out`: `competition/` (the generated data), `runs/<stage>/...` (executed notebooks, configs,
+weights, OOF predictions, metrics) and `report/` (report.md + figures).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pandas as pd
+
+logger = logging.getLogger(__name__)
+
+# Settings for a CPU demo; everything else is each stage's default (what a GPU run would use).
+DEMO_COMMON: dict[str, Any] = {"n_folds": 3, "num_workers": 0, "pretrained": False}
+DEMO_PROFILE: dict[str, dict[str, Any]] = {
+    "00_prepare": {"image_size": 96},
+    "01_train_box": {"backbone": "mobilenetv3_small_050", "epochs": 4, "batch_size": 32, "lr": 2e-3, "max_steps_per_epoch": 40},
+    "02_infer_box": {"backbone": "mobilenetv3_small_050"},
+    "03_train_vertebra": {
+        "backbone": "mobilenetv3_small_050", "epochs": 6, "batch_size": 4, "lr": 2e-3, "lstm_hidden": 64, "samples_per_study": 4,
+    },
+    "04_infer_vertebra": {"backbone": "mobilenetv3_small_050", "lstm_hidden": 64},
+    "05_train_fracture": {
+        "backbone": "mobilenetv3_small_050", "epochs": 8, "batch_size": 4, "lr": 2e-3, "lstm_hidden": 64, "samples_per_study": 3,
+        "crop_size": 64, "positive_window_bias": 0.6,
+    },
+    "06_train_study": {"epochs": 40, "batch_size": 8, "lr": 2e-3, "lstm_hidden": 64, "dropout": 0.3},
+}
+# Which folds each per-fold stage trains in the demo: the box and vertebra models only feed later
+# stages (two folds are enough); the fracture and study models need every fold for a full OOF.
+DEMO_FOLDS: dict[str, list[int] | None] = {
+    "00_prepare": None, "01_train_box": [0, 1], "02_infer_box": None, "03_train_vertebra": [0, 1],
+    "04_infer_vertebra": None, "05_train_fracture": [0, 1, 2], "06_train_study": [0, 1, 2],
+}
+
+
+def run_demo(out: str | Path = "demo", n_studies: int = 60, image_size: int = 96, seed: int = 0, stages: list[str] | None = None) -> dict:
+    """Generate (or reuse) a synthetic competition, run every stage through the runner, write the report."""
+    from rsna22_utils.runner import run_stage
+
+    out = Path(out).resolve()
+    started = time.perf_counter()
+    data_dir = out / "competition"
+    _synthetic_competition(data_dir, n_studies, image_size, seed)
+    work_dir = out / "runs"
+    common = {**DEMO_COMMON, "data_dir": str(data_dir), "work_dir": str(work_dir), "prepared_dir": str(work_dir / "00_prepare")}
+    timings: dict[str, float] = {}
+    for stage in stages or list(DEMO_PROFILE):
+        overrides = {**common, **DEMO_PROFILE[stage]}
+        if stage == "00_prepare":
+            overrides["image_size"] = image_size
+        folds = DEMO_FOLDS[stage]
+        t0 = time.perf_counter()
+        summary = run_stage(stage, folds=folds, seeds=[seed] if folds else None, overrides=overrides, work_dir=str(work_dir))
+        timings[stage] = time.perf_counter() - t0
+        if not summary.ok:
+            failed = summary.failed[0]
+            raise RuntimeError(f"demo stage {stage} failed: {failed.error} (executed notebook: {failed.notebook})")
+    report = write_report(out, data_dir, work_dir)
+    report["seconds"] = {**{k: round(v, 1) for k, v in timings.items()}, "total": round(time.perf_counter() - started, 1)}
+    (out / "report" / "summary.json").write_text(json.dumps(report, indent=2, default=str))
+    print((out / "report" / "report.md").read_text())
+    print(f"stage times (s): {report['seconds']}")
+    return report
+
+
+def _synthetic_competition(data_dir: Path, n_studies: int, image_size: int, seed: int) -> None:
+    from rsna22_utils.synth import generate_competition
+
+    marker = data_dir / "_synthetic" / "generator.json"
+    if marker.exists():
+        params = json.loads(marker.read_text())
+        same = all(params.get(k) == v for k, v in {"n_studies": n_studies, "image_size": image_size, "seed": seed}.items())
+        if same:
+            logger.info("reusing the synthetic competition in %s", data_dir)
+            return
+        raise FileExistsError(f"{data_dir} holds a synthetic competition with other parameters ({marker}); use another --out")
+    generate_competition(data_dir, n_studies=n_studies, seed=seed, image_size=image_size)
+
+
+def _oof(work_dir: Path, stage: str) -> pd.DataFrame:
+    frames = [pd.read_parquet(p) for p in sorted((work_dir / stage).glob("fold*-seed*/oof.parquet"))]
+    if not frames:
+        raise FileNotFoundError(f"{work_dir / stage}: no oof.parquet")
+    return pd.concat(frames, ignore_index=True)
+
+
+def write_report(out: Path, data_dir: Path, work_dir: Path) -> dict:
+    """report/report.md with the CV metric vs the prior baseline, per-target AUC, box quality, and QC figures."""
+    from rsna22_utils import qc
+    from rsna22_utils.metric import TARGETS, per_target_auc, prior_predictions, score_predictions
+
+    report_dir = out / "report"
+    report_dir.mkdir(parents=True, exist_ok=True)
+    labels = pd.read_csv(data_dir / "train.csv")
+    result: dict[str, Any] = {}
+    lines = ["# rsna22-kit demo report", "", f"Data: `{data_dir}` ({len(labels)} train studies). Runs: `{work_dir}`.", ""]
+
+    oof = _oof(work_dir, "06_train_study")
+    oof = oof.groupby("StudyInstanceUID", as_index=False)[list(TARGETS)].mean()  # mean over seeds
+    study_labels = labels[labels["StudyInstanceUID"].isin(oof["StudyInstanceUID"])]
+    result["cv_metric"] = score_predictions(study_labels, oof)
+    result["prior_metric"] = score_predictions(study_labels, prior_predictions(labels, list(oof["StudyInstanceUID"])))
+    result["ratio"] = result["cv_metric"] / result["prior_metric"]
+    result["auc"] = per_target_auc(study_labels, oof)
+    lines += [
+        "## Study model, out of fold",
+        "",
+        f"- studies: {len(oof)}",
+        f"- competition metric (weighted log loss): **{result['cv_metric']:.4f}**",
+        f"- prior baseline (train prevalence): {result['prior_metric']:.4f}  → ratio {result['ratio']:.2f}",
+        "",
+        "| target | AUC |",
+        "| --- | --- |",
+        *[f"| {k} | {v:.3f} |" for k, v in result["auc"].items()],
+        "",
+    ]
+    figures = {"roc": qc.plot_roc_curves(study_labels, oof, report_dir / "roc.png") and report_dir / "roc.png"}
+
+    histories = {
+        f"{stage} {p.parent.name}": p
+        for stage in ("01_train_box", "03_train_vertebra", "05_train_fracture", "06_train_study")
+        for p in sorted((work_dir / stage).glob("fold*-seed*/history.csv"))
+    }
+    figures["loss_curves"] = qc.plot_loss_curves(histories, report_dir / "loss_curves.png")
+
+    box_metrics_path = work_dir / "02_infer_box" / "metrics.json"
+    box_metrics = json.loads(box_metrics_path.read_text())
+    result["box"] = {k: v for k, v in box_metrics.items() if k.startswith(("median", "eval"))}
+    if (work_dir / "02_infer_box" / "box_eval.csv").exists():
+        evaluation = pd.read_csv(work_dir / "02_infer_box" / "box_eval.csv")
+        figures["iou_histogram"] = qc.plot_iou_histogram(evaluation["iou"], report_dir / "iou_histogram.png")
+        lines += [
+            "## Study boxes (02_infer_box) on studies no box model saw",
+            "",
+            f"- median IoU with the true C1–C7 box: **{box_metrics['median_iou']:.3f}** ({box_metrics['eval_studies']} studies)",
+            f"- median slice-range error: from {box_metrics['median_from_error']:.1f}, to {box_metrics['median_to_error']:.1f} slices",
+            "",
+        ]
+
+    figures["study_animation"] = _study_figure(work_dir, report_dir, oof, labels)
+    lines += ["## Figures", "", *[f"- {name}: `{path}`" for name, path in figures.items()], ""]
+    lines += ["## Where the outputs are", "", *[f"- `{p}`" for p in sorted((work_dir).glob("*/")) if p.is_dir()], ""]
+    (report_dir / "report.md").write_text("\n".join(lines))
+    result["figures"] = {k: str(v) for k, v in figures.items()}
+    logger.info("demo report written to %s", report_dir / "report.md")
+    return result
+
+
+def _study_figure(work_dir: Path, report_dir: Path, oof: pd.DataFrame, labels: pd.DataFrame) -> Path:
+    """study.gif of the most confidently fractured study: slices, its box, per-slice vertebra/fracture curves."""
+    from rsna22_utils import qc
+    from rsna22_utils.stages import Prepared
+
+    cache = Prepared(work_dir / "00_prepare").cache()
+    uid = oof.sort_values("patient_overall", ascending=False)["StudyInstanceUID"].iloc[0]
+    volume = np.asarray(cache.volume(uid)[..., 0])
+    boxes = pd.read_csv(work_dir / "02_infer_box" / "study_boxes.csv").set_index("StudyInstanceUID")
+    rows = int(cache.slices(uid)["rows"].iloc[0])
+    scale = volume.shape[1] / rows
+    box = tuple(float(v) * scale for v in boxes.loc[uid, ["x0", "y0", "x1", "y1"]])
+    slice_labels = pd.read_parquet(work_dir / "04_infer_vertebra" / "slice_labels.parquet")
+    preds = slice_labels[slice_labels["StudyInstanceUID"] == uid].sort_values("slice_index")
+    preds = preds[[c for c in preds.columns if c.endswith(("_pred", "_frac"))]].reset_index(drop=True)
+    return qc.study_animation(volume, report_dir / "study.gif", box=box, slice_preds=preds, every=2)
