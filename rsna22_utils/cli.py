@@ -35,6 +35,14 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("paths", type=Path, nargs="*", help="DICOM files or study folders (default: every real study in ../shared/realdata)")
     p.add_argument("--repeat", type=int, default=5)
 
+    p = sub.add_parser("bench-epoch", help="one training epoch from the study cache vs decoding DICOMs, side by side")
+    p.add_argument("--data-dir", type=Path, default=None, help="competition folder (default: generate a 512 px synthetic one)")
+    p.add_argument("--work-dir", type=Path, default=None, help="where the cache (and generated data) go (default: a temp folder)")
+    p.add_argument("--studies", type=int, default=4)
+    p.add_argument("--cache-size", type=int, default=256)
+    p.add_argument("--batch-size", type=int, default=16)
+    p.add_argument("--device", default="auto")
+
     p = sub.add_parser("demo", help="synthetic competition -> every stage of the pipeline -> report")
     p.add_argument("--out", type=Path, default=Path("demo"), help="working folder of the demo")
     p.add_argument("--studies", type=int, default=60)
@@ -103,6 +111,11 @@ def main(argv: list[str] | None = None) -> int:
         from rsna22_utils.bench import bench_decode
 
         bench_decode(args.paths, repeat=args.repeat)
+        return 0
+    if args.command == "bench-epoch":
+        from rsna22_utils.bench import bench_epoch
+
+        bench_epoch(args.data_dir, args.work_dir, n_studies=args.studies, cache_size=args.cache_size, batch_size=args.batch_size, device=args.device)
         return 0
     if args.command == "demo":
         from rsna22_utils.demo import run_demo

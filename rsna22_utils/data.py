@@ -84,13 +84,14 @@ class BoxSliceDataset(Dataset):
         scale = np.stack([size / self.table["cols"], size / self.table["rows"]] * 2, axis=1)
         self.boxes = (self.table[BOX_COLUMNS].to_numpy(dtype=np.float32) * scale).astype(np.float32)
         self.has_box = self.table["has_box"].to_numpy(dtype=np.float32)
+        self.uids = self.table["StudyInstanceUID"].to_numpy()
+        self.slice_index = self.table["slice_index"].to_numpy(dtype=np.int64)
 
     def __len__(self) -> int:
         return len(self.table)
 
     def __getitem__(self, index: int) -> dict[str, torch.Tensor]:
-        row = self.table.iloc[index]
-        image = self.source.slice(row["StudyInstanceUID"], int(row["slice_index"]))
+        image = self.source.slice(self.uids[index], int(self.slice_index[index]))
         has_box = float(self.has_box[index])
         box = self.boxes[index] if has_box else np.zeros(4, np.float32)
         if self.augment is not None:
