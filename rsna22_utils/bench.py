@@ -221,3 +221,114 @@ def bench_epoch(
         f"full epoch on {dev}: {dicom['epoch_s'] / cached['epoch_s']:.1f}x"
     )
     return result
+
+
+# --------------------------------------------------------------------------- inference
+
+
+KAGGLE_TEST_STUDIES = 1500  # hidden test set: ~1,500 studies
+KAGGLE_SLICES = 300  # typical slices per study at 512 x 512
+DEFAULT_DECODE_MS = 6.0  # dicomsdl, one core, real JPEG Lossless 512 px slices (when ../shared/realdata is absent)
+
+
+def _real_decode_ms(n_files: int = 12) -> tuple[float, str]:
+    """ms/slice of read_slice (dicomsdl, one core) on real competition files, or the default when absent."""
+    files = sorted(REALDATA_RSNA.glob("train_images/*/*.dcm"))[:n_files]
+    if not files:
+        return DEFAULT_DECODE_MS, f"default {DEFAULT_DECODE_MS} ms (no real files at {REALDATA_RSNA})"
+    times = []
+    with one_core():
+        for f in files:
+            read_slice(f, backend="dicomsdl")  # warm
+            t0 = time.perf_counter()
+            for _ in range(3):
+                read_slice(f, backend="dicomsdl")
+            times.append((time.perf_counter() - t0) / 3)
+    return 1e3 * statistics.median(times), f"measured on {len(files)} real files"
+
+
+def bench_inference(data_dir: str | Path, weights_dir: str | Path, n_studies: int = 5, num_workers: int = 2) -> pd.DataFrame:
+    """Per-study seconds of 07_inference split into decode / preprocessing / models, on CPU (and CUDA), + a projection.
+
+    decode = read_study (dicomsdl); preprocessing = encode_study (window + resize) + crops and
+    3-slice stacking (study_windows); model = box models on every slice + every study model (with
+    flip TTA). The projection to Kaggle's ~1,500 studies x ~300 slices at 512 px scales each part per
+    slice: decode by real-file ms/slice (../shared/realdata, dicomsdl, one core), window + resize by
+    an encode of a 512 px volume, stacking and models by the ms/slice measured here (model inputs
+    do not depend on the DICOM size). Decode + encode run in `num_workers` DataLoader workers
+    overlapped with stacking + models, so per study wall = max((decode + encode) / workers,
+    stacking + models). Prints and returns the per-study table (projection in `.attrs`).
+    """
+    import numpy as np
+    import torch
+
+    from rsna22_utils.cache import encode_study
+    from rsna22_utils.config import resolve_config
+    from rsna22_utils.dicom import read_study
+    from rsna22_utils.predict import MemoryCache, load_ensemble, predict_box, study_probabilities, study_windows
+
+    data_dir = Path(data_dir)
+    folders = sorted(p for p in (data_dir / "test_images").glob("*") if p.is_dir()) or sorted(p for p in (data_dir / "train_images").glob("*") if p.is_dir())
+    folders = folders[:n_studies]
+    if not folders:
+        raise FileNotFoundError(f"{data_dir}: no study folders in test_images/ or train_images/")
+    cfg = resolve_config("07_inference", {"data_dir": str(data_dir), "weights_dir": str(weights_dir), "out": "unused.csv"})
+    devices = [torch.device("cpu")] + ([torch.device("cuda")] if torch.cuda.is_available() else [])
+    rows = []
+    for device in devices:
+        ensemble = load_ensemble(weights_dir, device)
+        for i, folder in enumerate(folders):
+            t0 = time.perf_counter()
+            volume, table = read_study(folder)
+            t1 = time.perf_counter()
+            volumes = {spec.name: encode_study(volume, spec) for spec in ensemble.specs}
+            slices = table.reset_index(drop=True).assign(slice_index=np.arange(len(table)))
+            t2 = time.perf_counter()
+            sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
+            study_box = predict_box(ensemble.box, volumes[ensemble.box.spec.name], slices, device, cfg.box_batch_size, cfg.amp)
+            sync()
+            stack_s, model_s = 0.0, time.perf_counter() - t2
+            for run in ensemble.study:
+                t3 = time.perf_counter()
+                images, masks, n_images = study_windows(run, MemoryCache(run.spec, folder.name, volumes[run.spec.name], slices), folder.name, study_box)
+                t4 = time.perf_counter()
+                study_probabilities(run, images, masks, n_images, device, cfg.sequence_batch_size, cfg.tta_flip, cfg.amp)
+                sync()
+                stack_s, model_s = stack_s + t4 - t3, model_s + time.perf_counter() - t4
+            if i == 0:  # the first study warms up kernels / allocators: measured again below
+                continue
+            rows.append({
+                "device": device.type, "study": folder.name, "slices": len(table), "px": int(volume.shape[1]),
+                "decode_s": t1 - t0, "encode_s": t2 - t1, "stack_s": stack_s, "model_s": model_s,
+            })
+        if len(folders) == 1:
+            logger.warning("one study only: its (warm-up) timing is not in the table; give n_studies >= 2")
+    table = pd.DataFrame(rows)
+    table["preprocess_s"] = table["encode_s"] + table["stack_s"]
+    table["total_s"] = table["decode_s"] + table["preprocess_s"] + table["model_s"]
+
+    decode_ms, decode_source = _real_decode_ms()
+    box_spec = load_ensemble(weights_dir, torch.device("cpu")).box.spec
+    fake = np.random.default_rng(0).integers(-1000, 2000, (24, 512, 512)).astype(np.int16)
+    t0 = time.perf_counter()
+    encode_study(fake, box_spec)
+    encode_ms = 1e3 * (time.perf_counter() - t0) / len(fake)
+    projection = []
+    for device, group in table.groupby("device", sort=False):
+        per_slice = lambda col: 1e3 * group[col].sum() / group["slices"].sum()  # noqa: E731
+        workers_s = KAGGLE_SLICES * (decode_ms + encode_ms) / 1e3 / max(1, num_workers)
+        main_s = KAGGLE_SLICES * (per_slice("stack_s") + per_slice("model_s")) / 1e3
+        projection.append({
+            "device": device, "decode_ms_slice": decode_ms, "encode_ms_slice_512px": encode_ms,
+            "stack_ms_slice": per_slice("stack_s"), "model_ms_slice": per_slice("model_s"),
+            "study_s": max(workers_s, main_s), "bound": "decode" if workers_s > main_s else "models",
+            "hours_1500": KAGGLE_TEST_STUDIES * max(workers_s, main_s) / 3600,
+        })
+    projection = pd.DataFrame(projection)
+    print(f"07_inference per study ({len(folders) - 1} studies after a warm-up one; {data_dir}, weights {weights_dir})")
+    print(table[["device", "slices", "px", "decode_s", "preprocess_s", "model_s", "total_s"]].to_string(index=False, float_format=lambda v: f"{v:.3f}"))
+    print(f"\nprojection to {KAGGLE_TEST_STUDIES} studies x {KAGGLE_SLICES} slices at 512 px, {num_workers} decode workers "
+          f"(decode {decode_ms:.1f} ms/slice, {decode_source}); per study = max((decode + encode) / workers, stack + models):")
+    print(projection.to_string(index=False, float_format=lambda v: f"{v:.3f}"))
+    table.attrs["projection"] = projection
+    return table

@@ -54,6 +54,17 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("-p", "--param", dest="params", action="append", default=[], metavar="KEY=VALUE", help="config override (repeatable)")
     p.set_defaults(func=_train)
 
+    p = sub.add_parser("predict", help="07_inference: test DICOMs -> every box + study model -> submission.csv")
+    p.add_argument("--data-dir", type=Path, default=None, help="competition folder with test.csv, test_images/ (default: Kaggle's)")
+    p.add_argument("--weights", type=Path, default=None, help="weights folder <stage>/fold<f>-seed<s>/, e.g. runs (default: Kaggle's)")
+    p.add_argument("--out", type=Path, default=None, help="submission.csv to write (default: /kaggle/working/submission.csv)")
+    p.add_argument("-p", "--param", dest="params", action="append", default=[], metavar="KEY=VALUE", help="07_inference config override")
+
+    p = sub.add_parser("bench-inference", help="per-study seconds of decode / preprocessing / models + projection to the test set")
+    p.add_argument("--data-dir", type=Path, required=True, help="competition folder with test_images/ (or train_images/)")
+    p.add_argument("--weights", type=Path, required=True, help="weights folder <stage>/fold<f>-seed<s>/, e.g. runs")
+    p.add_argument("--studies", type=int, default=5)
+
     # Modules that own their commands register them here (each parser sets func=callable(args) -> int).
     import importlib
 
@@ -116,6 +127,15 @@ def main(argv: list[str] | None = None) -> int:
         from rsna22_utils.bench import bench_epoch
 
         bench_epoch(args.data_dir, args.work_dir, n_studies=args.studies, cache_size=args.cache_size, batch_size=args.batch_size, device=args.device)
+        return 0
+    if args.command == "predict":
+        from rsna22_utils.predict import run_cli
+
+        return run_cli(args)
+    if args.command == "bench-inference":
+        from rsna22_utils.bench import bench_inference
+
+        bench_inference(args.data_dir, args.weights, n_studies=args.studies)
         return 0
     if args.command == "demo":
         from rsna22_utils.demo import run_demo

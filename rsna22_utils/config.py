@@ -238,7 +238,8 @@ class PredictConfig(RunConfig):
     box_batch_size: int = 128
     sequence_batch_size: int = 4
     study_batch_size: int = 2
-    num_workers: int = 2
+    num_workers: int = 2  # DataLoader processes that decode + encode test studies ahead of the models
+    dicom_backend: str = "auto"  # auto (dicomsdl, pydicom fallback per file) | dicomsdl | pydicom
 
     def _validate_stage(self) -> list[str]:
         if self.time_budget_hours <= 0:

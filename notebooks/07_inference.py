@@ -1,0 +1,53 @@
+# ---
+# jupyter:
+#   jupytext:
+#     formats: ipynb,py:percent
+#     text_representation:
+#       extension: .py
+#       format_name: percent
+#   kernelspec:
+#     display_name: Python 3
+#     language: python
+#     name: python3
+# ---
+
+# %% [markdown]
+# # 07 · Inference: the Kaggle submission
+# Every test study is decoded (dicomsdl) and windowed by background workers while the models run:
+# all box models → study box and C1–C7 slice range → box crops, 3 slices per image → every study
+# model (frozen stage-05 CNN + study head), mean of probabilities (+ horizontal flip).
+# A study that cannot be read gets the train prevalence; a run that would pass the time budget
+# drops to one model, then to the prior, so a `submission.csv` with every row is always written.
+# Locally: `python -m rsna22_utils predict --data-dir D --weights runs --out submission.csv`
+
+# %% tags=["parameters"]
+overrides = {}
+
+# %%
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+WHEELS = Path("/kaggle/input/rsna22-wheels/wheels")
+if WHEELS.is_dir():  # Kaggle, offline: the DICOM decoders from the wheels dataset
+    wheels = [str(w) for w in sorted(WHEELS.glob("*.whl"))]
+    subprocess.run([sys.executable, "-m", "pip", "install", "-q", "--no-index", "--find-links", str(WHEELS), *wheels], check=False)
+try:
+    import rsna22_utils  # noqa: F401  (a clone: ./kit and the runner put the repo on the path)
+except ImportError:  # on Kaggle: the utils dataset
+    sys.path.insert(0, "/kaggle/input/rsna22-utils")
+import logging
+
+logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s", datefmt="%H:%M:%S", force=True)
+
+from rsna22_utils.config import resolve_config
+from rsna22_utils.predict import predict_submission
+
+# %%
+cfg = resolve_config("07_inference", overrides)
+started = time.perf_counter()
+submission = predict_submission(cfg)
+print(f"{len(submission)} rows -> {cfg.out} in {time.perf_counter() - started:.1f} s; "
+      f"{submission.attrs['predicted']} studies predicted, {len(submission.attrs['fallbacks'])} prior")
+submission.head(16)

@@ -1,0 +1,531 @@
+"""Kaggle inference (07_inference): test DICOMs -> box models -> study models -> submission.csv.
+
+    python -m rsna22_utils predict --data-dir D --weights W --out submission.csv [-p key=value]
+
+For every study of `test.csv`, in the order of the file:
+
+1. a DataLoader worker decodes `test_images/<uid>` (dicomsdl; `read_study`) and encodes it like the
+   study cache (`encode_study`: HU -> resized, windowed uint8) at every size / window set the models
+   were trained on, and hands over one study at a time (decode overlaps the models' compute);
+2. every box model (`<weights>/01_train_box/*/`) on every slice, averaged -> one study box and the
+   slice range of C1-C7 (`study_box_from_slices`, the box run's `has_box_threshold` / `box_smooth`);
+3. every study model (`<weights>/06_train_study/*/`: the frozen stage-05 CNN + its StudyHead) on
+   the box crops, 3 slices per image, exactly as `SequenceDataset` / `embed_studies` prepared them
+   in training; mean of sigmoid probabilities over models, optionally over a horizontal flip.
+
+The weights folder has the layout of a local `runs/` folder (`<stage>/fold<f>-seed<s>/{model.safetensors,
+config.json}`), so `--weights runs` works locally and the weights dataset works on Kaggle.
+
+The submission never fails: a study that cannot be read or predicted gets the train prevalence
+(one warning line naming the study and the reason); when the run projects past
+`time_budget_hours` it drops to one box + one study model without TTA for the remaining studies,
+and if that still does not fit, the remaining studies get the prior.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pandas as pd
+import torch
+from torch import nn
+from torch.utils.data import DataLoader, Dataset
+from tqdm.auto import tqdm
+
+from rsna22_utils.cache import CacheSpec, encode_study
+from rsna22_utils.metric import TARGETS
+
+logger = logging.getLogger(__name__)
+
+#: Prevalence of each target in the competition's train.csv (2,019 studies: patient_overall 961,
+#: C1 146, C2 285, C3 73, C4 108, C5 162, C6 277, C7 393 positives), used when `data_dir` holds no
+#: train.csv. Source: rsna-2022-cervical-spine-fracture-detection/train.csv.
+TRAIN_PREVALENCE: dict[str, float] = {
+    "patient_overall": 961 / 2019,
+    "C1": 146 / 2019, "C2": 285 / 2019, "C3": 73 / 2019, "C4": 108 / 2019,
+    "C5": 162 / 2019, "C6": 277 / 2019, "C7": 393 / 2019,
+}
+PROBABILITY_CLIP = 1e-6  # submitted values lie in [clip, 1 - clip], strictly inside (0, 1)
+
+
+# --------------------------------------------------------------------------- models
+
+
+@dataclass
+class BoxEnsemble:
+    """Every box model (mean) + how its inputs are encoded and its outputs turned into a study box."""
+
+    models: list[nn.Module]
+    spec: CacheSpec
+    threshold: float = 0.5
+    smooth: int = 5
+
+
+@dataclass
+class StudyRun:
+    """One stage-06 model and the settings its images are prepared with (those of its stage-05 CNN)."""
+
+    name: str
+    model: nn.Module
+    spec: CacheSpec
+    seq_len: int
+    slices_per_image: int
+    crop_by_box: bool
+    crop_margin: float
+    crop_size: int
+
+
+@dataclass
+class Ensemble:
+    """Everything inference runs: box models, study models, and the cache specs the worker encodes."""
+
+    box: BoxEnsemble
+    study: list[StudyRun]
+    device: torch.device
+
+    @property
+    def specs(self) -> list[CacheSpec]:
+        return sorted({self.box.spec, *(run.spec for run in self.study)}, key=lambda s: s.name)
+
+    def reduced(self) -> "Ensemble":
+        """One box model and one study model: the fallback when time runs short."""
+        box = BoxEnsemble(self.box.models[:1], self.box.spec, self.box.threshold, self.box.smooth)
+        return Ensemble(box, self.study[:1], self.device)
+
+
+def _spec(cfg: Any) -> CacheSpec:
+    return CacheSpec(image_size=int(cfg.image_size), windows=tuple(tuple(w) for w in cfg.windows))
+
+
+def _offline(cfg: Any) -> Any:
+    """A run config that builds its network without fetching pretrained weights (they are loaded next)."""
+    cfg.pretrained, cfg.pretrained_path = False, ""
+    return cfg
+
+
+def _runs(weights_dir: Path, stage: str) -> list[Path]:
+    runs = sorted(p.parent for p in (weights_dir / stage).glob("fold*-seed*/model.safetensors"))
+    missing = [r for r in runs if not (r / "config.json").is_file()]
+    if missing:
+        raise FileNotFoundError(f"{missing[0]}: model.safetensors without config.json")
+    if not runs:
+        raise FileNotFoundError(f"{weights_dir / stage}: no fold*-seed*/model.safetensors (is weights_dir right?)")
+    return runs
+
+
+def load_box_models(weights_dir: str | Path, device: torch.device) -> BoxEnsemble:
+    """All `01_train_box` runs of the weights folder (they must share one image size and window set)."""
+    from rsna22_utils.config import load_config
+    from rsna22_utils.stages import build_box_model
+    from rsna22_utils.train import load_weights
+
+    models, spec, first = [], None, None
+    for run in _runs(Path(weights_dir), "01_train_box"):
+        cfg = _offline(load_config(run / "config.json"))
+        if spec is not None and _spec(cfg) != spec:
+            raise ValueError(f"{run}: box model trained on {_spec(cfg).name}, the others on {spec.name}")
+        spec, first = _spec(cfg), first or cfg
+        model = build_box_model(cfg)
+        load_weights(model, run / "model.safetensors")
+        models.append(model.to(device).eval())
+    return BoxEnsemble(models, spec, float(first.has_box_threshold), int(first.box_smooth))
+
+
+def load_study_models(weights_dir: str | Path, device: torch.device) -> list[StudyRun]:
+    """All `06_train_study` runs: the stage-05 CNN architecture + StudyHead, weights from model.safetensors."""
+    from rsna22_utils.config import load_config, resolve_config
+    from rsna22_utils.models import StudyHead, StudyModel
+    from rsna22_utils.stages import STUDY_SETTINGS_FROM_FRACTURE_RUN, build_sequence_model
+    from rsna22_utils.train import load_weights
+
+    weights_dir = Path(weights_dir)
+    runs = []
+    for run in _runs(weights_dir, "06_train_study"):
+        cfg = _offline(load_config(run / "config.json"))
+        # a stage-06 config holds its frozen CNN's settings (copied from stage 05 when it was trained)
+        settings = {k: getattr(cfg, k) for k in ("windows", "image_size", "pretrained", "pretrained_path", *STUDY_SETTINGS_FROM_FRACTURE_RUN)}
+        settings["infer_stride"] = cfg.seq_len * cfg.slices_per_image  # unused here; valid for any seq_len
+        fracture_cfg = resolve_config("05_train_fracture", settings)
+        sequence_model = build_sequence_model(fracture_cfg)
+        head = StudyHead(sequence_model.embedding_size, lstm_hidden=cfg.lstm_hidden, dropout=cfg.dropout)
+        model = StudyModel(sequence_model.encoder, head, max_len=cfg.max_len)
+        load_weights(model, run / "model.safetensors")
+        runs.append(StudyRun(
+            f"{run.parent.name}/{run.name}", model.to(device).eval(), _spec(cfg), int(cfg.seq_len), int(cfg.slices_per_image),
+            bool(cfg.crop_by_box), float(cfg.crop_margin), int(cfg.crop_size),
+        ))
+    return runs
+
+
+def load_ensemble(weights_dir: str | Path, device: torch.device) -> Ensemble:
+    """Box and study models of a weights folder (`runs/` locally, the weights dataset on Kaggle)."""
+    box, study = load_box_models(weights_dir, device), load_study_models(weights_dir, device)
+    logger.info("loaded %d box models (%s) and %d study models from %s on %s", len(box.models), box.spec.name, len(study), weights_dir, device)
+    return Ensemble(box, study, device)
+
+
+# --------------------------------------------------------------------------- decoding workers
+
+
+@dataclass
+class DecodedStudy:
+    """What a worker hands over: the encoded volumes (per cache spec name) and the slice table, or the error."""
+
+    uid: str
+    volumes: dict[str, np.ndarray] = field(default_factory=dict)
+    slices: pd.DataFrame | None = None
+    error: str | None = None
+    decode_s: float = 0.0
+    encode_s: float = 0.0
+
+
+def decode_study(uid: str, study_dir: Path, specs: list[CacheSpec], backend: str = "auto") -> DecodedStudy:
+    """Decode + encode one study; any failure comes back in `.error` (never raised)."""
+    result = DecodedStudy(uid)
+    try:
+        from rsna22_utils.dicom import read_study
+
+        if not study_dir.is_dir():
+            raise FileNotFoundError(f"no study folder {study_dir}")
+        t0 = time.perf_counter()
+        volume, table = read_study(study_dir, backend=backend)
+        t1 = time.perf_counter()
+        result.volumes = {spec.name: encode_study(volume, spec) for spec in specs}
+        result.slices = table.reset_index(drop=True).assign(slice_index=np.arange(len(table)))
+        result.decode_s, result.encode_s = t1 - t0, time.perf_counter() - t1
+    except Exception as error:  # noqa: BLE001 - reported as this study's fallback reason
+        result.error = f"{type(error).__name__}: {error}"
+    return result
+
+
+class TestStudies(Dataset):
+    """One item = one decoded, encoded test study (used with batch_size=None, so workers prefetch studies)."""
+
+    def __init__(self, uids: list[str], images_dir: Path, specs: list[CacheSpec], backend: str = "auto") -> None:
+        self.uids, self.images_dir, self.specs, self.backend = list(uids), Path(images_dir), list(specs), backend
+
+    def __len__(self) -> int:
+        return len(self.uids)
+
+    def __getitem__(self, index: int) -> DecodedStudy:
+        uid = self.uids[index]
+        return decode_study(uid, self.images_dir / uid, self.specs, self.backend)
+
+
+def _keep(item: DecodedStudy) -> DecodedStudy:
+    return item
+
+
+def _worker_init(_: int) -> None:
+    import cv2
+
+    cv2.setNumThreads(1)
+    torch.set_num_threads(1)
+
+
+def study_loader(dataset: TestStudies, num_workers: int) -> DataLoader:
+    """Studies one at a time, decoded by `num_workers` processes ahead of the models (0: in this process)."""
+    # spawn, not fork: a process that already ran torch / OpenCV thread pools (a notebook that trained,
+    # a test session) can deadlock forked workers; spawned ones start clean (a few seconds each, once)
+    extra = {"prefetch_factor": 2, "worker_init_fn": _worker_init, "multiprocessing_context": "spawn"} if num_workers > 0 else {}
+    return DataLoader(dataset, batch_size=None, shuffle=False, num_workers=num_workers, collate_fn=_keep, **extra)
+
+
+# --------------------------------------------------------------------------- one study
+
+
+class MemoryCache:
+    """A one-study stand-in for StudyCache (`.spec`, `.volume(uid)`, `.slices(uid)`) so SequenceDataset runs unchanged."""
+
+    def __init__(self, spec: CacheSpec, uid: str, volume: np.ndarray, slices: pd.DataFrame) -> None:
+        self.spec, self._uid, self._volume, self._slices = spec, uid, volume, slices
+
+    @property
+    def uids(self) -> list[str]:
+        return [self._uid]
+
+    def volume(self, uid: str) -> np.ndarray:
+        return self._volume
+
+    def slices(self, uid: str) -> pd.DataFrame:
+        return self._slices
+
+
+def _autocast(device: torch.device, enabled: bool):
+    if device.type == "cuda" and enabled:
+        dtype = torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+        return torch.autocast("cuda", dtype=dtype)
+    return torch.autocast("cpu", enabled=False)
+
+
+def predict_box(box: BoxEnsemble, volume: np.ndarray, slices: pd.DataFrame, device: torch.device, batch_size: int, amp: bool = True) -> dict[str, float]:
+    """Box models on every slice (mean) -> the study box in original pixels + slice range (slnum_from / slnum_to)."""
+    from rsna22_utils.infer import study_box_from_slices
+
+    n = volume.shape[0]
+    p_sum, box_sum = np.zeros(n), np.zeros((n, 4))
+    with torch.inference_mode(), _autocast(device, amp):
+        for start in range(0, n, batch_size):
+            # (b, H, W, C) uint8 -> (b, C, H, W) in [-1, 1], as data.to_tensor
+            images = torch.from_numpy(np.array(volume[start : start + batch_size])).to(device)  # a writable copy
+            images = images.permute(0, 3, 1, 2).float().div_(127.5).sub_(1.0)
+            for model in box.models:
+                out = model({"image": images})
+                p_sum[start : start + len(images)] += torch.sigmoid(out["has_box"].float()).cpu().numpy()
+                box_sum[start : start + len(images)] += out["box"].float().cpu().numpy()
+    p_box, boxes = p_sum / len(box.models), box_sum / len(box.models)
+    rows, cols = float(slices["rows"].iloc[0]), float(slices["cols"].iloc[0])
+    boxes = boxes * np.array([cols, rows, cols, rows])  # fractions -> original pixels, as stages._box_rows
+    return study_box_from_slices(np.arange(n), p_box, boxes, threshold=box.threshold, smooth=box.smooth)
+
+
+def study_windows(run: StudyRun, cache: MemoryCache, uid: str, study_box: dict[str, float]) -> tuple[torch.Tensor, torch.Tensor, int]:
+    """Crops + 3-slice images of one study, as embed_studies built them: (windows, seq_len, C, H, W), masks, n_images."""
+    from rsna22_utils.data import SequenceDataset
+
+    box = tuple(study_box[c] for c in ("x0", "y0", "x1", "y1"))
+    first, last = int(study_box["slnum_from"]), int(study_box["slnum_to"])
+    dataset = SequenceDataset(
+        [uid], cache, None, seq_len=run.seq_len, slices_per_image=run.slices_per_image, mode="infer",
+        stride=run.seq_len * run.slices_per_image, ranges={uid: (first, last)}, crops={uid: box} if run.crop_by_box else None,
+        crop_margin=run.crop_margin, output_size=run.crop_size if run.crop_by_box else None,
+    )
+    items = sorted((dataset[i] for i in range(len(dataset))), key=lambda item: int(item["start"]))
+    n_images = max(1, (last - first + 1 + run.slices_per_image - 1) // run.slices_per_image)
+    return torch.stack([it["image"] for it in items]), torch.stack([it["mask"] for it in items]), n_images
+
+
+def study_probabilities(
+    run: StudyRun, images: torch.Tensor, masks: torch.Tensor, n_images: int, device: torch.device,
+    batch_size: int, flip: bool = False, amp: bool = True,
+) -> np.ndarray:
+    """One study model on one study's windows -> 8 probabilities (TARGETS order); `flip` averages a mirrored pass."""
+    from rsna22_utils.models import fit_length
+
+    model = run.model
+    passes = [False, True] if flip else [False]
+    probs = []
+    with torch.inference_mode(), _autocast(device, amp):
+        for mirrored in passes:
+            parts = []
+            for start in range(0, len(images), batch_size):
+                chunk = images[start : start + batch_size].to(device)
+                if mirrored:
+                    chunk = chunk.flip(-1)
+                features = model.encoder(chunk.flatten(0, 1)).view(*chunk.shape[:2], -1).float()
+                keep = masks[start : start + batch_size] > 0.5
+                parts += [features[b][keep[b].to(device)] for b in range(features.shape[0])]
+            sequence = torch.cat(parts)[:n_images][None]
+            sequence, mask = fit_length(sequence, torch.ones(1, sequence.shape[1], device=device), model.max_len)
+            logits = model.head(sequence.float(), mask)
+            probs.append(torch.sigmoid(logits.float())[0].cpu().numpy())
+    return np.mean(probs, axis=0)
+
+
+def predict_study(ensemble: Ensemble, study: DecodedStudy, cfg: Any, flip: bool) -> np.ndarray:
+    """Box -> crops -> every study model (mean of probabilities) for one decoded study; TARGETS order."""
+    box_volume = study.volumes[ensemble.box.spec.name]
+    box_cache = MemoryCache(ensemble.box.spec, study.uid, box_volume, study.slices)
+    study_box = predict_box(ensemble.box, box_cache.volume(study.uid), study.slices, ensemble.device, cfg.box_batch_size, cfg.amp)
+    outputs = []
+    for run in ensemble.study:
+        cache = MemoryCache(run.spec, study.uid, study.volumes[run.spec.name], study.slices)
+        images, masks, n_images = study_windows(run, cache, study.uid, study_box)
+        outputs.append(study_probabilities(run, images, masks, n_images, ensemble.device, cfg.sequence_batch_size, flip, cfg.amp))
+    return np.mean(outputs, axis=0)
+
+
+# --------------------------------------------------------------------------- time budget
+
+
+class TimeBudget:
+    """Decides, before each study, whether to run the full ensemble, the reduced one, or the prior.
+
+    projected = elapsed + remaining x mean seconds per study (the mean over the studies run in the
+    current mode). Over budget in full mode -> reduced mode (one box + one study model, no TTA);
+    over budget in reduced mode (after at least one reduced study), or elapsed past the budget -> prior.
+    """
+
+    def __init__(self, budget_s: float, n_studies: int, clock: Callable[[], float] = time.perf_counter, start: float | None = None) -> None:
+        self.budget_s, self.n_studies, self.clock = budget_s, n_studies, clock
+        self.start = clock() if start is None else start
+        self.mode = "full"
+        self.times: dict[str, list[float]] = {"full": [], "reduced": []}
+
+    def elapsed(self) -> float:
+        return self.clock() - self.start
+
+    def projected(self, done: int) -> float:
+        times = self.times[self.mode]
+        return self.elapsed() + (self.n_studies - done) * (float(np.mean(times)) if times else 0.0)
+
+    def decide(self, done: int) -> str:
+        """The mode for study number `done` (0-based); logs each switch once."""
+        if self.mode != "prior" and self.elapsed() > self.budget_s:
+            self._switch("prior", f"elapsed {self.elapsed():.0f} s is past the budget of {self.budget_s:.0f} s")
+        elif self.mode == "full" and self.projected(done) > self.budget_s:
+            self._switch("reduced", f"projected {self.projected(done):.0f} s > budget {self.budget_s:.0f} s")
+        elif self.mode == "reduced" and self.times["reduced"] and self.projected(done) > self.budget_s:
+            self._switch("prior", f"projected {self.projected(done):.0f} s with the reduced ensemble > budget {self.budget_s:.0f} s")
+        return self.mode
+
+    def record(self, mode: str, seconds: float) -> None:
+        if mode in self.times:
+            self.times[mode].append(seconds)
+
+    def _switch(self, mode: str, why: str) -> None:
+        self.mode = mode
+        what = {"reduced": "one box model + one study model, no flip TTA", "prior": "the train prevalence"}[mode]
+        logger.warning("time budget: %s -> %s for the remaining studies", why, what)
+
+
+# --------------------------------------------------------------------------- submission
+
+
+def train_prevalence(data_dir: str | Path) -> dict[str, float]:
+    """Per-target prevalence of `data_dir/train.csv` when present, else the real competition's (TRAIN_PREVALENCE)."""
+    path = Path(data_dir) / "train.csv"
+    if path.is_file():
+        try:
+            labels = pd.read_csv(path)
+            return {t: float(labels[t].mean()) for t in TARGETS}
+        except Exception as error:  # noqa: BLE001 - the constants are a fine fallback
+            logger.warning("%s: cannot read prevalences (%s); using the competition's", path, error)
+    return dict(TRAIN_PREVALENCE)
+
+
+def read_test_table(data_dir: str | Path) -> pd.DataFrame:
+    """test.csv (row_id, StudyInstanceUID, prediction_type); errors name the file."""
+    path = Path(data_dir) / "test.csv"
+    if not path.is_file():
+        raise FileNotFoundError(f"{path}: no test.csv (is data_dir the competition folder?)")
+    table = pd.read_csv(path, dtype=str)
+    missing = {"row_id", "StudyInstanceUID", "prediction_type"} - set(table.columns)
+    if missing:
+        raise ValueError(f"{path}: missing column(s) {sorted(missing)}; has {list(table.columns)}")
+    bad = ~table["prediction_type"].isin(TARGETS)
+    if bad.any():
+        raise ValueError(f"{path}: unknown prediction_type(s) {sorted(table.loc[bad, 'prediction_type'].unique())[:5]}")
+    return table
+
+
+def submission_rows(test: pd.DataFrame, predictions: dict[str, np.ndarray], prior: dict[str, float]) -> pd.DataFrame:
+    """test.csv's rows, in its order, with `fractured` from the study's prediction (or the prior)."""
+    column = {t: i for i, t in enumerate(TARGETS)}
+    values = [
+        float(predictions[uid][column[kind]]) if uid in predictions else prior[kind]
+        for uid, kind in zip(test["StudyInstanceUID"], test["prediction_type"])
+    ]
+    values = np.clip(np.nan_to_num(np.asarray(values, float), nan=0.5), PROBABILITY_CLIP, 1 - PROBABILITY_CLIP)
+    return pd.DataFrame({"row_id": test["row_id"].to_numpy(), "fractured": values})
+
+
+def iter_studies(uids: list[str], images_dir: Path, specs: list[CacheSpec], num_workers: int, backend: str = "auto") -> Iterator[DecodedStudy]:
+    """Decoded studies in `uids` order; a loader that breaks down goes on decoding in this process."""
+    done = 0
+    try:
+        for item in study_loader(TestStudies(uids, images_dir, specs, backend), num_workers):
+            done += 1
+            yield item
+    except GeneratorExit:
+        raise
+    except Exception as error:  # noqa: BLE001 - e.g. a worker killed for memory: decode the rest here
+        logger.warning("study loader failed after %d studies (%s: %s); decoding the rest in the main process", done, type(error).__name__, error)
+        for uid in uids[done:]:
+            yield decode_study(uid, images_dir / uid, specs, backend)
+
+
+def predict_submission(cfg: Any) -> pd.DataFrame:
+    """Write `cfg.out` (row_id, fractured) for every row of `cfg.data_dir/test.csv`, in order; returns it.
+
+    Never fails for a study: unreadable / unpredictable studies and studies past the time budget
+    get the train prevalence. Only a missing or malformed test.csv raises.
+    """
+    started = time.perf_counter()
+    data_dir = Path(cfg.data_dir)
+    test = read_test_table(data_dir)
+    prior = train_prevalence(data_dir)
+    uids = list(dict.fromkeys(test["StudyInstanceUID"]))
+    images_dir = data_dir / "test_images"
+    logger.info("07_inference: %d test studies (%d rows) from %s, weights %s", len(uids), len(test), data_dir, cfg.weights_dir)
+
+    predictions: dict[str, np.ndarray] = {}
+    fallbacks: dict[str, str] = {}
+    present = [uid for uid in uids if (images_dir / uid).is_dir()]
+    for uid in uids:
+        if uid not in present:
+            fallbacks[uid] = f"no study folder {images_dir / uid}"
+            logger.warning("study %s: %s -> prior", uid, fallbacks[uid])
+    ensemble = None
+    if present:
+        try:
+            from rsna22_utils.train import resolve_device
+
+            ensemble = load_ensemble(cfg.weights_dir, resolve_device(cfg))
+        except Exception as error:  # noqa: BLE001 - a submission of priors beats none
+            logger.error("cannot load the models from %s (%s: %s): every study gets the prior", cfg.weights_dir, type(error).__name__, error)
+            fallbacks.update({uid: "models not loaded" for uid in present})
+    if ensemble is not None:
+        budget = TimeBudget(cfg.time_budget_hours * 3600.0, len(present), start=started)
+        reduced = ensemble.reduced()
+        bar = tqdm(total=len(present), desc="test studies", unit="study")
+        studies = iter_studies(present, images_dir, ensemble.specs, cfg.num_workers, cfg.dicom_backend)
+        t_last = time.perf_counter()
+        for done, study in enumerate(studies):
+            mode = budget.decide(done)
+            if mode == "prior":
+                studies.close()
+                break
+            try:
+                if study.error is not None:
+                    raise RuntimeError(study.error)
+                model = ensemble if mode == "full" else reduced
+                predictions[study.uid] = predict_study(model, study, cfg, flip=cfg.tta_flip and mode == "full")
+            except Exception as error:  # noqa: BLE001 - this study gets the prior, the others go on
+                fallbacks[study.uid] = str(error).splitlines()[0] if str(error) else type(error).__name__
+                logger.warning("study %s: %s -> prior", study.uid, fallbacks[study.uid])
+            now = time.perf_counter()
+            budget.record(mode, now - t_last)  # includes waiting for the decode: what the budget pays
+            t_last = now
+            bar.update(1)
+        bar.close()
+        skipped = [uid for uid in present if uid not in predictions and uid not in fallbacks]
+        for uid in skipped:
+            fallbacks[uid] = "time budget"
+        if skipped:
+            logger.warning("time budget: %d studies get the prior", len(skipped))
+
+    submission = submission_rows(test, predictions, prior)
+    out = Path(cfg.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    submission.to_csv(out, index=False)
+    seconds = time.perf_counter() - started
+    logger.info(
+        "submission of %d rows written to %s in %.1f s: %d studies predicted, %d prior (%s)",
+        len(submission), out, seconds, len(predictions), len(fallbacks), ", ".join(sorted(set(fallbacks.values())))[:200] or "none",
+    )
+    submission.attrs.update(predicted=len(predictions), fallbacks=fallbacks, seconds=seconds)
+    return submission
+
+
+# --------------------------------------------------------------------------- CLI
+
+
+def run_cli(args: argparse.Namespace) -> int:
+    """`predict`: resolve the 07_inference config from the arguments and write the submission."""
+    from rsna22_utils.config import parse_overrides, resolve_config
+
+    overrides = parse_overrides(args.params)
+    for key, value in (("data_dir", args.data_dir), ("weights_dir", args.weights), ("out", args.out)):
+        if value is not None:
+            overrides[key] = str(value)
+    submission = predict_submission(resolve_config("07_inference", overrides))
+    print(submission.head(8).to_string(index=False))
+    return 0

@@ -1,0 +1,174 @@
+"""07_inference on the tiny synthetic pipeline: row order, valid values, the metric, and every fallback."""
+
+from __future__ import annotations
+
+import logging
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+
+from rsna22_utils.config import resolve_config
+from rsna22_utils.metric import TARGETS, score, solution_from_labels
+from rsna22_utils.predict import TimeBudget, predict_submission, train_prevalence
+
+
+def _config(data_dir: Path, weights: Path, out: Path, **extra) -> object:
+    return resolve_config(
+        "07_inference",
+        {"data_dir": str(data_dir), "weights_dir": str(weights), "out": str(out), "work_dir": str(out.parent), "device": "cpu", **extra},
+    )
+
+
+def _copy_competition(data_dir: Path, dest: Path) -> Path:
+    """A writable copy of the competition files a test needs (csvs + test_images)."""
+    dest.mkdir()
+    for name in ("train.csv", "test.csv"):
+        shutil.copy2(data_dir / name, dest / name)
+    shutil.copytree(data_dir / "test_images", dest / "test_images")
+    return dest
+
+
+def _prior_rows(submission: pd.DataFrame, test: pd.DataFrame, uid: str, prior: dict[str, float]) -> bool:
+    rows = test["StudyInstanceUID"] == uid
+    expected = test.loc[rows, "prediction_type"].map(prior).to_numpy()
+    return bool(np.allclose(submission.loc[rows.to_numpy(), "fractured"].to_numpy(), expected, atol=1e-5))  # values are clipped to [1e-6, 1 - 1e-6]
+
+
+def test_submission_rows_values_and_score(tiny_pipeline: dict, tmp_path: Path) -> None:
+    data_dir, weights = tiny_pipeline["data_dir"], tiny_pipeline["work_dir"]
+    out = tmp_path / "submission.csv"
+    submission = predict_submission(_config(data_dir, weights, out, num_workers=2))
+    test = pd.read_csv(data_dir / "test.csv")
+    written = pd.read_csv(out)
+    assert list(written["row_id"]) == list(test["row_id"])
+    assert ((written["fractured"] > 0) & (written["fractured"] < 1)).all()
+    assert submission.attrs["predicted"] == test["StudyInstanceUID"].nunique() and not submission.attrs["fallbacks"]
+    # model outputs, not the prior: a study's 8 values differ from the prevalences
+    prior = train_prevalence(data_dir)
+    assert not _prior_rows(written, test, test["StudyInstanceUID"].iloc[0], prior)
+    labels = pd.read_csv(data_dir / "_synthetic" / "test_labels.csv")
+    value = score(solution_from_labels(labels), written)
+    assert np.isfinite(value) and 0 < value < 5
+
+
+def test_corrupt_study_gets_prior_and_others_predicted(tiny_pipeline: dict, tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    data_dir = _copy_competition(tiny_pipeline["data_dir"], tmp_path / "competition")
+    test = pd.read_csv(data_dir / "test.csv")
+    bad = test["StudyInstanceUID"].iloc[0]
+    dicom = sorted((data_dir / "test_images" / bad).glob("*.dcm"))[3]
+    dicom.write_bytes(dicom.read_bytes()[:300])  # truncated file
+    out = tmp_path / "submission.csv"
+    with caplog.at_level(logging.WARNING, logger="rsna22_utils.predict"):
+        submission = predict_submission(_config(data_dir, tiny_pipeline["work_dir"], out, num_workers=1))
+    written = pd.read_csv(out)
+    assert list(written["row_id"]) == list(test["row_id"])
+    assert set(submission.attrs["fallbacks"]) == {bad}
+    assert submission.attrs["predicted"] == test["StudyInstanceUID"].nunique() - 1
+    assert _prior_rows(written, test, bad, train_prevalence(data_dir))
+    warnings = [r.getMessage() for r in caplog.records if bad in r.getMessage()]
+    assert len(warnings) == 1 and dicom.name in warnings[0], warnings
+
+
+def test_placeholder_test_csv_without_folders_is_all_prior(tiny_pipeline: dict, tmp_path: Path) -> None:
+    data_dir = tmp_path / "competition"
+    data_dir.mkdir()
+    (data_dir / "test_images").mkdir()
+    uids = ["1.2.826.0.1.3680043.10197", "1.2.826.0.1.3680043.10454", "1.2.826.0.1.3680043.10690"]
+    test = pd.DataFrame({"row_id": [f"{u}_C1" for u in uids], "StudyInstanceUID": uids, "prediction_type": "C1"})
+    test.to_csv(data_dir / "test.csv", index=False)
+    out = tmp_path / "submission.csv"
+    predict_submission(_config(data_dir, tiny_pipeline["work_dir"], out))  # no train.csv: the real prevalences
+    written = pd.read_csv(out)
+    assert list(written["row_id"]) == list(test["row_id"])
+    assert np.allclose(written["fractured"], 146 / 2019)
+
+
+def test_time_budget_drops_to_fewer_models_then_prior() -> None:
+    now = [0.0]
+    budget = TimeBudget(budget_s=100.0, n_studies=10, clock=lambda: now[0])
+    assert budget.decide(0) == "full"
+    now[0] = 30.0
+    budget.record("full", 30.0)
+    assert budget.decide(1) == "reduced"  # 30 + 9 x 30 > 100
+    now[0] = 35.0
+    budget.record("reduced", 5.0)
+    assert budget.decide(2) == "reduced"  # 35 + 8 x 5 <= 100
+    now[0] = 60.0
+    budget.record("reduced", 25.0)
+    assert budget.decide(3) == "prior"  # 60 + 7 x 15 > 100
+    assert TimeBudget(1.0, 3, clock=lambda: 5.0, start=0.0).decide(0) == "prior"
+
+
+def test_tiny_budget_still_writes_every_row(tiny_pipeline: dict, tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    data_dir = tiny_pipeline["data_dir"]
+    out = tmp_path / "submission.csv"
+    with caplog.at_level(logging.WARNING, logger="rsna22_utils.predict"):
+        submission = predict_submission(_config(data_dir, tiny_pipeline["work_dir"], out, time_budget_hours=1e-7, num_workers=0))
+    test = pd.read_csv(data_dir / "test.csv")
+    assert list(pd.read_csv(out)["row_id"]) == list(test["row_id"])
+    assert submission.attrs["predicted"] == 0
+    assert any("time budget" in r.getMessage() for r in caplog.records)
+    assert set(submission.attrs["fallbacks"].values()) == {"time budget"}
+
+
+def test_notebook_writes_submission_under_papermill(tiny_pipeline: dict, tmp_path: Path) -> None:
+    """The issue's acceptance: the inference notebook on a Kaggle-like synthetic competition, one study corrupted."""
+    from rsna22_utils.runner import run_stage
+
+    data_dir = _copy_competition(tiny_pipeline["data_dir"], tmp_path / "competition")
+    test = pd.read_csv(data_dir / "test.csv")
+    bad = test["StudyInstanceUID"].iloc[-1]
+    dicom = sorted((data_dir / "test_images" / bad).glob("*.dcm"))[0]
+    dicom.write_bytes(dicom.read_bytes()[:200])
+    out = tmp_path / "submission.csv"
+    overrides = {"data_dir": str(data_dir), "weights_dir": str(tiny_pipeline["work_dir"]), "out": str(out), "device": "cpu", "num_workers": 1}
+    summary = run_stage("07_inference", overrides=overrides, work_dir=tmp_path / "runs")
+    assert summary.ok, summary.failed
+    written = pd.read_csv(out)
+    assert list(written["row_id"]) == list(test["row_id"])
+    labels = pd.read_csv(tiny_pipeline["data_dir"] / "_synthetic" / "test_labels.csv")
+    assert np.isfinite(score(solution_from_labels(labels), written))
+    assert _prior_rows(written, test, bad, train_prevalence(data_dir))
+    assert (tmp_path / "runs" / "07_inference" / "07_inference.ipynb").is_file()
+
+
+def test_prevalence_constants_match_targets() -> None:
+    from rsna22_utils.predict import TRAIN_PREVALENCE
+
+    assert list(TRAIN_PREVALENCE) == list(TARGETS)
+    assert all(0 < v < 1 for v in TRAIN_PREVALENCE.values())
+
+
+def test_inference_path_matches_the_training_pipeline(tiny_pipeline: dict) -> None:
+    """Box + crops + study model on a cached train study give what 02_infer_box and embed_studies gave in training."""
+    import torch
+
+    from rsna22_utils.config import load_config
+    from rsna22_utils.models import fit_length
+    from rsna22_utils.predict import MemoryCache, load_ensemble, predict_box, study_probabilities, study_windows
+    from rsna22_utils.stages import Prepared, embed_studies
+
+    work_dir = tiny_pipeline["work_dir"]
+    ensemble = load_ensemble(work_dir, torch.device("cpu"))
+    cache = Prepared(work_dir / "00_prepare").cache()
+    uid = cache.uids[0]
+    slices = cache.slices(uid)
+    box = predict_box(ensemble.box, np.asarray(cache.volume(uid)), slices, torch.device("cpu"), 64)
+    expected = pd.read_csv(work_dir / "02_infer_box" / "study_boxes.csv").set_index("StudyInstanceUID").loc[uid]
+    assert (box["slnum_from"], box["slnum_to"]) == (expected["slnum_from"], expected["slnum_to"])
+    assert np.allclose([box[c] for c in ("x0", "y0", "x1", "y1")], expected[["x0", "y0", "x1", "y1"]].to_numpy(float), atol=1e-3)
+
+    run = ensemble.study[0]
+    images, masks, n_images = study_windows(run, MemoryCache(run.spec, uid, np.asarray(cache.volume(uid)), slices), uid, box)
+    ours = study_probabilities(run, images, masks, n_images, torch.device("cpu"), 4)
+    cfg = load_config(work_dir / "06_train_study" / "fold0-seed0" / "config.json")
+    crops = {uid: tuple(expected[["x0", "y0", "x1", "y1"]])}
+    ranges = {uid: (int(expected["slnum_from"]), int(expected["slnum_to"]))}
+    embedding = embed_studies(run.model.encoder, cache, [uid], cfg, crops, ranges, torch.device("cpu"))[uid]
+    with torch.inference_mode():
+        sequence, mask = fit_length(torch.from_numpy(embedding)[None], torch.ones(1, len(embedding)), cfg.max_len)
+        theirs = torch.sigmoid(run.model.head(sequence, mask))[0].numpy()
+    assert np.allclose(ours, theirs, atol=1e-4), (ours, theirs)
