@@ -140,6 +140,19 @@ def sequence_augmentation(n_images: int) -> A.Compose:
     )
 
 
+def positive_slices(labels: np.ndarray, fraction: float = 0.5, per_column: bool = False) -> np.ndarray:
+    """Slices (rows of `labels`, soft targets) where some column reaches `fraction` of its peak (> 0).
+
+    Soft targets differ in scale (ratios peak at 1, fracture labels at the vertebra model's
+    confidence), so a fixed threshold such as 0.5 can miss every fracture slice; relative to each
+    column's peak it cannot. `per_column=True` gives the (slices, columns) mask instead.
+    """
+    labels = np.asarray(labels, dtype=np.float64)
+    peak = labels.max(axis=0, initial=0.0)
+    mask = (labels >= fraction * peak[None, :]) & (peak[None, :] > 0)
+    return mask if per_column else mask.any(axis=1)
+
+
 def crop_box_in_cache(box: tuple[float, float, float, float], rows: int, cols: int, size: int, margin: float) -> tuple[int, int, int, int]:
     """A study box in original pixels -> integer crop (x0, y0, x1, y1) in cache pixels, `margin` x its size added."""
     x0, y0, x1, y1 = box
@@ -223,7 +236,7 @@ class SequenceDataset(Dataset):
         first, last = self.ranges[uid]
         low, high = first - self.span // 4, max(first, last - self.span + 1 + self.span // 4)
         if self.positive_labels is not None and np.random.random() < self.positive_bias:
-            positive = np.flatnonzero(self.positive_labels[uid][first : last + 1].max(axis=1) > 0.5) + first
+            positive = np.flatnonzero(positive_slices(self.positive_labels[uid][first : last + 1])) + first
             if len(positive):
                 centre = int(np.random.choice(positive))
                 return int(np.clip(centre - np.random.randint(0, self.span), low, high))

@@ -106,10 +106,21 @@ class SequenceModel(nn.Module):
         return {"logits": self.head(self.dropout(sequence))}
 
 
-def sequence_loss(outputs: dict[str, torch.Tensor], batch: dict[str, torch.Tensor]) -> torch.Tensor:
-    """BCE (soft targets) over every image of the sequence that lies inside the study (`mask`)."""
+def sequence_loss(
+    outputs: dict[str, torch.Tensor], batch: dict[str, torch.Tensor], target_weights: torch.Tensor | None = None
+) -> torch.Tensor:
+    """BCE (soft targets) over every image of the sequence that lies inside the study (`mask`).
+
+    `target_weights` (n_targets,) weighs the targets in the per-image mean (default: equal), e.g.
+    to make the rare fracture targets of stage 05 count as much as the vertebra ones.
+    """
     logits, target, mask = outputs["logits"].float(), batch["target"].float(), batch["mask"].float()
-    per_image = F.binary_cross_entropy_with_logits(logits, target, reduction="none").mean(-1)
+    per_target = F.binary_cross_entropy_with_logits(logits, target, reduction="none")
+    if target_weights is None:
+        per_image = per_target.mean(-1)
+    else:
+        weights = target_weights.to(per_target)
+        per_image = (per_target * weights).sum(-1) / weights.sum()
     return (per_image * mask).sum() / mask.sum().clamp(min=1.0)
 
 

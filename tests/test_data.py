@@ -12,7 +12,7 @@ import pytest
 import torch
 
 from rsna22_utils.cache import CacheSpec, StudyCache
-from rsna22_utils.data import SequenceDataset, crop_box_in_cache, sequence_starts, spread_window_predictions
+from rsna22_utils.data import SequenceDataset, crop_box_in_cache, positive_slices, sequence_starts, spread_window_predictions
 
 
 def make_cache(root: Path, lengths: dict[str, int], size: int = 16) -> StudyCache:
@@ -70,6 +70,22 @@ def test_training_windows_are_biased_to_positive_slices(tmp_path: Path) -> None:
     np.random.seed(0)
     hits = [dataset[i]["target"].max().item() > 0.5 or (dataset[i]["start"] <= 254 and dataset[i]["start"] + 12 > 250) for i in range(50)]
     assert np.mean(hits) > 0.9  # uniform windows would hit the 5 positive slices ~6% of the time
+
+
+def test_faint_soft_labels_still_mark_positive_windows(tmp_path: Path) -> None:
+    # fracture labels = vertebra prediction x study label: they may never reach 0.5
+    labels = np.zeros((300, 2), np.float32)
+    labels[100:110, 0] = 0.3
+    labels[105, 0] = 0.35
+    labels[200, 1] = 0.05  # a column whose peak is tiny still marks its own peak
+    mask = positive_slices(labels)
+    assert mask[100:110].all() and mask[200] and mask.sum() == 11
+    assert positive_slices(np.zeros((5, 3))).sum() == 0  # an unfractured study has no positive slice
+    cache = make_cache(tmp_path, {"a": 300})
+    dataset = SequenceDataset(["a"], cache, {"a": labels[:, :1]}, seq_len=4, slices_per_image=3, mode="train", samples_per_study=50, positive_bias=1.0)
+    np.random.seed(0)
+    hits = [dataset[i]["target"].max().item() > 0 for i in range(50)]
+    assert np.mean(hits) > 0.9
 
 
 def test_crop_is_applied_and_resized(tmp_path: Path) -> None:

@@ -314,3 +314,21 @@ def test_build_segmentation_labels(tmp_path):
         half = len(seg) // 2
         assert (c1_numbers.min() > half) if uid == "1.2.20" else (c1_numbers.max() <= half)
         np.testing.assert_array_equal(r["C7"].to_numpy(), vertebra_ratios(seg, uid, numbers)["C7"].to_numpy())
+
+
+def test_fracture_slice_labels_rescale_each_vertebra_to_peak_one() -> None:
+    from rsna22_utils.labels import fracture_slice_labels
+
+    pred = np.zeros((20, 7))
+    pred[2:6, 0] = [0.1, 0.4, 0.2, 0.1]  # C1 peaks at 0.4: rescaled to 1
+    pred[8:12, 1] = [0.2, 0.5, 0.5, 0.1]
+    pred[15, 6] = 0.1  # below the floor: C7 probably not in the scan, left as predicted
+    pred[0, 2] = np.nan  # windows that covered nothing
+    vertebra, fracture = fracture_slice_labels(pred, [1, 0, 0, 0, 0, 0, 1])
+    assert vertebra.shape == fracture.shape == (20, 7) and vertebra.dtype == np.float32
+    assert vertebra[3, 0] == pytest.approx(1.0) and vertebra[2, 0] == pytest.approx(0.25)
+    assert vertebra[:, 1].max() == pytest.approx(1.0)
+    assert vertebra[15, 6] == pytest.approx(0.1) and vertebra[0, 2] == 0.0
+    np.testing.assert_allclose(fracture[:, 0], vertebra[:, 0])  # C1 fractured
+    assert fracture[:, 1].max() == 0.0  # C2 not fractured
+    assert fracture[15, 6] == pytest.approx(0.1)

@@ -33,6 +33,16 @@ def test_sequence_model_gives_one_output_per_image_and_masked_loss() -> None:
     assert torch.allclose(sequence_loss({"logits": logits}, {"target": target, "mask": mask}), sequence_loss({"logits": logits}, {"target": other, "mask": mask}))
 
 
+def test_sequence_loss_target_weights() -> None:
+    logits, mask = torch.zeros(1, 2, 4), torch.ones(1, 2)
+    target = torch.tensor([[[0.0, 0.0, 1.0, 1.0]] * 2])  # log(2) per target either way
+    equal = sequence_loss({"logits": logits}, {"target": target, "mask": mask})
+    assert torch.allclose(equal, torch.tensor(0.6931), atol=1e-4)
+    logits = torch.tensor([[[-9.0, -9.0, 0.0, 0.0]] * 2])  # the first two nearly right, the last two log(2)
+    weighted = sequence_loss({"logits": logits}, {"target": target, "mask": mask}, torch.tensor([1.0, 1.0, 3.0, 3.0]))
+    assert torch.allclose(weighted, torch.tensor(0.6931 * 6 / 8), atol=1e-3)  # (3 + 3) of 8 weight units at log(2)
+
+
 def test_fit_length_interpolates_only_long_sequences() -> None:
     embeddings = torch.arange(10, dtype=torch.float32).view(1, 10, 1).repeat(2, 1, 3)
     mask = torch.ones(2, 10)
