@@ -31,7 +31,8 @@ from torch.utils.data import DataLoader, Dataset
 from tqdm.auto import tqdm
 
 from rsna22_utils.cache import CacheSpec, StudyCache
-from rsna22_utils.data import BOX_COLUMNS, BoxSliceDataset, CacheSource, SequenceDataset, spread_window_predictions
+from rsna22_utils.data import BOX_COLUMNS, BoxSliceDataset, CacheSource, SequenceDataset, positive_slices, spread_window_predictions
+from rsna22_utils.labels import fracture_slice_labels
 
 logger = logging.getLogger(__name__)
 
@@ -343,13 +344,14 @@ def build_sequence_model(cfg: Any) -> nn.Module:
 class SequenceTask:
     """Sequence models: masked BCE per image; predictions per image of each validation window."""
 
-    def __init__(self, dataset: SequenceDataset, names: list[str]) -> None:
+    def __init__(self, dataset: SequenceDataset, names: list[str], fracture_loss_weight: float = 1.0) -> None:
         self.dataset, self.names = dataset, names
+        self.target_weights = torch.tensor([fracture_loss_weight if n.endswith("_frac") else 1.0 for n in names])
 
     def loss(self, model: nn.Module, batch: dict) -> torch.Tensor:
         from rsna22_utils.models import sequence_loss
 
-        return sequence_loss(model(batch), batch)
+        return sequence_loss(model(batch), batch, self.target_weights)
 
     def predict(self, model: nn.Module, batch: dict) -> pd.DataFrame:
         probs = torch.sigmoid(model(batch)["logits"].float()).cpu().numpy()
@@ -373,13 +375,18 @@ class SequenceTask:
         true = predictions[[f"{n}_true" for n in self.names]].to_numpy()
         bce = -(true * np.log(pred) + (1 - true) * np.log(1 - pred)).mean()
         metrics = {"valid_bce": float(bce)}
-        aucs = []
+        # soft targets: an image counts as positive where its target reaches half the column's peak
+        positive = positive_slices(true, per_column=True)
+        aucs = {}
         for i, name in enumerate(self.names):
-            positive = true[:, i] > 0.5
-            if 0 < positive.sum() < len(positive):
-                aucs.append(roc_auc_score(positive, pred[:, i]))
-        if aucs:
-            metrics["mean_auc"] = float(np.mean(aucs))
+            if 0 < positive[:, i].sum() < len(positive):
+                aucs[name] = float(roc_auc_score(positive[:, i], pred[:, i]))
+        vertebra = [v for k, v in aucs.items() if not k.endswith("_frac")]
+        fracture = [v for k, v in aucs.items() if k.endswith("_frac")]
+        if vertebra:
+            metrics["mean_auc"] = float(np.mean(vertebra))
+        if fracture:
+            metrics["fracture_auc"] = float(np.mean(fracture))
         return metrics
 
 
@@ -447,7 +454,7 @@ def train_fracture(cfg: Any) -> dict:
     train, valid = _sequence_datasets(cfg, labels, folds, cache, crops if cfg.crop_by_box else None)
     names = [f"{v}" for v in VERTEBRAE] + [f"{v}_frac" for v in VERTEBRAE]
     logger.info("fracture model fold %d: %d training / %d validation studies", cfg.fold, len(train.uids), len(valid.uids))
-    return _fit(build_sequence_model(cfg), SequenceTask(valid, names), train, valid, cfg)
+    return _fit(build_sequence_model(cfg), SequenceTask(valid, names, cfg.fracture_loss_weight), train, valid, cfg)
 
 
 def predict_sequences(
@@ -469,8 +476,9 @@ def predict_sequences(
 def infer_vertebra(cfg: Any) -> dict:
     """04_infer_vertebra: per-slice C1..C7 for every train study (mean over vertebra models and windows).
 
-    Multiplied by the study's fracture labels they become approximate per-slice fracture labels
-    `C1_frac..C7_frac` (the 3rd place's trick to train a slice model without slice labels).
+    Rescaled to peak at 1 per study (as the ratio labels do) and multiplied by the study's fracture
+    labels they become approximate per-slice fracture labels `C1_frac..C7_frac` (the 3rd place's
+    trick to train a slice model without slice labels); see `labels.fracture_slice_labels`.
     Writes `slice_labels.parquet` (StudyInstanceUID, slice_index, C*_pred, C*_frac).
     """
     prepared, cache = _open_cache(cfg)
@@ -485,10 +493,10 @@ def infer_vertebra(cfg: Any) -> dict:
     study_labels = folds.set_index("StudyInstanceUID")[VERTEBRAE]
     frames = []
     for uid in uids:
-        pred = np.nan_to_num(per_slice[uid], nan=0.0)
-        frame = pd.DataFrame(pred, columns=[f"{v}_pred" for v in VERTEBRAE])
-        frame[[f"{v}_frac" for v in VERTEBRAE]] = pred * study_labels.loc[uid].to_numpy(float)[None, :]
-        frame.insert(0, "slice_index", np.arange(len(pred)))
+        vertebra, fracture = fracture_slice_labels(per_slice[uid], study_labels.loc[uid].to_numpy(float))
+        frame = pd.DataFrame(vertebra, columns=[f"{v}_pred" for v in VERTEBRAE])
+        frame[[f"{v}_frac" for v in VERTEBRAE]] = fracture
+        frame.insert(0, "slice_index", np.arange(len(vertebra)))
         frame.insert(0, "StudyInstanceUID", uid)
         frames.append(frame)
     table = pd.concat(frames, ignore_index=True)
@@ -600,6 +608,10 @@ def embed_studies(
     return embeddings
 
 
+# Stage-05 settings a stage-06 run copies into its own config (the frozen CNN and how it sees images).
+STUDY_SETTINGS_FROM_FRACTURE_RUN = ("backbone", "seq_len", "slices_per_image", "crop_by_box", "crop_margin", "crop_size")
+
+
 def train_study(cfg: Any) -> dict:
     """06_train_study: stage-05 CNN frozen, a new BiLSTM + attention + max pooling head, metric as loss."""
     from rsna22_utils.models import StudyHead, StudyModel
@@ -610,8 +622,9 @@ def train_study(cfg: Any) -> dict:
     sequence_model, fracture_cfg = _load_run(fracture_run, build_sequence_model, device)
     if int(fracture_cfg.fold) != int(cfg.fold):
         raise ValueError(f"{fracture_run}: trained for fold {fracture_cfg.fold}, not fold {cfg.fold}: its CNN has seen this fold")
-    for name in ("seq_len", "slices_per_image", "crop_by_box", "crop_margin", "crop_size"):
-        setattr(cfg, name, getattr(fracture_cfg, name))  # the study model sees images exactly as stage 05 did
+    # the study model sees images exactly as stage 05 did, and its config.json alone rebuilds it (07_inference)
+    for name in STUDY_SETTINGS_FROM_FRACTURE_RUN:
+        setattr(cfg, name, getattr(fracture_cfg, name))
 
     folds = prepared.read("folds")
     crops, ranges = _box_crops(cfg)

@@ -1,0 +1,45 @@
+"""The demo's report on the tiny pipeline: metric vs prior, box quality, submission score, QC figures."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import pandas as pd
+import pytest
+
+from rsna22_utils.config import resolve_config
+from rsna22_utils.demo import DEMO_FOLDS, DEMO_PROFILE, write_report
+from rsna22_utils.metric import TARGETS
+from rsna22_utils.predict import predict_submission
+from rsna22_utils.stages import STAGE_FUNCTIONS
+
+
+def test_demo_profile_covers_every_stage_with_valid_settings() -> None:
+    assert list(DEMO_PROFILE) == [*STAGE_FUNCTIONS, "07_inference"] and set(DEMO_FOLDS) == set(DEMO_PROFILE)
+    for stage, overrides in DEMO_PROFILE.items():
+        resolve_config(stage, overrides)  # raises on a misspelt or invalid setting
+
+
+def test_report_scores_oof_and_submission_and_writes_figures(tiny_pipeline: dict, tmp_path: Path) -> None:
+    data_dir, work_dir = tiny_pipeline["data_dir"], tmp_path / "runs"
+    shutil.copytree(tiny_pipeline["work_dir"], work_dir)
+    out = work_dir / "07_inference" / "submission.csv"
+    predict_submission(resolve_config("07_inference", {
+        "data_dir": str(data_dir), "weights_dir": str(work_dir), "out": str(out), "work_dir": str(out.parent), "device": "cpu", "num_workers": 0,
+    }))
+    report = write_report(tmp_path, data_dir, work_dir)
+
+    oof = pd.concat(pd.read_parquet(p) for p in work_dir.glob("06_train_study/fold*-seed*/oof.parquet"))
+    assert 0 < report["cv_metric"] < 5 and 0 < report["prior_metric"] < 5
+    assert report["ratio"] == pytest.approx(report["cv_metric"] / report["prior_metric"])
+    assert set(report["auc"]) <= set(TARGETS) and oof["StudyInstanceUID"].nunique() >= 2
+    test_labels = pd.read_csv(data_dir / "_synthetic" / "test_labels.csv")
+    assert report["test"]["studies"] == len(test_labels) and 0 < report["test"]["metric"] < 5
+    for name in ("roc", "loss_curves", "iou_histogram", "study_animation"):
+        path = Path(report["figures"][name])
+        assert path.parent == tmp_path / "report" and path.stat().st_size > 1000, name
+    text = (tmp_path / "report" / "report.md").read_text()
+    assert f"{report['cv_metric']:.4f}" in text and "07_inference" in text
+    json.dumps(report, default=str)  # summary.json material
