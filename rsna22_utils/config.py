@@ -183,6 +183,10 @@ class SequenceConfig(RunConfig):
     lstm_hidden: int = 256
     positive_window_bias: float = 0.5  # probability that a training window holds a positive slice
     fracture_loss_weight: float = 1.0  # 05: weight of the 7 fracture targets vs the 7 vertebra targets (rare, faint)
+    # 05: start the CNN from a stage-03 run's CNN ("" = from `pretrained`); "vertebra" = the
+    # 03_train_vertebra run of the same fold and seed, else a run folder. Without ImageNet weights
+    # (offline, CPU demo) a CNN that already knows the anatomy learns the breaks much sooner.
+    init_encoder_from: str = ""
     infer_stride: int = 48  # slices between consecutive inference windows (overlaps are averaged)
     infer_batch_size: int = 4  # windows per inference batch
 

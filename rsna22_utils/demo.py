@@ -29,14 +29,14 @@ DEMO_PROFILE: dict[str, dict[str, Any]] = {
     "01_train_box": {"backbone": "mobilenetv3_small_050", "epochs": 4, "batch_size": 32, "lr": 2e-3, "max_steps_per_epoch": 40},
     "02_infer_box": {"backbone": "mobilenetv3_small_050"},
     "03_train_vertebra": {
-        "backbone": "mobilenetv3_small_050", "epochs": 6, "batch_size": 4, "lr": 2e-3, "lstm_hidden": 64, "samples_per_study": 4,
+        "backbone": "mobilenetv3_small_050", "epochs": 10, "batch_size": 4, "lr": 2e-3, "lstm_hidden": 64, "samples_per_study": 4,
     },
     "04_infer_vertebra": {"backbone": "mobilenetv3_small_050", "lstm_hidden": 64},
     "05_train_fracture": {
         "backbone": "mobilenetv3_small_050", "epochs": 8, "batch_size": 4, "lr": 2e-3, "lstm_hidden": 64, "samples_per_study": 3,
-        "crop_size": 64, "positive_window_bias": 0.6,
+        "crop_size": 64, "positive_window_bias": 0.8, "fracture_loss_weight": 2.0,
     },
-    "06_train_study": {"epochs": 40, "batch_size": 8, "lr": 2e-3, "lstm_hidden": 64, "dropout": 0.3},
+    "06_train_study": {"epochs": 15, "batch_size": 8, "lr": 1e-3, "lstm_hidden": 64, "dropout": 0.3},
     "07_inference": {"time_budget_hours": 0.5},
 }
 # Which folds each per-fold stage trains in the demo: the box and vertebra models only feed later

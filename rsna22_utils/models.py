@@ -138,6 +138,13 @@ class StudyHead(nn.Module):
         self.dropout = nn.Dropout(dropout)
         self.head = nn.Linear(4 * lstm_hidden, n_outputs)
 
+    def start_from_prior(self, prevalence: torch.Tensor) -> None:
+        """Output biases = logit(train prevalence): the untrained head predicts the prior baseline,
+        so training starts from the prior's metric instead of from 0.5 everywhere."""
+        p = prevalence.float().clamp(1e-3, 1 - 1e-3)
+        with torch.no_grad():
+            self.head.bias.copy_(torch.log(p / (1 - p)))
+
     def forward(self, embeddings: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
         sequence, _ = self.lstm(embeddings)
         valid = mask.bool().unsqueeze(-1)

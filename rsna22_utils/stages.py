@@ -454,7 +454,25 @@ def train_fracture(cfg: Any) -> dict:
     train, valid = _sequence_datasets(cfg, labels, folds, cache, crops if cfg.crop_by_box else None)
     names = [f"{v}" for v in VERTEBRAE] + [f"{v}_frac" for v in VERTEBRAE]
     logger.info("fracture model fold %d: %d training / %d validation studies", cfg.fold, len(train.uids), len(valid.uids))
-    return _fit(build_sequence_model(cfg), SequenceTask(valid, names, cfg.fracture_loss_weight), train, valid, cfg)
+    model = build_sequence_model(cfg)
+    if cfg.init_encoder_from:
+        _init_encoder(model, cfg)
+    return _fit(model, SequenceTask(valid, names, cfg.fracture_loss_weight), train, valid, cfg)
+
+
+def _init_encoder(model: nn.Module, cfg: Any) -> None:
+    """Copy the CNN weights of a stage-03 run (`init_encoder_from`) into `model.encoder`."""
+    run = Path(cfg.init_encoder_from)
+    if cfg.init_encoder_from == "vertebra":
+        run = Path(cfg.work_dir) / "03_train_vertebra" / f"fold{cfg.fold}-seed{cfg.seed}"
+    source, source_cfg = _load_run(run, build_sequence_model, torch.device("cpu"))
+    if source_cfg.backbone != cfg.backbone or source_cfg.slices_per_image != cfg.slices_per_image:
+        raise ValueError(
+            f"{run}: its CNN is {source_cfg.backbone} on {source_cfg.slices_per_image} slices per image, "
+            f"this run's is {cfg.backbone} on {cfg.slices_per_image}: init_encoder_from needs the same"
+        )
+    model.encoder.load_state_dict(source.encoder.state_dict())
+    logger.info("fracture model CNN initialised from %s", run)
 
 
 def predict_sequences(
@@ -638,6 +656,7 @@ def train_study(cfg: Any) -> dict:
     train = StudyEmbeddings(train_uids, embeddings, folds, cfg.max_len)
     valid = StudyEmbeddings(valid_uids, embeddings, folds, cfg.max_len)
     head = StudyHead(sequence_model.embedding_size, lstm_hidden=cfg.lstm_hidden, dropout=cfg.dropout)
+    head.start_from_prior(torch.from_numpy(train.targets.mean(axis=0)))
     model = StudyModel(sequence_model.encoder.cpu(), head, max_len=cfg.max_len)
     logger.info("study model fold %d: %d training / %d validation studies", cfg.fold, len(train), len(valid))
     return _fit(model, StudyTask(valid, folds), train, valid, cfg, collate_fn=pad_collate)

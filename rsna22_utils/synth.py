@@ -579,7 +579,7 @@ def _break(cv: _Canvas, fracture: Fracture, part: tuple, i: int, s: float) -> np
     # a small CNN can learn from a few dozen examples, at 96 px as at 512 px (widths never below ~1 px).
     distance = cv.bar(px - dx, py - dy, px + dx, py + dy)
     bone = cv.label == fracture.label
-    width = max(1.4, 1.2 * s)
+    width = max(2.0, 1.6 * s)
     gap = (distance < width) & bone
     edge = (distance < width + max(1.0, 0.8 * s)) & bone & ~gap
     cv.hu[edge] = np.maximum(cv.hu[edge], HU_CORTEX)

@@ -43,3 +43,24 @@ def test_report_scores_oof_and_submission_and_writes_figures(tiny_pipeline: dict
     text = (tmp_path / "report" / "report.md").read_text()
     assert f"{report['cv_metric']:.4f}" in text and "07_inference" in text
     json.dumps(report, default=str)  # summary.json material
+
+
+def test_fracture_cnn_can_start_from_the_vertebra_cnn(tiny_pipeline: dict) -> None:
+    import torch
+
+    from conftest import TINY_COMMON, TINY_STAGES
+    from rsna22_utils.stages import _init_encoder, _load_run, build_sequence_model
+
+    work_dir = tiny_pipeline["work_dir"]
+    cfg = resolve_config("05_train_fracture", {
+        **TINY_COMMON, **TINY_STAGES["05_train_fracture"], "work_dir": str(work_dir), "fold": 0, "seed": 0, "init_encoder_from": "vertebra",
+    })
+    model = build_sequence_model(cfg)
+    _init_encoder(model, cfg)
+    source, _ = _load_run(work_dir / "03_train_vertebra" / "fold0-seed0", build_sequence_model, torch.device("cpu"))
+    for (name, value), other in zip(model.encoder.state_dict().items(), source.encoder.state_dict().values()):
+        assert torch.equal(value, other), name
+    assert model.head.out_features == 14  # only the CNN is copied; the 14-target head is new
+    cfg.backbone = "resnet10t"
+    with pytest.raises(ValueError, match="init_encoder_from needs the same"):
+        _init_encoder(build_sequence_model(cfg), cfg)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import pytest
 import torch
+from torch import nn
 
 from rsna22_utils.models import BoxModel, feature_size, SequenceModel, StudyHead, StudyModel, box_loss, create_backbone, fit_length, sequence_loss
 
@@ -77,3 +78,12 @@ def test_study_model_freezes_the_cnn_and_ignores_padding() -> None:
 def test_offline_pretrained_path_must_exist(tmp_path) -> None:
     with pytest.raises(FileNotFoundError, match="no such weights file"):
         create_backbone(BACKBONE, in_chans=1, pretrained_path=tmp_path / "missing.safetensors")
+
+
+def test_study_head_starts_from_the_prior() -> None:
+    head = StudyHead(12, lstm_hidden=8)
+    prevalence = torch.tensor([0.48, 0.07, 0.14, 0.04, 0.05, 0.08, 0.14, 0.2])
+    head.start_from_prior(prevalence)
+    nn.init.zeros_(head.head.weight)  # isolate the bias: any input then gives exactly the prior
+    probs = torch.sigmoid(head(torch.randn(3, 10, 12), torch.ones(3, 10)))
+    assert torch.allclose(probs, prevalence.expand(3, 8), atol=1e-6)
