@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import os
 import sys
 from pathlib import Path
 
@@ -86,7 +87,8 @@ def _train(args: argparse.Namespace) -> int:
     cfg = resolve_config(args.stage, parse_overrides(args.params))
     metrics = run_stage_function(args.stage, cfg)
     summary = {k: v for k, v in metrics.items() if isinstance(v, (int, float, str))}
-    logging.getLogger("rsna22_utils").info("%s done (%s): %s", args.stage, cfg.out_dir, json.dumps(summary, default=str))
+    if int(os.environ.get("RANK", "0")) == 0:  # under torchrun every rank gets here; one line is enough
+        logging.getLogger("rsna22_utils").info("%s done (%s): %s", args.stage, cfg.out_dir, json.dumps(summary, default=str))
     return 0
 
 
