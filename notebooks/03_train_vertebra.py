@@ -31,9 +31,11 @@ except ImportError:  # on Kaggle: the utils dataset
     sys.path.insert(0, "/kaggle/input/rsna22-utils")
 from IPython.display import Image, display
 
-from rsna22_utils import qc
+from rsna22_utils import qc, setup_logging
 from rsna22_utils.config import resolve_config
 from rsna22_utils.stages import run_stage_function
+
+setup_logging()
 
 # %%
 cfg = resolve_config("03_train_vertebra", {**overrides, "fold": fold, "seed": seed})

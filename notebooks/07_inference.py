@@ -37,12 +37,11 @@ try:
     import rsna22_utils  # noqa: F401  (a clone: ./kit and the runner put the repo on the path)
 except ImportError:  # on Kaggle: the utils dataset
     sys.path.insert(0, "/kaggle/input/rsna22-utils")
-import logging
-
-logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s", datefmt="%H:%M:%S", force=True)
-
+from rsna22_utils import setup_logging
 from rsna22_utils.config import resolve_config
 from rsna22_utils.predict import predict_submission
+
+setup_logging()
 
 # %%
 cfg = resolve_config("07_inference", overrides)

@@ -49,6 +49,10 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--studies", type=int, default=60)
     p.add_argument("--image-size", type=int, default=96)
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument(
+        "-p", "--param", dest="params", action="append", default=[], metavar="[STAGE:]KEY=VALUE",
+        help="change the demo profile: KEY=VALUE for every stage that has KEY, STAGE:KEY=VALUE for one (repeatable)",
+    )
 
     p = sub.add_parser("train", help="run one stage with a config (torchrun-compatible): train STAGE -p key=value ...")
     p.add_argument("stage", help="stage name, e.g. 01_train_box (also the infer stages and 00_prepare)")
@@ -93,12 +97,10 @@ def _train(args: argparse.Namespace) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
+    from rsna22_utils import setup_logging
+
     args = _parser().parse_args(argv)
-    logging.basicConfig(
-        level=logging.DEBUG if args.verbose else logging.INFO,
-        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
-        datefmt="%H:%M:%S",
-    )
+    setup_logging(args.verbose)
     if getattr(args, "func", None) is not None:
         return int(args.func(args) or 0)
     if args.command == "synth":
@@ -140,9 +142,10 @@ def main(argv: list[str] | None = None) -> int:
         bench_inference(args.data_dir, args.weights, n_studies=args.studies)
         return 0
     if args.command == "demo":
-        from rsna22_utils.demo import run_demo
+        from rsna22_utils.demo import parse_demo_overrides, run_demo
 
-        run_demo(args.out, n_studies=args.studies, image_size=args.image_size, seed=args.seed)
+        overrides = parse_demo_overrides(args.params)
+        run_demo(args.out, n_studies=args.studies, image_size=args.image_size, seed=args.seed, overrides=overrides)
         return 0
     raise AssertionError(args.command)
 

@@ -701,11 +701,9 @@ def main(argv: list[str] | None = None) -> int:
     if not argv or argv[0] != "kaggle":
         argv = [a for a in argv if a in ("-v", "--verbose")] + ["kaggle"] + [a for a in argv if a not in ("-v", "--verbose")]
     args = parser.parse_args(argv)
-    logging.basicConfig(
-        level=logging.DEBUG if args.verbose else logging.INFO,
-        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
-        datefmt="%H:%M:%S",
-    )
+    from rsna22_utils import setup_logging  # stdlib only
+
+    setup_logging(args.verbose)
     return int(args.func(args) or 0)
 
 

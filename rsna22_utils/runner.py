@@ -268,10 +268,12 @@ def _label(spec: _RunSpec) -> str:
     return spec.stage if spec.fold is None else f"{spec.stage} fold {spec.fold} seed {spec.seed}"
 
 
-def _execute_notebook(
-    spec: _RunSpec, source: Path, kernel_name: str, timeout: float | None, progress_bar: bool = True
-) -> RunResult:
-    """Run one notebook with papermill; never raises, the failure is in the result."""
+def _execute_notebook(spec: _RunSpec, source: Path, kernel_name: str, timeout: float | None) -> RunResult:
+    """Run one notebook with papermill; never raises, the failure is in the result.
+
+    The kernel's stdout / stderr (its logs and progress bars) stream straight to ours, as if the
+    stage ran here; the executed notebook keeps them too.
+    """
     import papermill
 
     device = os.environ.get("CUDA_VISIBLE_DEVICES")
@@ -290,8 +292,9 @@ def _execute_notebook(
                 parameters=spec.parameters,
                 kernel_name=kernel_name,
                 cwd=str(REPO_ROOT),
-                log_output=True,
-                progress_bar=progress_bar,
+                progress_bar=False,
+                stdout_file=sys.stdout,
+                stderr_file=sys.stderr,
                 execution_timeout=timeout,
             )
     except Exception as error:  # any failure of one run must not stop the others
@@ -349,7 +352,7 @@ def _child_main(request_path: str) -> int:
     spec = _RunSpec(
         request["stage"], request["fold"], request["seed"], Path(request["out_dir"]), request["parameters"], request["overrides"]
     )
-    result = _execute_notebook(spec, Path(request["source"]), request["kernel_name"], request["timeout"], progress_bar=False)
+    result = _execute_notebook(spec, Path(request["source"]), request["kernel_name"], request["timeout"])
     Path(request["result_path"]).write_text(json.dumps(asdict(result)))
     return 0
 

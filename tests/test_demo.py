@@ -9,8 +9,8 @@ from pathlib import Path
 import pandas as pd
 import pytest
 
-from rsna22_utils.config import resolve_config
-from rsna22_utils.demo import DEMO_FOLDS, DEMO_PROFILE, write_report
+from rsna22_utils.config import ConfigError, resolve_config
+from rsna22_utils.demo import DEMO_FOLDS, DEMO_PROFILE, demo_overrides, parse_demo_overrides, write_report
 from rsna22_utils.metric import TARGETS
 from rsna22_utils.predict import predict_submission
 from rsna22_utils.stages import STAGE_FUNCTIONS
@@ -18,8 +18,23 @@ from rsna22_utils.stages import STAGE_FUNCTIONS
 
 def test_demo_profile_covers_every_stage_with_valid_settings() -> None:
     assert list(DEMO_PROFILE) == [*STAGE_FUNCTIONS, "07_inference"] and set(DEMO_FOLDS) == set(DEMO_PROFILE)
-    for stage, overrides in DEMO_PROFILE.items():
-        resolve_config(stage, overrides)  # raises on a misspelt or invalid setting
+    for stage in DEMO_PROFILE:
+        resolve_config(stage, demo_overrides(stage, COMMON))  # raises on a misspelt or invalid setting
+    assert demo_overrides("05_train_fracture", COMMON)["init_encoder_from"] == "w/03_train_vertebra/fold0-seed0"
+
+
+COMMON = {"data_dir": "d", "work_dir": "w", "prepared_dir": "w/00_prepare", "seed": 0}
+
+
+def test_demo_overrides_for_every_stage_or_one() -> None:
+    extra = parse_demo_overrides(["n_folds=5", "05_train_fracture:epochs=24"])
+    assert extra == {"*": {"n_folds": 5}, "05_train_fracture": {"epochs": 24}}
+    fracture, vertebra = demo_overrides("05_train_fracture", COMMON, extra), demo_overrides("03_train_vertebra", COMMON, extra)
+    assert (fracture["epochs"], fracture["n_folds"]) == (24, 5)
+    assert (vertebra["epochs"], vertebra["n_folds"]) == (DEMO_PROFILE["03_train_vertebra"]["epochs"], 5)
+    for bad in ("05_train_fractur:epochs=1", "05_train_fracture:epoch=1", "epoch=1"):
+        with pytest.raises(ConfigError, match="epoch"):
+            parse_demo_overrides([bad])
 
 
 def test_report_scores_oof_and_submission_and_writes_figures(tiny_pipeline: dict, tmp_path: Path) -> None:
