@@ -283,8 +283,8 @@ def field_types(cls: type[RunConfig]) -> dict[str, Any]:
     return {f.name: hints[f.name] for f in dataclasses.fields(cls)}
 
 
-def _parse_scalar(text: str) -> Any:
-    """'3' -> 3, '1e-3' -> 0.001, 'true'/'True' -> True, '[[400,1800]]' -> list, otherwise the string."""
+def parse_value(text: str) -> Any:
+    """One `-p key=VALUE` value: '3' -> 3, '1e-3' -> 0.001, 'true'/'True' -> True, '[[400,1800]]' -> list, otherwise the string."""
     text = text.strip()
     try:
         return json.loads(text)
@@ -307,7 +307,7 @@ def parse_overrides(items: list[str] | tuple[str, ...] | None) -> dict[str, Any]
         key = key.strip()
         if not sep or not key:
             raise ConfigError(f"override {item!r} is not of the form key=value (e.g. -p epochs=3)")
-        out[key] = _parse_scalar(value)
+        out[key] = parse_value(value)
     return out
 
 
@@ -316,7 +316,7 @@ def _coerce(value: Any, tp: Any, key: str) -> Any:
     origin = typing.get_origin(tp)
     bad = ConfigError(f"config key {key!r}: cannot convert {value!r} ({type(value).__name__}) to {getattr(tp, '__name__', tp)}")
     if isinstance(value, str) and (origin is list or tp in (int, float, bool)):
-        value = _parse_scalar(value)
+        value = parse_value(value)
     if tp is bool:
         if isinstance(value, bool):
             return value

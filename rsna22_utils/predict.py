@@ -123,7 +123,7 @@ def _runs(weights_dir: Path, stage: str) -> list[Path]:
 def load_box_models(weights_dir: str | Path, device: torch.device) -> BoxEnsemble:
     """All `01_train_box` runs of the weights folder (they must share one image size and window set)."""
     from rsna22_utils.config import load_config
-    from rsna22_utils.stages import build_box_model
+    from rsna22_utils.models import create_model
     from rsna22_utils.train import load_weights
 
     models, spec, first = [], None, None
@@ -132,7 +132,7 @@ def load_box_models(weights_dir: str | Path, device: torch.device) -> BoxEnsembl
         if spec is not None and _spec(cfg) != spec:
             raise ValueError(f"{run}: box model trained on {_spec(cfg).name}, the others on {spec.name}")
         spec, first = _spec(cfg), first or cfg
-        model = build_box_model(cfg)
+        model = create_model(cfg)
         load_weights(model, run / "model.safetensors")
         models.append(model.to(device).eval())
     return BoxEnsemble(models, spec, float(first.has_box_threshold), int(first.box_smooth))
@@ -141,8 +141,8 @@ def load_box_models(weights_dir: str | Path, device: torch.device) -> BoxEnsembl
 def load_study_models(weights_dir: str | Path, device: torch.device) -> list[StudyRun]:
     """All `06_train_study` runs: the stage-05 CNN architecture + StudyHead, weights from model.safetensors."""
     from rsna22_utils.config import load_config, resolve_config
-    from rsna22_utils.models import StudyHead, StudyModel
-    from rsna22_utils.stages import STUDY_SETTINGS_FROM_FRACTURE_RUN, build_sequence_model
+    from rsna22_utils.models import StudyHead, StudyModel, create_model
+    from rsna22_utils.stages import STUDY_SETTINGS_FROM_FRACTURE_RUN
     from rsna22_utils.train import load_weights
 
     weights_dir = Path(weights_dir)
@@ -153,7 +153,7 @@ def load_study_models(weights_dir: str | Path, device: torch.device) -> list[Stu
         settings = {k: getattr(cfg, k) for k in ("windows", "image_size", "pretrained", "pretrained_path", *STUDY_SETTINGS_FROM_FRACTURE_RUN)}
         settings["infer_stride"] = cfg.seq_len * cfg.slices_per_image  # unused here; valid for any seq_len
         fracture_cfg = resolve_config("05_train_fracture", settings)
-        sequence_model = build_sequence_model(fracture_cfg)
+        sequence_model = create_model(fracture_cfg)
         head = StudyHead(sequence_model.embedding_size, lstm_hidden=cfg.lstm_hidden, dropout=cfg.dropout)
         model = StudyModel(sequence_model.encoder, head, max_len=cfg.max_len)
         load_weights(model, run / "model.safetensors")

@@ -20,7 +20,6 @@ Command line: `python -m rsna22_utils run STAGE --folds 0 1 2 3 --seeds 0 -p epo
 from __future__ import annotations
 
 import argparse
-import ast
 import contextlib
 import hashlib
 import json
@@ -33,6 +32,8 @@ from dataclasses import asdict, dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any, Iterator, Sequence
+
+from rsna22_utils.config import parse_overrides, parse_value  # noqa: F401  (parse_overrides: part of this module's API)
 
 logger = logging.getLogger(__name__)
 
@@ -92,42 +93,11 @@ class _RunSpec:
 # ----------------------------------------------------------------------------------- helpers
 
 
-def _parse_value(text: str) -> Any:
-    """A -p value: JSON (1, 0.5, true, [1, 2], "x"), a Python literal (True, None, (1, 2)), else the string."""
-    try:
-        return json.loads(text)
-    except ValueError:
-        pass
-    try:
-        value = ast.literal_eval(text)
-    except (ValueError, SyntaxError, TypeError, MemoryError, RecursionError):
-        return text
-    return list(value) if isinstance(value, tuple) else value
-
-
-def parse_overrides(items: Sequence[str] | None) -> dict[str, Any]:
-    """`["lr=1e-3", "backbone=resnet18"]` -> dict; uses `rsna22_utils.config.parse_overrides` when it exists."""
-    items = list(items or [])
-    try:
-        from rsna22_utils.config import parse_overrides as config_parse
-    except ImportError:
-        config_parse = None
-    if config_parse is not None:
-        return dict(config_parse(items))
-    out = {}
-    for item in items:
-        key, sep, value = item.partition("=")
-        if not sep or not key.strip():
-            raise ValueError(f"override {item!r}: expected key=value (e.g. -p epochs=10)")
-        out[key.strip()] = _parse_value(value)
-    return out
-
-
 def _format_value(value: Any) -> str:
     """A value as a `-p key=VALUE` string that parses back to the same value."""
     if isinstance(value, Path):
         value = str(value)
-    if isinstance(value, str) and value == value.strip() and _parse_value(value) == value:
+    if isinstance(value, str) and value == value.strip() and parse_value(value) == value:
         return value
     return json.dumps(value)
 

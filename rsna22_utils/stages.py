@@ -33,6 +33,7 @@ from tqdm.auto import tqdm
 from rsna22_utils.cache import CacheSpec, StudyCache
 from rsna22_utils.data import BOX_COLUMNS, BoxSliceDataset, CacheSource, SequenceDataset, positive_slices, spread_window_predictions
 from rsna22_utils.labels import fracture_slice_labels
+from rsna22_utils.models import create_model
 
 logger = logging.getLogger(__name__)
 
@@ -161,23 +162,18 @@ def completed_runs(work_dir: str | Path, stage: str) -> list[Path]:
     return runs
 
 
-def _load_run(run_dir: Path, build: Callable[[Any], nn.Module], device: torch.device) -> tuple[nn.Module, Any]:
+def _load_run(run_dir: Path, device: torch.device) -> tuple[nn.Module, Any]:
+    """A finished run's network (rebuilt from its config.json) with its weights, in eval mode."""
     from rsna22_utils.config import load_config
     from rsna22_utils.train import load_weights
 
     run_cfg = load_config(run_dir / "config.json")
-    model = build(run_cfg)
+    model = create_model(run_cfg)
     load_weights(model, run_dir / "model.safetensors")
     return model.to(device).eval(), run_cfg
 
 
 # --------------------------------------------------------------------------- 01/02 box
-
-
-def build_box_model(cfg: Any) -> nn.Module:
-    from rsna22_utils.models import BoxModel
-
-    return BoxModel(cfg.backbone, in_chans=len(cfg.windows), pretrained=cfg.pretrained, pretrained_path=cfg.pretrained_path or None)
 
 
 def _box_table(prepared: Prepared, cache: StudyCache) -> pd.DataFrame:
@@ -238,7 +234,7 @@ def train_box(cfg: Any) -> dict:
     train, valid = _split(_box_table(prepared, cache), cfg.fold)
     logger.info("box model fold %d: %d training slices, %d validation slices", cfg.fold, len(train), len(valid))
     source = CacheSource(cache)
-    model = build_box_model(cfg)
+    model = create_model(cfg)
     return _fit(model, BoxTask(valid, cfg.box_weight), BoxSliceDataset(train, source, augment=True), BoxSliceDataset(valid, source), cfg)
 
 
@@ -249,7 +245,7 @@ def box_examples(cfg: Any, n: int = 8) -> tuple[list[np.ndarray], np.ndarray, np
     rows = valid[valid["has_box"] > 0.5]
     rows = rows.iloc[np.linspace(0, len(rows) - 1, min(n, len(rows))).astype(int)].reset_index(drop=True)
     dataset = BoxSliceDataset(rows, CacheSource(cache))
-    model, _ = _load_run(Path(cfg.out_dir), build_box_model, torch.device("cpu"))
+    model, _ = _load_run(Path(cfg.out_dir), torch.device("cpu"))
     items = [dataset[i] for i in range(len(rows))]
     with torch.inference_mode():
         predicted = model({"image": torch.stack([item["image"] for item in items])})["box"].numpy()
@@ -281,7 +277,7 @@ def infer_box(cfg: Any) -> dict:
     runs = completed_runs(cfg.work_dir, "01_train_box")
     p_sum, box_sum = np.zeros(len(table)), np.zeros((len(table), 4))
     for run in runs:
-        model, _ = _load_run(run, build_box_model, device)
+        model, _ = _load_run(run, device)
         with torch.inference_mode():
             for batch in tqdm(loader, desc=f"box {run.name}", unit="batch"):
                 index = batch["index"].numpy()
@@ -325,20 +321,6 @@ def read_study_boxes(work_dir: str | Path) -> pd.DataFrame:
 
 
 # --------------------------------------------------------------------------- 03/04/05 sequences
-
-
-def build_sequence_model(cfg: Any) -> nn.Module:
-    from rsna22_utils.models import SequenceModel
-
-    n_outputs = 7 if cfg.task == "vertebra" else 14
-    return SequenceModel(
-        cfg.backbone,
-        in_chans=cfg.slices_per_image * len(cfg.windows),
-        n_outputs=n_outputs,
-        lstm_hidden=cfg.lstm_hidden,
-        pretrained=cfg.pretrained,
-        pretrained_path=cfg.pretrained_path or None,
-    )
 
 
 class SequenceTask:
@@ -443,7 +425,7 @@ def train_vertebra(cfg: Any) -> dict:
     labels, folds = _vertebra_labels(prepared, cache)
     train, valid = _sequence_datasets(cfg, labels, folds, cache)
     logger.info("vertebra model fold %d: %d training / %d validation studies", cfg.fold, len(train.uids), len(valid.uids))
-    return _fit(build_sequence_model(cfg), SequenceTask(valid, VERTEBRAE), train, valid, cfg)
+    return _fit(create_model(cfg), SequenceTask(valid, VERTEBRAE), train, valid, cfg)
 
 
 def train_fracture(cfg: Any) -> dict:
@@ -454,7 +436,7 @@ def train_fracture(cfg: Any) -> dict:
     train, valid = _sequence_datasets(cfg, labels, folds, cache, crops if cfg.crop_by_box else None)
     names = [f"{v}" for v in VERTEBRAE] + [f"{v}_frac" for v in VERTEBRAE]
     logger.info("fracture model fold %d: %d training / %d validation studies", cfg.fold, len(train.uids), len(valid.uids))
-    model = build_sequence_model(cfg)
+    model = create_model(cfg)
     if cfg.init_encoder_from:
         _init_encoder(model, cfg)
     return _fit(model, SequenceTask(valid, names, cfg.fracture_loss_weight), train, valid, cfg)
@@ -465,7 +447,7 @@ def _init_encoder(model: nn.Module, cfg: Any) -> None:
     run = Path(cfg.init_encoder_from)
     if cfg.init_encoder_from == "vertebra":
         run = Path(cfg.work_dir) / "03_train_vertebra" / f"fold{cfg.fold}-seed{cfg.seed}"
-    source, source_cfg = _load_run(run, build_sequence_model, torch.device("cpu"))
+    source, source_cfg = _load_run(run, torch.device("cpu"))
     if source_cfg.backbone != cfg.backbone or source_cfg.slices_per_image != cfg.slices_per_image:
         raise ValueError(
             f"{run}: its CNN is {source_cfg.backbone} on {source_cfg.slices_per_image} slices per image, "
@@ -503,7 +485,7 @@ def infer_vertebra(cfg: Any) -> dict:
     out = Path(cfg.out_dir)
     out.mkdir(parents=True, exist_ok=True)
     device = _device(cfg)
-    models = [_load_run(run, build_sequence_model, device)[0] for run in completed_runs(cfg.work_dir, "03_train_vertebra")]
+    models = [_load_run(run, device)[0] for run in completed_runs(cfg.work_dir, "03_train_vertebra")]
     folds = prepared.read("folds")
     uids = sorted(set(folds["StudyInstanceUID"]) & set(cache.uids))
     dataset = SequenceDataset(uids, cache, None, seq_len=cfg.seq_len, slices_per_image=cfg.slices_per_image, mode="infer", stride=cfg.infer_stride)
@@ -637,7 +619,7 @@ def train_study(cfg: Any) -> dict:
     prepared, cache = _open_cache(cfg)
     device = _device(cfg)
     fracture_run = Path(cfg.fracture_run or Path(cfg.work_dir) / "05_train_fracture" / f"fold{cfg.fold}-seed{cfg.seed}")
-    sequence_model, fracture_cfg = _load_run(fracture_run, build_sequence_model, device)
+    sequence_model, fracture_cfg = _load_run(fracture_run, device)
     if int(fracture_cfg.fold) != int(cfg.fold):
         raise ValueError(f"{fracture_run}: trained for fold {fracture_cfg.fold}, not fold {cfg.fold}: its CNN has seen this fold")
     # the study model sees images exactly as stage 05 did, and its config.json alone rebuilds it (07_inference)

@@ -64,18 +64,19 @@ def test_fracture_cnn_can_start_from_the_vertebra_cnn(tiny_pipeline: dict) -> No
     import torch
 
     from conftest import TINY_COMMON, TINY_STAGES
-    from rsna22_utils.stages import _init_encoder, _load_run, build_sequence_model
+    from rsna22_utils.models import create_model
+    from rsna22_utils.stages import _init_encoder, _load_run
 
     work_dir = tiny_pipeline["work_dir"]
     cfg = resolve_config("05_train_fracture", {
         **TINY_COMMON, **TINY_STAGES["05_train_fracture"], "work_dir": str(work_dir), "fold": 0, "seed": 0, "init_encoder_from": "vertebra",
     })
-    model = build_sequence_model(cfg)
+    model = create_model(cfg)
     _init_encoder(model, cfg)
-    source, _ = _load_run(work_dir / "03_train_vertebra" / "fold0-seed0", build_sequence_model, torch.device("cpu"))
+    source, _ = _load_run(work_dir / "03_train_vertebra" / "fold0-seed0", torch.device("cpu"))
     for (name, value), other in zip(model.encoder.state_dict().items(), source.encoder.state_dict().values()):
         assert torch.equal(value, other), name
     assert model.head.out_features == 14  # only the CNN is copied; the 14-target head is new
     cfg.backbone = "resnet10t"
     with pytest.raises(ValueError, match="init_encoder_from needs the same"):
-        _init_encoder(build_sequence_model(cfg), cfg)
+        _init_encoder(create_model(cfg), cfg)

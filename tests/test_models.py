@@ -87,3 +87,18 @@ def test_study_head_starts_from_the_prior() -> None:
     nn.init.zeros_(head.head.weight)  # isolate the bias: any input then gives exactly the prior
     probs = torch.sigmoid(head(torch.randn(3, 10, 12), torch.ones(3, 10)))
     assert torch.allclose(probs, prevalence.expand(3, 8), atol=1e-6)
+
+
+def test_create_model_builds_each_stage_network_from_its_config() -> None:
+    from rsna22_utils.config import resolve_config
+    from rsna22_utils.models import create_model
+
+    common = {"backbone": BACKBONE, "windows": [[400, 1800], [40, 400]]}
+    box = create_model(resolve_config("01_train_box", common))
+    vertebra = create_model(resolve_config("03_train_vertebra", {**common, "lstm_hidden": 16}))
+    fracture = create_model(resolve_config("05_train_fracture", {**common, "lstm_hidden": 16, "slices_per_image": 5, "infer_stride": 32}))
+    assert isinstance(box, BoxModel) and box.encoder.conv_stem.in_channels == 2
+    assert vertebra.head.out_features == 7 and vertebra.encoder.conv_stem.in_channels == 3 * 2
+    assert fracture.head.out_features == 14 and fracture.encoder.conv_stem.in_channels == 5 * 2
+    with pytest.raises(ValueError, match="06_train_study"):
+        create_model(resolve_config("06_train_study"))
