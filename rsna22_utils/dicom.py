@@ -75,6 +75,10 @@ class DicomReadError(ValueError):
         self.reason = reason
         super().__init__(f"{path}: {reason}")
 
+    def __reduce__(self) -> tuple:
+        # picklable with its two arguments, so it crosses process pools intact (scan, cache workers)
+        return type(self), (self.path, self.reason)
+
 
 class Study(NamedTuple):
     """`read_study` result: unpacks as `volume, slices = read_study(...)`."""

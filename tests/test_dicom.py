@@ -349,3 +349,10 @@ def test_missing_position_and_mixed_shapes(good_slice):
         read_slice_headers(good_slice.parent)
     assert_names(e, good_slice.name)
     assert "ImagePositionPatient" in str(e.value)
+
+
+def test_read_error_survives_pickling():
+    import pickle
+
+    error = pickle.loads(pickle.dumps(DicomReadError("/x/1.dcm", "not a DICOM file")))
+    assert (error.path, error.reason, str(error)) == ("/x/1.dcm", "not a DICOM file", "/x/1.dcm: not a DICOM file")
