@@ -35,7 +35,7 @@ from typing import Any
 logger = logging.getLogger(__name__)
 
 KAGGLE_COMPETITION_DIR = "/kaggle/input/rsna-2022-cervical-spine-fracture-detection"
-KAGGLE_WEIGHTS_DIR = "/kaggle/input/rsna22-kit-weights"
+KAGGLE_WEIGHTS_DIR = "/kaggle/input/rsna22-weights"  # the weights dataset (kaggle-settings.json weights_dataset)
 KAGGLE_WORKING_DIR = "/kaggle/working"
 
 

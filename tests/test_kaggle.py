@@ -358,3 +358,17 @@ def test_workflows_pass_actionlint():
     assert any(w.endswith("upload-utils.yml") for w in workflows)
     proc = subprocess.run([exe, *workflows], capture_output=True, text=True, cwd=ROOT)
     assert proc.returncode == 0, proc.stdout + proc.stderr
+
+
+def test_kaggle_paths_in_config_and_notebooks_match_the_dataset_slugs():
+    """Where the inference notebook looks on Kaggle is where the datasets we push are mounted."""
+    from rsna22_utils.config import KAGGLE_COMPETITION_DIR, resolve_config
+
+    settings = k.load_settings()
+    cfg = resolve_config("07_inference")
+    assert cfg.weights_dir == f"/kaggle/input/{settings.dataset_slug('weights')}"
+    assert cfg.data_dir == KAGGLE_COMPETITION_DIR == f"/kaggle/input/{settings.competition}"
+    for notebook in sorted((ROOT / "notebooks").glob("*.py")):
+        text = notebook.read_text()
+        assert f'sys.path.insert(0, "/kaggle/input/{settings.dataset_slug("utils")}")' in text, notebook
+    assert f'"/kaggle/input/{settings.dataset_slug("wheels")}/wheels"' in (ROOT / "notebooks" / "07_inference.py").read_text()
