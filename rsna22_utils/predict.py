@@ -37,7 +37,7 @@ import pandas as pd
 import torch
 from torch import nn
 from torch.utils.data import DataLoader, Dataset
-from tqdm.auto import tqdm
+from tqdm import tqdm
 
 from rsna22_utils.cache import CacheSpec, encode_study
 from rsna22_utils.metric import TARGETS

@@ -492,7 +492,7 @@ def _run_on_devices(
     import queue
     from concurrent.futures import ThreadPoolExecutor, as_completed
 
-    from tqdm.auto import tqdm
+    from tqdm import tqdm
 
     free: queue.Queue[str] = queue.Queue()
     for device in devices:

@@ -28,7 +28,7 @@ import pandas as pd
 import torch
 from torch import nn
 from torch.utils.data import DataLoader, Dataset
-from tqdm.auto import tqdm
+from tqdm import tqdm
 
 from rsna22_utils.cache import CacheSpec, StudyCache
 from rsna22_utils.data import BOX_COLUMNS, BoxSliceDataset, CacheSource, SequenceDataset, positive_slices, spread_window_predictions

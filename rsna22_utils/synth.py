@@ -784,7 +784,7 @@ def generate_competition(
     from concurrent.futures import ProcessPoolExecutor
 
     import pandas as pd
-    from tqdm.auto import tqdm
+    from tqdm import tqdm
 
     out = Path(out)
     if out.exists() and (not out.is_dir() or any(out.iterdir())):

@@ -36,7 +36,7 @@ import torch
 import torch.distributed as dist
 from torch import nn
 from torch.utils.data import DataLoader, Dataset, Sampler
-from tqdm.auto import tqdm
+from tqdm import tqdm  # text bars (not tqdm.auto): they stream through papermill to the runner's console
 
 from rsna22_utils.config import ConfigError, RunConfig, config_diff, resolve_config, save_config
 
