@@ -9,7 +9,8 @@ dataclass with a few overrides. The same call serves the CLI, notebooks and the 
 Overrides are coerced by the field's annotation (``"3"`` -> 3 for an int field, ``"true"`` -> True,
 ``"[[400,1800]]"`` -> [[400.0, 1800.0]]); an unknown key is an error that suggests close matches.
 ``out_dir`` is derived when empty: ``{work_dir}/{stage}/fold{fold}-seed{seed}`` for per-fold stages
-(``PER_FOLD_STAGES``), ``{work_dir}/{stage}`` otherwise.
+(``PER_FOLD_STAGES``), ``{work_dir}/{stage}`` otherwise; ``prepared_dir`` (what 00_prepare wrote) is
+``{work_dir}/00_prepare`` when empty, so one ``work_dir`` (the runner's ``--work-dir``) locates every stage.
 
 Batch size convention: ``batch_size`` is the GLOBAL batch of one optimizer step. The trainer splits it
 into ``grad_accum`` micro-steps on each of ``world_size`` processes, so the micro-batch is
@@ -54,7 +55,7 @@ class RunConfig:
     stage: str = ""
     # paths
     data_dir: str = "data/competition"  # competition folder (train.csv, train_images/, segmentations/ ...)
-    prepared_dir: str = "runs/00_prepare"  # outputs of 00_prepare: labels, folds, study cache
+    prepared_dir: str = ""  # outputs of 00_prepare (labels, folds, study cache); "" -> {work_dir}/00_prepare
     work_dir: str = "runs"  # every stage writes under {work_dir}/{stage}
     out_dir: str = ""  # "" -> derived (see module docstring)
     # split
@@ -386,6 +387,8 @@ def resolve_config(stage: str, overrides: Mapping[str, Any] | None = None) -> Ru
     cfg = cls(stage=stage, **kwargs)
     if not cfg.out_dir:
         cfg.out_dir = default_out_dir(stage, cfg.work_dir, cfg.fold, cfg.seed)
+    if not cfg.prepared_dir:
+        cfg.prepared_dir = str(Path(cfg.work_dir) / "00_prepare")
     cfg.validate()
     return cfg
 

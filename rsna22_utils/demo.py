@@ -99,7 +99,7 @@ def run_demo(
     data_dir = out / "competition"
     _synthetic_competition(data_dir, n_studies, image_size, seed)
     work_dir = out / "runs"
-    common = {"data_dir": str(data_dir), "work_dir": str(work_dir), "prepared_dir": str(work_dir / "00_prepare"), "seed": seed}
+    common = {"data_dir": str(data_dir), "work_dir": str(work_dir), "seed": seed}
     timings: dict[str, float] = {}
     for stage in stages or list(DEMO_PROFILE):
         stage_overrides = demo_overrides(stage, common, overrides)

@@ -66,6 +66,9 @@ def test_out_dir_derivation() -> None:
     assert Path(cfg.out_dir) == Path("w/05_train_fracture/fold3-seed42")
     assert Path(resolve_config("02_infer_box", {"work_dir": "w"}).out_dir) == Path("w/02_infer_box")
     assert resolve_config("01_train_box", {"out_dir": "/explicit"}).out_dir == "/explicit"
+    # every stage finds 00_prepare's outputs under the same work_dir unless told otherwise
+    assert Path(resolve_config("03_train_vertebra", {"work_dir": "w"}).prepared_dir) == Path("w/00_prepare")
+    assert resolve_config("03_train_vertebra", {"work_dir": "w", "prepared_dir": "/p"}).prepared_dir == "/p"
 
 
 def test_notebook_pattern() -> None:

@@ -23,7 +23,7 @@ def test_demo_profile_covers_every_stage_with_valid_settings() -> None:
     assert demo_overrides("05_train_fracture", COMMON)["init_encoder_from"] == "w/03_train_vertebra/fold0-seed0"
 
 
-COMMON = {"data_dir": "d", "work_dir": "w", "prepared_dir": "w/00_prepare", "seed": 0}
+COMMON = {"data_dir": "d", "work_dir": "w", "seed": 0}
 
 
 def test_demo_overrides_for_every_stage_or_one() -> None:
