@@ -178,14 +178,12 @@ def write_report(out: Path, data_dir: Path, work_dir: Path) -> dict:
         *[f"| {k} | {v:.3f} |" for k, v in result["auc"].items()],
         "",
     ]
-    figures = {"roc": qc.plot_roc_curves(study_labels, oof, report_dir / "roc.png") and report_dir / "roc.png"}
-
-    histories = {
-        f"{stage} {p.parent.name}": p
-        for stage in ("01_train_box", "03_train_vertebra", "05_train_fracture", "06_train_study")
-        for p in sorted((work_dir / stage).glob("fold*-seed*/history.csv"))
-    }
-    figures["loss_curves"] = qc.plot_loss_curves(histories, report_dir / "loss_curves.png")
+    qc.plot_roc_curves(study_labels, oof, report_dir / "roc.png")
+    figures = {"roc": report_dir / "roc.png"}
+    for stage in ("01_train_box", "03_train_vertebra", "05_train_fracture", "06_train_study"):  # one figure per stage: one loss scale
+        histories = {p.parent.name: p for p in sorted((work_dir / stage).glob("fold*-seed*/history.csv"))}
+        if histories:
+            figures[f"loss_{stage}"] = qc.plot_loss_curves(histories, report_dir / f"loss_{stage}.png")
 
     box_metrics_path = work_dir / "02_infer_box" / "metrics.json"
     box_metrics = json.loads(box_metrics_path.read_text())

@@ -59,6 +59,18 @@ def _read_history(name: str, history: pd.DataFrame | str | Path) -> pd.DataFrame
     return df.sort_values("epoch")
 
 
+_STYLES = ("-", ":", "-.", "--", (0, (1, 3)), (0, (5, 1)), (0, (3, 1, 1, 1, 1, 1)))
+
+
+def _headline_metrics(history: pd.DataFrame) -> list[str]:
+    """Numeric per-epoch metrics worth a line: not timings, not the per-target AUCs (auc_C1 ...; see the ROC figure)."""
+    skip = (*_HISTORY_REQUIRED, "lr", "fold", "step", "time", "seconds")
+    return [
+        c for c in history.columns
+        if c not in skip and not c.startswith("auc_") and pd.api.types.is_numeric_dtype(history[c])
+    ]
+
+
 def plot_loss_curves(histories: Mapping[str, pd.DataFrame | str | Path], path: str | Path) -> Path:
     """Train (dashed) and valid (solid) loss per epoch for each run, plus lr and metric panels when present.
 
@@ -70,15 +82,13 @@ def plot_loss_curves(histories: Mapping[str, pd.DataFrame | str | Path], path: s
     path = _prepare_path(path, (".png", ".jpg", ".jpeg"))
     tables = {name: _read_history(name, h) for name, h in histories.items()}
     has_lr = any("lr" in df.columns for df in tables.values())
-    metric_cols = {
-        name: [c for c in df.columns if c not in (*_HISTORY_REQUIRED, "lr", "fold", "step", "time") and pd.api.types.is_numeric_dtype(df[c])]
-        for name, df in tables.items()
-    }
+    metric_cols = {name: _headline_metrics(df) for name, df in tables.items()}
     has_metrics = any(metric_cols.values())
     n_panels = 1 + has_lr + has_metrics
     fig, axes = plt.subplots(1, n_panels, figsize=(6 * n_panels, 4.2), squeeze=False)
     axes = axes[0]
     colors = plt.rcParams["axes.prop_cycle"].by_key()["color"]
+    styles: dict[str, str] = {}  # metric -> line style (colours are runs, as in the loss panel)
     for i, (name, df) in enumerate(tables.items()):
         color = colors[i % len(colors)]
         ax = axes[0]
@@ -94,8 +104,8 @@ def plot_loss_curves(histories: Mapping[str, pd.DataFrame | str | Path], path: s
                 axes[k].plot(df["epoch"], df["lr"], color=color, label=name)
             k += 1
         if has_metrics:
-            for j, col in enumerate(metric_cols[name]):
-                axes[k].plot(df["epoch"], df[col], ["-", ":", "-.", "--"][j % 4], color=color, label=f"{name} {col}")
+            for col in metric_cols[name]:
+                axes[k].plot(df["epoch"], df[col], linestyle=styles.setdefault(col, _STYLES[len(styles) % len(_STYLES)]), color=color)
     axes[0].set(title="loss (dashed train, solid valid, * best valid)", xlabel="epoch", ylabel="loss")
     axes[0].legend(fontsize=8)
     axes[0].grid(alpha=0.3)
@@ -107,9 +117,9 @@ def plot_loss_curves(histories: Mapping[str, pd.DataFrame | str | Path], path: s
         axes[k].legend(fontsize=8)
         k += 1
     if has_metrics:
-        axes[k].set(title="metrics", xlabel="epoch")
+        axes[k].set(title="validation metrics (colour = run)", xlabel="epoch")
         axes[k].grid(alpha=0.3)
-        axes[k].legend(fontsize=8)
+        axes[k].legend([plt.Line2D([], [], color="k", linestyle=style) for style in styles.values()], list(styles), fontsize=8)
     fig.tight_layout()
     return _save(fig, path, f"loss curves of {len(tables)} run(s)")
 

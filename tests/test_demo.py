@@ -52,7 +52,7 @@ def test_report_scores_oof_and_submission_and_writes_figures(tiny_pipeline: dict
     assert set(report["auc"]) <= set(TARGETS) and oof["StudyInstanceUID"].nunique() >= 2
     test_labels = pd.read_csv(data_dir / "_synthetic" / "test_labels.csv")
     assert report["test"]["studies"] == len(test_labels) and 0 < report["test"]["metric"] < 5
-    for name in ("roc", "loss_curves", "iou_histogram", "study_animation"):
+    for name in ("roc", "loss_01_train_box", "loss_05_train_fracture", "loss_06_train_study", "iou_histogram", "study_animation"):
         path = Path(report["figures"][name])
         assert path.parent == tmp_path / "report" and path.stat().st_size > 1000, name
     text = (tmp_path / "report" / "report.md").read_text()
