@@ -222,7 +222,7 @@ def write_report(out: Path, data_dir: Path, work_dir: Path) -> dict:
 
     figures["study_animation"] = _study_figure(work_dir, report_dir, oof, labels)
     lines += ["## Figures", "", *[f"- {name}: `{path}`" for name, path in figures.items()], ""]
-    lines += ["## Where the outputs are", "", *[f"- `{p}`" for p in sorted((work_dir).glob("*/")) if p.is_dir()], ""]
+    lines += ["## Where the outputs are", "", *[f"- `{p}`" for p in sorted(work_dir.iterdir()) if p.is_dir()], ""]
     (report_dir / "report.md").write_text("\n".join(lines))
     result["figures"] = {k: str(v) for k, v in figures.items()}
     logger.info("demo report written to %s", report_dir / "report.md")
