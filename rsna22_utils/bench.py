@@ -328,7 +328,8 @@ def bench_inference(data_dir: str | Path, weights_dir: str | Path, n_studies: in
     print(f"07_inference per study ({len(folders) - 1} studies after a warm-up one; {data_dir}, weights {weights_dir})")
     print(table[["device", "slices", "px", "decode_s", "preprocess_s", "model_s", "total_s"]].to_string(index=False, float_format=lambda v: f"{v:.3f}"))
     print(f"\nprojection to {KAGGLE_TEST_STUDIES} studies x {KAGGLE_SLICES} slices at 512 px, {num_workers} decode workers "
-          f"(decode {decode_ms:.1f} ms/slice, {decode_source}); per study = max((decode + encode) / workers, stack + models):")
+          f"(decode {decode_ms:.1f} ms/slice, {decode_source}); per study = max((decode + encode) / workers, stack + models); "
+          f"models as measured above, i.e. at these weights' input sizes (box {box_spec.name}):")
     print(projection.to_string(index=False, float_format=lambda v: f"{v:.3f}"))
     table.attrs["projection"] = projection
     return table
