@@ -205,25 +205,29 @@ def fit_length(embeddings: torch.Tensor, mask: torch.Tensor, max_len: int) -> tu
     return out, out_mask
 
 
-def create_model(cfg: Any) -> nn.Module:
+def create_model(cfg: Any, load_pretrained: bool = True) -> nn.Module:
     """The network a stage config describes, built the same way wherever a run is trained or loaded.
+
+    `load_pretrained=False` ignores `pretrained` / `pretrained_path`: for a run whose own trained
+    weights are loaded next, so nothing is fetched (offline on Kaggle) or read for nothing.
 
     Box stages -> BoxModel (one channel per window); sequence stages -> SequenceModel with 7 outputs
     (task "vertebra") or 7 vertebra + 7 fracture outputs (task "fracture"), `slices_per_image`
     slices x windows as input channels. (The study model wraps a trained SequenceModel's CNN: see
     `stages.train_study`.)
     """
-    pretrained_path = getattr(cfg, "pretrained_path", "") or None
+    pretrained = bool(cfg.pretrained) and load_pretrained
+    pretrained_path = (getattr(cfg, "pretrained_path", "") or None) if load_pretrained else None
     task = getattr(cfg, "task", None)
     if task is None and hasattr(cfg, "has_box_threshold"):
-        return BoxModel(cfg.backbone, in_chans=len(cfg.windows), pretrained=cfg.pretrained, pretrained_path=pretrained_path)
+        return BoxModel(cfg.backbone, in_chans=len(cfg.windows), pretrained=pretrained, pretrained_path=pretrained_path)
     if task in ("vertebra", "fracture"):
         return SequenceModel(
             cfg.backbone,
             in_chans=cfg.slices_per_image * len(cfg.windows),
             n_outputs=7 if task == "vertebra" else 14,
             lstm_hidden=cfg.lstm_hidden,
-            pretrained=cfg.pretrained,
+            pretrained=pretrained,
             pretrained_path=pretrained_path,
         )
     raise ValueError(f"stage {getattr(cfg, 'stage', '?')!r}: its config describes no box or sequence model")

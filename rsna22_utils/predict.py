@@ -104,12 +104,6 @@ def _spec(cfg: Any) -> CacheSpec:
     return CacheSpec(image_size=int(cfg.image_size), windows=tuple(tuple(w) for w in cfg.windows))
 
 
-def _offline(cfg: Any) -> Any:
-    """A run config that builds its network without fetching pretrained weights (they are loaded next)."""
-    cfg.pretrained, cfg.pretrained_path = False, ""
-    return cfg
-
-
 def _runs(weights_dir: Path, stage: str) -> list[Path]:
     runs = sorted(p.parent for p in (weights_dir / stage).glob("fold*-seed*/model.safetensors"))
     missing = [r for r in runs if not (r / "config.json").is_file()]
@@ -122,19 +116,15 @@ def _runs(weights_dir: Path, stage: str) -> list[Path]:
 
 def load_box_models(weights_dir: str | Path, device: torch.device) -> BoxEnsemble:
     """All `01_train_box` runs of the weights folder (they must share one image size and window set)."""
-    from rsna22_utils.config import load_config
-    from rsna22_utils.models import create_model
-    from rsna22_utils.train import load_weights
+    from rsna22_utils.stages import load_run
 
     models, spec, first = [], None, None
     for run in _runs(Path(weights_dir), "01_train_box"):
-        cfg = _offline(load_config(run / "config.json"))
+        model, cfg = load_run(run, device)
         if spec is not None and _spec(cfg) != spec:
             raise ValueError(f"{run}: box model trained on {_spec(cfg).name}, the others on {spec.name}")
         spec, first = _spec(cfg), first or cfg
-        model = create_model(cfg)
-        load_weights(model, run / "model.safetensors")
-        models.append(model.to(device).eval())
+        models.append(model)
     return BoxEnsemble(models, spec, float(first.has_box_threshold), int(first.box_smooth))
 
 
@@ -148,12 +138,12 @@ def load_study_models(weights_dir: str | Path, device: torch.device) -> list[Stu
     weights_dir = Path(weights_dir)
     runs = []
     for run in _runs(weights_dir, "06_train_study"):
-        cfg = _offline(load_config(run / "config.json"))
+        cfg = load_config(run / "config.json")
         # a stage-06 config holds its frozen CNN's settings (copied from stage 05 when it was trained)
-        settings = {k: getattr(cfg, k) for k in ("windows", "image_size", "pretrained", "pretrained_path", *STUDY_SETTINGS_FROM_FRACTURE_RUN)}
+        settings = {k: getattr(cfg, k) for k in ("windows", "image_size", *STUDY_SETTINGS_FROM_FRACTURE_RUN)}
         settings["infer_stride"] = cfg.seq_len * cfg.slices_per_image  # unused here; valid for any seq_len
         fracture_cfg = resolve_config("05_train_fracture", settings)
-        sequence_model = create_model(fracture_cfg)
+        sequence_model = create_model(fracture_cfg, load_pretrained=False)  # model.safetensors holds every weight
         head = StudyHead(sequence_model.embedding_size, lstm_hidden=cfg.lstm_hidden, dropout=cfg.dropout)
         model = StudyModel(sequence_model.encoder, head, max_len=cfg.max_len)
         load_weights(model, run / "model.safetensors")

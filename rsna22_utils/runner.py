@@ -33,7 +33,7 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any, Iterator, Sequence
 
-from rsna22_utils.config import parse_overrides, parse_value  # noqa: F401  (parse_overrides: part of this module's API)
+from rsna22_utils.config import parse_overrides, parse_value
 
 logger = logging.getLogger(__name__)
 

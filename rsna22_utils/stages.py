@@ -162,13 +162,13 @@ def completed_runs(work_dir: str | Path, stage: str) -> list[Path]:
     return runs
 
 
-def _load_run(run_dir: Path, device: torch.device) -> tuple[nn.Module, Any]:
-    """A finished run's network (rebuilt from its config.json) with its weights, in eval mode."""
+def load_run(run_dir: Path, device: torch.device) -> tuple[nn.Module, Any]:
+    """A finished run's network (rebuilt from its config.json, no pretrained download) with its weights, in eval mode."""
     from rsna22_utils.config import load_config
     from rsna22_utils.train import load_weights
 
     run_cfg = load_config(run_dir / "config.json")
-    model = create_model(run_cfg)
+    model = create_model(run_cfg, load_pretrained=False)
     load_weights(model, run_dir / "model.safetensors")
     return model.to(device).eval(), run_cfg
 
@@ -245,7 +245,7 @@ def box_examples(cfg: Any, n: int = 8) -> tuple[list[np.ndarray], np.ndarray, np
     rows = valid[valid["has_box"] > 0.5]
     rows = rows.iloc[np.linspace(0, len(rows) - 1, min(n, len(rows))).astype(int)].reset_index(drop=True)
     dataset = BoxSliceDataset(rows, CacheSource(cache))
-    model, _ = _load_run(Path(cfg.out_dir), torch.device("cpu"))
+    model, _ = load_run(Path(cfg.out_dir), torch.device("cpu"))
     items = [dataset[i] for i in range(len(rows))]
     with torch.inference_mode():
         predicted = model({"image": torch.stack([item["image"] for item in items])})["box"].numpy()
@@ -277,7 +277,7 @@ def infer_box(cfg: Any) -> dict:
     runs = completed_runs(cfg.work_dir, "01_train_box")
     p_sum, box_sum = np.zeros(len(table)), np.zeros((len(table), 4))
     for run in runs:
-        model, _ = _load_run(run, device)
+        model, _ = load_run(run, device)
         with torch.inference_mode():
             for batch in tqdm(loader, desc=f"box {run.name}", unit="batch"):
                 index = batch["index"].numpy()
@@ -447,7 +447,7 @@ def _init_encoder(model: nn.Module, cfg: Any) -> None:
     run = Path(cfg.init_encoder_from)
     if cfg.init_encoder_from == "vertebra":
         run = Path(cfg.work_dir) / "03_train_vertebra" / f"fold{cfg.fold}-seed{cfg.seed}"
-    source, source_cfg = _load_run(run, torch.device("cpu"))
+    source, source_cfg = load_run(run, torch.device("cpu"))
     if source_cfg.backbone != cfg.backbone or source_cfg.slices_per_image != cfg.slices_per_image:
         raise ValueError(
             f"{run}: its CNN is {source_cfg.backbone} on {source_cfg.slices_per_image} slices per image, "
@@ -485,7 +485,7 @@ def infer_vertebra(cfg: Any) -> dict:
     out = Path(cfg.out_dir)
     out.mkdir(parents=True, exist_ok=True)
     device = _device(cfg)
-    models = [_load_run(run, device)[0] for run in completed_runs(cfg.work_dir, "03_train_vertebra")]
+    models = [load_run(run, device)[0] for run in completed_runs(cfg.work_dir, "03_train_vertebra")]
     folds = prepared.read("folds")
     uids = sorted(set(folds["StudyInstanceUID"]) & set(cache.uids))
     dataset = SequenceDataset(uids, cache, None, seq_len=cfg.seq_len, slices_per_image=cfg.slices_per_image, mode="infer", stride=cfg.infer_stride)
@@ -619,7 +619,7 @@ def train_study(cfg: Any) -> dict:
     prepared, cache = _open_cache(cfg)
     device = _device(cfg)
     fracture_run = Path(cfg.fracture_run or Path(cfg.work_dir) / "05_train_fracture" / f"fold{cfg.fold}-seed{cfg.seed}")
-    sequence_model, fracture_cfg = _load_run(fracture_run, device)
+    sequence_model, fracture_cfg = load_run(fracture_run, device)
     if int(fracture_cfg.fold) != int(cfg.fold):
         raise ValueError(f"{fracture_run}: trained for fold {fracture_cfg.fold}, not fold {cfg.fold}: its CNN has seen this fold")
     # the study model sees images exactly as stage 05 did, and its config.json alone rebuilds it (07_inference)

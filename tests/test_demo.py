@@ -65,7 +65,7 @@ def test_fracture_cnn_can_start_from_the_vertebra_cnn(tiny_pipeline: dict) -> No
 
     from conftest import TINY_COMMON, TINY_STAGES
     from rsna22_utils.models import create_model
-    from rsna22_utils.stages import _init_encoder, _load_run
+    from rsna22_utils.stages import _init_encoder, load_run
 
     work_dir = tiny_pipeline["work_dir"]
     cfg = resolve_config("05_train_fracture", {
@@ -73,7 +73,7 @@ def test_fracture_cnn_can_start_from_the_vertebra_cnn(tiny_pipeline: dict) -> No
     })
     model = create_model(cfg)
     _init_encoder(model, cfg)
-    source, _ = _load_run(work_dir / "03_train_vertebra" / "fold0-seed0", torch.device("cpu"))
+    source, _ = load_run(work_dir / "03_train_vertebra" / "fold0-seed0", torch.device("cpu"))
     for (name, value), other in zip(model.encoder.state_dict().items(), source.encoder.state_dict().values()):
         assert torch.equal(value, other), name
     assert model.head.out_features == 14  # only the CNN is copied; the 14-target head is new

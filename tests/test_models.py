@@ -102,3 +102,14 @@ def test_create_model_builds_each_stage_network_from_its_config() -> None:
     assert fracture.head.out_features == 14 and fracture.encoder.conv_stem.in_channels == 5 * 2
     with pytest.raises(ValueError, match="06_train_study"):
         create_model(resolve_config("06_train_study"))
+
+
+def test_loading_a_run_never_fetches_pretrained_weights(tmp_path) -> None:
+    """A run trained from ImageNet weights is rebuilt offline: its own weights are loaded next."""
+    from rsna22_utils.config import resolve_config
+    from rsna22_utils.models import create_model
+
+    cfg = resolve_config("01_train_box", {"backbone": BACKBONE, "pretrained": True, "pretrained_path": str(tmp_path / "gone.safetensors")})
+    with pytest.raises(FileNotFoundError, match="gone.safetensors"):
+        create_model(cfg)
+    assert isinstance(create_model(cfg, load_pretrained=False), BoxModel)
