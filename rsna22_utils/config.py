@@ -184,6 +184,7 @@ class SequenceConfig(RunConfig):
     lstm_hidden: int = 256
     positive_window_bias: float = 0.5  # probability that a training window holds a positive slice
     fracture_loss_weight: float = 1.0  # 05: weight of the 7 fracture targets vs the 7 vertebra targets (rare, faint)
+    fracture_pos_weight: float = 1.0  # 05: BCE pos_weight of the fracture targets (a break image vs a normal one)
     # 05: start the CNN from a stage-03 run's CNN ("" = from `pretrained`); "vertebra" = the
     # 03_train_vertebra run of the same fold and seed, else a run folder. Without ImageNet weights
     # (offline, CPU demo) a CNN that already knows the anatomy learns the breaks much sooner.
@@ -197,8 +198,8 @@ class SequenceConfig(RunConfig):
             out.append(f"task must be 'vertebra' or 'fracture', got {self.task!r}")
         if self.seq_len < 1 or self.slices_per_image < 1 or not 1 <= self.infer_stride <= self.seq_len * self.slices_per_image:
             out.append("seq_len, slices_per_image >= 1 and 1 <= infer_stride <= seq_len * slices_per_image required")
-        if self.fracture_loss_weight <= 0:
-            out.append(f"fracture_loss_weight must be > 0, got {self.fracture_loss_weight}")
+        if self.fracture_loss_weight <= 0 or self.fracture_pos_weight <= 0:
+            out.append(f"fracture_loss_weight and fracture_pos_weight must be > 0, got {self.fracture_loss_weight}, {self.fracture_pos_weight}")
         if not 0.0 <= self.positive_window_bias <= 1.0:
             out.append(f"positive_window_bias must be in [0, 1], got {self.positive_window_bias}")
         return out

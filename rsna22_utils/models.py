@@ -107,15 +107,22 @@ class SequenceModel(nn.Module):
 
 
 def sequence_loss(
-    outputs: dict[str, torch.Tensor], batch: dict[str, torch.Tensor], target_weights: torch.Tensor | None = None
+    outputs: dict[str, torch.Tensor],
+    batch: dict[str, torch.Tensor],
+    target_weights: torch.Tensor | None = None,
+    positive_weights: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """BCE (soft targets) over every image of the sequence that lies inside the study (`mask`).
 
     `target_weights` (n_targets,) weighs the targets in the per-image mean (default: equal), e.g.
-    to make the rare fracture targets of stage 05 count as much as the vertebra ones.
+    to make the fracture targets of stage 05 count more than the vertebra ones.
+    `positive_weights` (n_targets,) is BCE's `pos_weight`: how much a positive counts against a
+    negative of the same target. Fracture images are ~1% of a target's images; without it the
+    fracture outputs settle at that rate and never learn what a break looks like.
     """
     logits, target, mask = outputs["logits"].float(), batch["target"].float(), batch["mask"].float()
-    per_target = F.binary_cross_entropy_with_logits(logits, target, reduction="none")
+    pos_weight = None if positive_weights is None else positive_weights.to(logits)
+    per_target = F.binary_cross_entropy_with_logits(logits, target, reduction="none", pos_weight=pos_weight)
     if target_weights is None:
         per_image = per_target.mean(-1)
     else:

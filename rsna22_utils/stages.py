@@ -326,14 +326,17 @@ def read_study_boxes(work_dir: str | Path) -> pd.DataFrame:
 class SequenceTask:
     """Sequence models: masked BCE per image; predictions per image of each validation window."""
 
-    def __init__(self, dataset: SequenceDataset, names: list[str], fracture_loss_weight: float = 1.0) -> None:
+    def __init__(
+        self, dataset: SequenceDataset, names: list[str], fracture_loss_weight: float = 1.0, fracture_pos_weight: float = 1.0
+    ) -> None:
         self.dataset, self.names = dataset, names
         self.target_weights = torch.tensor([fracture_loss_weight if n.endswith("_frac") else 1.0 for n in names])
+        self.positive_weights = torch.tensor([fracture_pos_weight if n.endswith("_frac") else 1.0 for n in names])
 
     def loss(self, model: nn.Module, batch: dict) -> torch.Tensor:
         from rsna22_utils.models import sequence_loss
 
-        return sequence_loss(model(batch), batch, self.target_weights)
+        return sequence_loss(model(batch), batch, self.target_weights, self.positive_weights)
 
     def predict(self, model: nn.Module, batch: dict) -> pd.DataFrame:
         probs = torch.sigmoid(model(batch)["logits"].float()).cpu().numpy()
@@ -439,7 +442,7 @@ def train_fracture(cfg: Any) -> dict:
     model = create_model(cfg)
     if cfg.init_encoder_from:
         _init_encoder(model, cfg)
-    return _fit(model, SequenceTask(valid, names, cfg.fracture_loss_weight), train, valid, cfg)
+    return _fit(model, SequenceTask(valid, names, cfg.fracture_loss_weight, cfg.fracture_pos_weight), train, valid, cfg)
 
 
 def _init_encoder(model: nn.Module, cfg: Any) -> None:

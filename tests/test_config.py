@@ -59,6 +59,8 @@ def test_validation() -> None:
         resolve_config("01_train_box", {"batch_size": 10, "grad_accum": 3})
     with pytest.raises(ConfigError, match="monitor_mode"):
         resolve_config("06_train_study", {"monitor_mode": "lowest"})
+    with pytest.raises(ConfigError, match="fracture_pos_weight"):
+        resolve_config("05_train_fracture", {"fracture_pos_weight": 0})
 
 
 def test_out_dir_derivation() -> None:

@@ -44,6 +44,16 @@ def test_sequence_loss_target_weights() -> None:
     assert torch.allclose(weighted, torch.tensor(0.6931 * 6 / 8), atol=1e-3)  # (3 + 3) of 8 weight units at log(2)
 
 
+def test_sequence_loss_positive_weights_scale_only_the_positive_term() -> None:
+    # all logits 0: each target costs log(2) whatever its label; pos_weight w multiplies the positive part
+    logits, mask = torch.zeros(1, 1, 2), torch.ones(1, 1)
+    target = torch.tensor([[[1.0, 0.0]]])  # target 0 positive, target 1 negative
+    plain = sequence_loss({"logits": logits}, {"target": target, "mask": mask})
+    weighted = sequence_loss({"logits": logits}, {"target": target, "mask": mask}, positive_weights=torch.tensor([5.0, 5.0]))
+    assert torch.allclose(plain, torch.tensor(0.6931), atol=1e-4)
+    assert torch.allclose(weighted, torch.tensor(0.6931 * (5 + 1) / 2), atol=1e-3)  # the negative target is unchanged
+
+
 def test_fit_length_interpolates_only_long_sequences() -> None:
     embeddings = torch.arange(10, dtype=torch.float32).view(1, 10, 1).repeat(2, 1, 3)
     mask = torch.ones(2, 10)
