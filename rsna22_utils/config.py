@@ -219,12 +219,16 @@ class StudyConfig(RunConfig):
     dropout: float = 0.2
     infer_batch_size: int = 4  # windows of seq_len images per embedding batch
     save_embeddings: bool = False  # keep the frozen CNN's embeddings in {out_dir}/embeddings.npz
+    # add each target's evidence from the frozen stage-05 BiLSTM + head (its largest fracture logit
+    # over the study) to the new head's logits, fitted by logistic regression before training
+    slice_evidence: bool = True
     # copied from the stage-05 run's config at run time (the study model sees what its CNN saw):
     seq_len: int = 32
     slices_per_image: int = 3
     crop_by_box: bool = True
     crop_margin: float = 0.1
     crop_size: int = 256
+    fracture_lstm_hidden: int = 256  # the stage-05 run's lstm_hidden (its BiLSTM is part of the evidence)
     monitor: str = "metric"
 
     def _validate_stage(self) -> list[str]:

@@ -131,8 +131,8 @@ def load_box_models(weights_dir: str | Path, device: torch.device) -> BoxEnsembl
 def load_study_models(weights_dir: str | Path, device: torch.device) -> list[StudyRun]:
     """All `06_train_study` runs: the stage-05 CNN architecture + StudyHead, weights from model.safetensors."""
     from rsna22_utils.config import load_config, resolve_config
-    from rsna22_utils.models import StudyHead, StudyModel, create_model
-    from rsna22_utils.stages import STUDY_SETTINGS_FROM_FRACTURE_RUN
+    from rsna22_utils.models import StudyModel, create_model
+    from rsna22_utils.stages import STUDY_SETTINGS_FROM_FRACTURE_RUN, study_head
     from rsna22_utils.train import load_weights
 
     weights_dir = Path(weights_dir)
@@ -142,10 +142,10 @@ def load_study_models(weights_dir: str | Path, device: torch.device) -> list[Stu
         # a stage-06 config holds its frozen CNN's settings (copied from stage 05 when it was trained)
         settings = {k: getattr(cfg, k) for k in ("windows", "image_size", *STUDY_SETTINGS_FROM_FRACTURE_RUN)}
         settings["infer_stride"] = cfg.seq_len * cfg.slices_per_image  # unused here; valid for any seq_len
+        settings["lstm_hidden"] = cfg.fracture_lstm_hidden
         fracture_cfg = resolve_config("05_train_fracture", settings)
         sequence_model = create_model(fracture_cfg, load_pretrained=False)  # model.safetensors holds every weight
-        head = StudyHead(sequence_model.embedding_size, lstm_hidden=cfg.lstm_hidden, dropout=cfg.dropout)
-        model = StudyModel(sequence_model.encoder, head, max_len=cfg.max_len)
+        model = StudyModel(sequence_model.encoder, study_head(cfg, sequence_model), max_len=cfg.max_len)
         load_weights(model, run / "model.safetensors")
         runs.append(StudyRun(
             f"{run.parent.name}/{run.name}", model.to(device).eval(), _spec(cfg), int(cfg.seq_len), int(cfg.slices_per_image),

@@ -238,6 +238,9 @@ def _label(spec: _RunSpec) -> str:
     return spec.stage if spec.fold is None else f"{spec.stage} fold {spec.fold} seed {spec.seed}"
 
 
+KERNEL_TQDM_MININTERVAL = 5.0  # seconds between progress-bar redraws inside papermill kernels
+
+
 def _execute_notebook(spec: _RunSpec, source: Path, kernel_name: str, timeout: float | None) -> RunResult:
     """Run one notebook with papermill; never raises, the failure is in the result.
 
@@ -255,7 +258,10 @@ def _execute_notebook(spec: _RunSpec, source: Path, kernel_name: str, timeout: f
     try:
         spec.out_dir.mkdir(parents=True, exist_ok=True)
         (spec.out_dir / COMPLETE_FILE).unlink(missing_ok=True)
-        with _environ(PYTHONPATH=_pythonpath()):
+        # bars redraw at most every few seconds: the executed notebook keeps every redraw (at tqdm's
+        # default 0.1 s, a 16-epoch stage-05 notebook held ~380 KB of them); set it yourself to override
+        bar_interval = None if "TQDM_MININTERVAL" in os.environ else str(KERNEL_TQDM_MININTERVAL)
+        with _environ(PYTHONPATH=_pythonpath(), TQDM_MININTERVAL=bar_interval):
             papermill.execute_notebook(
                 str(source),
                 str(executed),

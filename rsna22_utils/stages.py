@@ -615,9 +615,17 @@ def embed_studies(
 STUDY_SETTINGS_FROM_FRACTURE_RUN = ("backbone", "seq_len", "slices_per_image", "crop_by_box", "crop_margin", "crop_size")
 
 
+def study_head(cfg: Any, sequence_model: nn.Module) -> nn.Module:
+    """A stage-06 config's StudyHead on a stage-05 SequenceModel (with its frozen evidence layers if `slice_evidence`)."""
+    from rsna22_utils.models import SliceEvidence, StudyHead
+
+    evidence = SliceEvidence(sequence_model.lstm, sequence_model.head) if cfg.slice_evidence else None
+    return StudyHead(sequence_model.embedding_size, lstm_hidden=cfg.lstm_hidden, dropout=cfg.dropout, evidence=evidence)
+
+
 def train_study(cfg: Any) -> dict:
     """06_train_study: stage-05 CNN frozen, a new BiLSTM + attention + max pooling head, metric as loss."""
-    from rsna22_utils.models import StudyHead, StudyModel
+    from rsna22_utils.models import StudyModel
 
     prepared, cache = _open_cache(cfg)
     device = _device(cfg)
@@ -628,6 +636,7 @@ def train_study(cfg: Any) -> dict:
     # the study model sees images exactly as stage 05 did, and its config.json alone rebuilds it (07_inference)
     for name in STUDY_SETTINGS_FROM_FRACTURE_RUN:
         setattr(cfg, name, getattr(fracture_cfg, name))
+    cfg.fracture_lstm_hidden = int(fracture_cfg.lstm_hidden)
 
     folds = prepared.read("folds")
     crops, ranges = _box_crops(cfg)
@@ -640,9 +649,14 @@ def train_study(cfg: Any) -> dict:
     valid_uids = [u for u in uids if u not in set(train_uids)]
     train = StudyEmbeddings(train_uids, embeddings, folds, cfg.max_len)
     valid = StudyEmbeddings(valid_uids, embeddings, folds, cfg.max_len)
-    head = StudyHead(sequence_model.embedding_size, lstm_hidden=cfg.lstm_hidden, dropout=cfg.dropout)
+    sequence_model = sequence_model.cpu()
+    head = study_head(cfg, sequence_model)
     head.start_from_prior(torch.from_numpy(train.targets.mean(axis=0)))
-    model = StudyModel(sequence_model.encoder.cpu(), head, max_len=cfg.max_len)
+    if head.evidence is not None:
+        evidence = torch.cat([head.evidence(item["embeddings"][None], item["mask"][None]) for item in train])
+        head.start_from_evidence(evidence, torch.from_numpy(train.targets))
+        logger.info("evidence weights (patient_overall, C1..C7): %s", [round(float(w), 2) for w in head.evidence_weight])
+    model = StudyModel(sequence_model.encoder, head, max_len=cfg.max_len)
     logger.info("study model fold %d: %d training / %d validation studies", cfg.fold, len(train), len(valid))
     return _fit(model, StudyTask(valid, folds), train, valid, cfg, collate_fn=pad_collate)
 

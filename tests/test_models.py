@@ -6,7 +6,7 @@ import pytest
 import torch
 from torch import nn
 
-from rsna22_utils.models import BoxModel, feature_size, SequenceModel, StudyHead, StudyModel, box_loss, create_backbone, fit_length, sequence_loss
+from rsna22_utils.models import BoxModel, feature_size, SequenceModel, SliceEvidence, StudyHead, StudyModel, box_loss, create_backbone, fit_length, sequence_loss
 
 BACKBONE = "mobilenetv3_small_050"
 
@@ -97,6 +97,34 @@ def test_study_head_starts_from_the_prior() -> None:
     nn.init.zeros_(head.head.weight)  # isolate the bias: any input then gives exactly the prior
     probs = torch.sigmoid(head(torch.randn(3, 10, 12), torch.ones(3, 10)))
     assert torch.allclose(probs, prevalence.expand(3, 8), atol=1e-6)
+
+
+def test_slice_evidence_is_the_largest_fracture_logit_of_the_real_steps() -> None:
+    sequence_model = SequenceModel(BACKBONE, in_chans=3, n_outputs=14, lstm_hidden=8)
+    evidence = SliceEvidence(sequence_model.lstm, sequence_model.head)
+    assert not any(p.requires_grad for p in evidence.parameters())
+    embeddings = torch.randn(2, 6, sequence_model.embedding_size)
+    mask = torch.tensor([[1, 1, 1, 1, 1, 1], [1, 1, 1, 0, 0, 0]], dtype=torch.float32)
+    out = evidence(embeddings, mask)
+    per_step = sequence_model.head(sequence_model.lstm(embeddings)[0])[..., 7:]
+    assert out.shape == (2, 8)
+    assert torch.allclose(out[0, 1:], per_step[0].amax(0))
+    assert torch.allclose(out[1, 1:], per_step[1, :3].amax(0))  # padded steps never count
+    assert torch.allclose(out[:, 0], out[:, 1:].amax(1))  # patient_overall: the most fractured vertebra
+
+
+def test_study_head_starts_from_logistic_fits_of_the_evidence() -> None:
+    sequence_model = SequenceModel(BACKBONE, in_chans=3, n_outputs=14, lstm_hidden=8)
+    head = StudyHead(sequence_model.embedding_size, lstm_hidden=8, evidence=SliceEvidence(sequence_model.lstm, sequence_model.head))
+    generator = torch.Generator().manual_seed(0)
+    evidence = torch.randn(4000, 8, generator=generator)
+    targets = (torch.rand(4000, 8, generator=generator) < torch.sigmoid(2.0 * evidence - 1.0)).float()  # true slope 2, bias -1
+    head.start_from_evidence(evidence, targets, l2=0.0)
+    assert head.evidence_weight.detach().numpy() == pytest.approx([2.0] * 8, abs=0.3)
+    assert head.head.bias.detach().numpy() == pytest.approx([-1.0] * 8, abs=0.2)
+    assert torch.count_nonzero(head.head.weight) == 0  # the untrained head predicts exactly the fits
+    head.train()
+    assert not head.evidence.training and head.lstm.training
 
 
 def test_create_model_builds_each_stage_network_from_its_config() -> None:
