@@ -624,7 +624,7 @@ def study_head(cfg: Any, sequence_model: nn.Module) -> nn.Module:
 
 
 def train_study(cfg: Any) -> dict:
-    """06_train_study: stage-05 CNN frozen, a new BiLSTM + attention + max pooling head, metric as loss."""
+    """06_train_study: stage-05 CNN frozen, a new BiLSTM + attention + max pooling head (+ the stage-05 evidence), metric as loss."""
     from rsna22_utils.models import StudyModel
 
     prepared, cache = _open_cache(cfg)
