@@ -172,3 +172,27 @@ def test_inference_path_matches_the_training_pipeline(tiny_pipeline: dict) -> No
         sequence, mask = fit_length(torch.from_numpy(embedding)[None], torch.ones(1, len(embedding)), cfg.max_len)
         theirs = torch.sigmoid(run.model.head(sequence, mask))[0].numpy()
     assert np.allclose(ours, theirs, atol=1e-4), (ours, theirs)
+
+
+def test_study_runs_from_before_the_evidence_still_load(tiny_pipeline: dict, tmp_path: Path) -> None:
+    """A 06 run whose config.json has no `slice_evidence` (and whose weights have no evidence layers) loads without them."""
+    import json
+
+    import torch
+    from safetensors.torch import load_file, save_file
+
+    from rsna22_utils.predict import load_study_models
+
+    source = tiny_pipeline["work_dir"] / "06_train_study" / "fold0-seed0"
+    old = tmp_path / "06_train_study" / "fold0-seed0"
+    shutil.copytree(source, old)
+    config = json.loads((old / "config.json").read_text())
+    assert config.pop("slice_evidence") is True
+    (old / "config.json").write_text(json.dumps(config))
+    state = {k: v for k, v in load_file(str(old / "model.safetensors")).items() if not k.startswith("head.evidence")}
+    save_file(state, str(old / "model.safetensors"))
+    (run,) = load_study_models(tmp_path, torch.device("cpu"))
+    assert run.model.head.evidence is None
+    with pytest.raises(RuntimeError, match="evidence"):  # today's runs keep their evidence layers
+        shutil.copy2(source / "config.json", old / "config.json")
+        load_study_models(tmp_path, torch.device("cpu"))
