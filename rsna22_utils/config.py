@@ -422,8 +422,14 @@ def save_config(cfg: RunConfig, path: str | Path) -> Path:
     return path
 
 
+# Settings added after runs had been saved: a saved config without the key was trained the old way,
+# so it gets the old behaviour, not today's default (e.g. its weights hold no stage-05 evidence layers).
+DEFAULTS_OF_OLDER_RUNS: dict[str, dict[str, Any]] = {"06_train_study": {"slice_evidence": False}}
+
+
 def load_config(path: str | Path) -> RunConfig:
-    """Read a config written by save_config (re-validated; keys unknown to this version are an error)."""
+    """Read a config written by save_config (re-validated; keys unknown to this version are an error;
+    keys it predates get `DEFAULTS_OF_OLDER_RUNS`)."""
     path = Path(path)
     try:
         payload = json.loads(path.read_text())
@@ -433,6 +439,8 @@ def load_config(path: str | Path) -> RunConfig:
         raise ConfigError(f"{path}: not a config file (no 'stage' key)")
     class_name = payload.pop("_class", None)
     stage = payload["stage"]
+    for key, value in DEFAULTS_OF_OLDER_RUNS.get(stage, {}).items():
+        payload.setdefault(key, value)
     if stage in STAGES and class_name and class_name != STAGES[stage].__name__:
         logger.warning("%s: written by class %s, stage %s now uses %s", path, class_name, stage, STAGES[stage].__name__)
     try:

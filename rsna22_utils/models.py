@@ -189,9 +189,9 @@ class StudyHead(nn.Module):
     def start_from_evidence(self, evidence: torch.Tensor, targets: torch.Tensor, l2: float = 1e-2, steps: int = 200) -> None:
         """Fit each target's logistic regression on its evidence (training studies: (n, 8) and (n, 8));
         the untrained head then predicts exactly those, and training refines from there."""
+        self.start_from_prior(targets.float().mean(0))
         weight = torch.zeros(evidence.shape[1], requires_grad=True)
-        prevalence = targets.float().mean(0).clamp(1e-3, 1 - 1e-3)
-        bias = torch.log(prevalence / (1 - prevalence)).clone().requires_grad_(True)
+        bias = self.head.bias.detach().clone().requires_grad_(True)
         evidence, targets = evidence.float().clamp(-30, 30), targets.float()
         optimizer = torch.optim.LBFGS([weight, bias], max_iter=steps, line_search_fn="strong_wolfe")
 

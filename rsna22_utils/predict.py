@@ -25,7 +25,6 @@ and if that still does not fit, the remaining studies get the prior.
 from __future__ import annotations
 
 import argparse
-import json
 import logging
 import time
 from collections.abc import Callable, Iterator
@@ -140,8 +139,6 @@ def load_study_models(weights_dir: str | Path, device: torch.device) -> list[Stu
     runs = []
     for run in _runs(weights_dir, "06_train_study"):
         cfg = load_config(run / "config.json")
-        if "slice_evidence" not in json.loads((run / "config.json").read_text()):
-            cfg.slice_evidence = False  # trained before the kit had the stage-05 evidence: its weights hold none
         # a stage-06 config holds its frozen CNN's settings (copied from stage 05 when it was trained)
         settings = {k: getattr(cfg, k) for k in ("windows", "image_size", *STUDY_SETTINGS_FROM_FRACTURE_RUN)}
         settings["infer_stride"] = cfg.seq_len * cfg.slices_per_image  # unused here; valid for any seq_len

@@ -330,8 +330,9 @@ class SequenceTask:
         self, dataset: SequenceDataset, names: list[str], fracture_loss_weight: float = 1.0, fracture_pos_weight: float = 1.0
     ) -> None:
         self.dataset, self.names = dataset, names
-        self.target_weights = torch.tensor([fracture_loss_weight if n.endswith("_frac") else 1.0 for n in names])
-        self.positive_weights = torch.tensor([fracture_pos_weight if n.endswith("_frac") else 1.0 for n in names])
+        fracture = torch.tensor([n.endswith("_frac") for n in names])
+        self.target_weights = torch.where(fracture, fracture_loss_weight, 1.0)
+        self.positive_weights = torch.where(fracture, fracture_pos_weight, 1.0)
 
     def loss(self, model: nn.Module, batch: dict) -> torch.Tensor:
         from rsna22_utils.models import sequence_loss
