@@ -42,7 +42,8 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--studies", type=int, default=4)
     p.add_argument("--cache-size", type=int, default=256)
     p.add_argument("--batch-size", type=int, default=16)
-    p.add_argument("--device", default="auto")
+    p.add_argument("--device", default="auto", help="auto: cuda when present, else cpu")
+    p.add_argument("--repeat", type=int, default=3, help="data passes per source (the median is reported)")
 
     p = sub.add_parser("demo", help="synthetic competition -> every stage of the pipeline -> report")
     p.add_argument("--out", type=Path, default=Path("demo"), help="working folder of the demo")
@@ -130,7 +131,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.command == "bench-epoch":
         from rsna22_utils.bench import bench_epoch
 
-        bench_epoch(args.data_dir, args.work_dir, n_studies=args.studies, cache_size=args.cache_size, batch_size=args.batch_size, device=args.device)
+        bench_epoch(args.data_dir, args.work_dir, n_studies=args.studies, cache_size=args.cache_size, batch_size=args.batch_size, device=args.device, repeat=args.repeat)
         return 0
     if args.command == "predict":
         from rsna22_utils.predict import run_cli

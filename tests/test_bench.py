@@ -1,0 +1,37 @@
+"""The epoch benchmark compares like with like: both slice sources give the same images, and it reports every figure."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+
+from rsna22_utils.bench import bench_epoch
+from rsna22_utils.cache import CacheSpec, StudyCache, build_cache
+from rsna22_utils.data import CacheSource, DicomSource
+from rsna22_utils.scan import find_studies
+from rsna22_utils.synth import generate_competition
+
+
+def test_cache_and_dicom_sources_give_identical_slices(tmp_path: Path) -> None:
+    data_dir = tmp_path / "competition"
+    generate_competition(data_dir, n_studies=1, n_test_studies=1, image_size=64, median_slices=20, seed=3)
+    studies = [d for split, d in find_studies(data_dir) if split == "train_images"]
+    spec = CacheSpec(image_size=32)
+    root, failures = build_cache(studies, tmp_path / "cache", spec)
+    assert not failures
+    cache = StudyCache(root)
+    table = cache.all_slices()
+    cached, dicom = CacheSource(cache), DicomSource(table, spec)
+    for uid, index in table[["StudyInstanceUID", "slice_index"]].itertuples(index=False):
+        np.testing.assert_array_equal(cached.slice(uid, index), dicom.slice(uid, index))
+
+
+def test_bench_epoch_reports_both_sources(tmp_path: Path, capsys) -> None:
+    result = bench_epoch(work_dir=tmp_path, n_studies=1, image_size=64, cache_size=32, batch_size=8, max_slices=16, device="cpu", repeat=2)
+    assert list(result.index) == ["study cache", "DICOM on the fly"]
+    assert (result["slices"] == result["slices"].iloc[0]).all() and result["slices"].iloc[0] >= 8
+    assert (result[["data_s", "epoch_s", "data_ms_per_slice"]] > 0).all().all()
+    assert (result["epoch_s"] >= result["data_s"]).all()
+    printed = capsys.readouterr().out
+    assert "median of 2 passes" in printed and "break-even" in printed
