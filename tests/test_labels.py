@@ -146,9 +146,22 @@ def test_stratified_split_is_balanced_and_reproducible(tmp_path):
     n_frac = folds[[f"C{k}" for k in range(1, 8)]].sum(axis=1)
     per_fold = pd.crosstab(n_frac, folds["fold"])  # every count has >= 5 studies: a stratum of its own
     assert ((per_fold.max(axis=1) - per_fold.min(axis=1)) <= 1).all(), per_fold
+    positives = folds.groupby("fold")[["patient_overall", *[f"C{k}" for k in range(1, 8)]]].sum()
+    assert ((positives.max() - positives.min()) <= 1).all(), positives  # every vertebra, not only patient_overall
     again = make_folds(train, n_folds=5, seed=7)
     assert again["fold"].tolist() == folds["fold"].tolist()
     assert make_folds(train, n_folds=5, seed=8)["fold"].tolist() != folds["fold"].tolist()
+
+
+@pytest.mark.realdata
+def test_own_split_of_the_real_labels_balances_every_target(rsna_real):
+    """StratifiedKFold on patient_overall x count left C2's positives 23 apart between folds."""
+    train = pd.read_csv(rsna_real / "csv" / "train.csv")
+    folds = make_folds(train, n_folds=5, seed=42)
+    sizes = folds["fold"].value_counts()
+    assert sizes.max() - sizes.min() <= 1
+    positives = folds.groupby("fold")[["patient_overall", *[f"C{k}" for k in range(1, 8)]]].sum()
+    assert ((positives.max() - positives.min()) <= 2).all(), positives
 
 
 @pytest.mark.realdata
