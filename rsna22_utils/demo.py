@@ -22,6 +22,8 @@ import pandas as pd
 
 logger = logging.getLogger(__name__)
 
+FEW_POSITIVES = 10  # below this many positive studies a target's pooled OOF AUC is noise (the report says so)
+
 # Settings for a CPU demo; everything else is each stage's default (what a GPU run would use).
 DEMO_COMMON: dict[str, Any] = {"n_folds": 3, "num_workers": 0, "pretrained": False}
 DEMO_PROFILE: dict[str, dict[str, Any]] = {
@@ -183,9 +185,13 @@ def write_report(out: Path, data_dir: Path, work_dir: Path) -> dict:
         f"- competition metric (weighted log loss): **{result['cv_metric']:.4f}**",
         f"- prior baseline (train prevalence): {result['prior_metric']:.4f}  → ratio {result['ratio']:.2f}",
         "",
-        "| target | AUC |",
-        "| --- | --- |",
-        *[f"| {k} | {v:.3f} |" for k, v in result["auc"].items()],
+        "| target | AUC | positive studies |",
+        "| --- | --- | --- |",
+        *[f"| {k} | {v:.3f} | {int(study_labels[k].sum())} |" for k, v in result["auc"].items()],
+        "",
+        f"AUCs pool the folds' out-of-fold predictions. A target with fewer than {FEW_POSITIVES} positive studies gives a noisy"
+        " AUC, and a misleading one when a fold's model saw fewer positives than the others: that model predicts the target"
+        " lower for all its studies, positives included.",
         "",
     ]
     qc.plot_roc_curves(study_labels, oof, report_dir / "roc.png")
