@@ -172,6 +172,7 @@ def bench_epoch(
     from rsna22_utils.models import BoxModel, box_loss
     from rsna22_utils.scan import find_studies
 
+    repeat = max(1, repeat)  # at least one timed data pass per source
     work_dir = Path(work_dir or tempfile.mkdtemp(prefix="rsna22-bench-"))
     if data_dir is None:
         from rsna22_utils.synth import generate_competition
@@ -199,7 +200,7 @@ def bench_epoch(
     for name, source in sources.items():
         loader = DataLoader(BoxSliceDataset(table, source), batch_size=batch_size, shuffle=True, num_workers=0)
         passes = []
-        for _ in tqdm(range(max(1, repeat)), desc=f"data passes ({name})", leave=False):
+        for _ in tqdm(range(repeat), desc=f"data passes ({name})", leave=False):
             t0 = time.perf_counter()
             for _ in loader:
                 pass
@@ -238,7 +239,7 @@ def bench_epoch(
     result["model_ms_per_slice"] = 1e3 * (result["epoch_s"] - result["data_s"]).clip(lower=0) / n
     print(result.round(2).to_string())
     print(
-        f"data pipeline (median of {max(1, repeat)} passes): cache {dicom['data_s'] / cached['data_s']:.1f}x faster than decoding DICOMs; "
+        f"data pipeline (median of {repeat} passes): cache {dicom['data_s'] / cached['data_s']:.1f}x faster than decoding DICOMs; "
         f"full epoch on {dev}: {dicom['epoch_s'] / cached['epoch_s']:.1f}x"
     )
     break_even_ms = result.loc["DICOM on the fly", "data_ms_per_slice"] / 10

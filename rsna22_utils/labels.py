@@ -183,11 +183,11 @@ def _read_fold_file(fold_file: Path) -> pd.DataFrame:
 def _stratification_targets(train_df: pd.DataFrame, n_folds: int) -> np.ndarray:
     """0/1 columns every fold should hold its share of: each label, and each number of fractured
     vertebrae (counts held by fewer than n_folds studies merged upward)."""
-    columns = [c for c in ("patient_overall", *VERTEBRAE) if c in train_df.columns]
-    labels = train_df[columns].to_numpy(dtype=np.float64)
     vertebrae = [c for c in VERTEBRAE if c in train_df.columns]
+    columns = ["patient_overall", *vertebrae] if "patient_overall" in train_df.columns else vertebrae
+    labels = train_df[columns].to_numpy(dtype=np.float64)
     if not vertebrae:
-        return labels.reshape(len(train_df), len(columns))
+        return labels
     n_frac = train_df[vertebrae].sum(axis=1).to_numpy(dtype=np.int64)
     cap = max(c for c in range(int(n_frac.max(initial=0)) + 1) if (n_frac >= c).sum() >= n_folds or c == 0)
     counts = np.eye(cap + 1)[np.minimum(n_frac, cap)]

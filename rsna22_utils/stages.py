@@ -652,8 +652,9 @@ def train_study(cfg: Any) -> dict:
     valid = StudyEmbeddings(valid_uids, embeddings, folds, cfg.max_len)
     sequence_model = sequence_model.cpu()
     head = study_head(cfg, sequence_model)
-    head.start_from_prior(torch.from_numpy(train.targets.mean(axis=0)))
-    if head.evidence is not None:
+    if head.evidence is None:
+        head.start_from_prior(torch.from_numpy(train.targets.mean(axis=0)))
+    else:  # starts from the prior itself, then fits the evidence weights
         evidence = torch.cat([head.evidence(item["embeddings"][None], item["mask"][None]) for item in train])
         head.start_from_evidence(evidence, torch.from_numpy(train.targets))
         logger.info("evidence weights (patient_overall, C1..C7): %s", [round(float(w), 2) for w in head.evidence_weight])
