@@ -23,34 +23,27 @@
 # %% tags=["parameters"]
 overrides = {}
 
-# %%
-import sys
-from pathlib import Path
 
+# %%
 try:
-    import rsna22_utils  # noqa: F401  (a clone: ./kit and the runner put the repo on the path)
-except ImportError:  # on Kaggle: the utils dataset
+    from rsna22_utils.core.notebooks import start_stage
+except ImportError:  # on Kaggle: the kit's utils dataset
+    import sys
+
     sys.path.insert(0, "/kaggle/input/rsna22-utils")
-from IPython.display import Image, display
+    from rsna22_utils.core.notebooks import start_stage
 
-from rsna22_utils import qc, setup_logging
-from rsna22_utils.config import resolve_config
-from rsna22_utils.stages import run_stage_function
-
-setup_logging()
+session = start_stage("00_prepare", overrides)
+session.config
 
 # %%
-cfg = resolve_config("00_prepare", overrides)
-cfg
-
-# %%
-outputs = run_stage_function("00_prepare", cfg)
+outputs = session.run()
 outputs
 
 # %%
 import pandas as pd
 
-slices = pd.read_parquet(Path(cfg.out_dir) / "slices.parquet")
+slices = pd.read_parquet(session.out_dir / "slices.parquet")
 print(slices.groupby("split")["StudyInstanceUID"].nunique().rename("studies"))
 print(slices.groupby("StudyInstanceUID").size().describe().rename("slices per study"))
-pd.read_csv(Path(cfg.out_dir) / "folds.csv")["fold"].value_counts().sort_index()
+pd.read_csv(session.out_dir / "folds.csv")["fold"].value_counts().sort_index()

@@ -22,36 +22,33 @@ fold = 0
 seed = 0
 overrides = {}
 
-# %%
-import sys
-from pathlib import Path
 
+# %%
 try:
-    import rsna22_utils  # noqa: F401  (a clone: ./kit and the runner put the repo on the path)
-except ImportError:  # on Kaggle: the utils dataset
+    from rsna22_utils.core.notebooks import start_stage
+except ImportError:  # on Kaggle: the kit's utils dataset
+    import sys
+
     sys.path.insert(0, "/kaggle/input/rsna22-utils")
-from IPython.display import Image, display
+    from rsna22_utils.core.notebooks import start_stage
 
-from rsna22_utils import qc, setup_logging
-from rsna22_utils.config import resolve_config
-from rsna22_utils.stages import run_stage_function
-
-setup_logging()
+session = start_stage("01_train_box", overrides, fold=fold, seed=seed)
+session.config
 
 # %%
-cfg = resolve_config("01_train_box", {**overrides, "fold": fold, "seed": seed})
-cfg
-
-# %%
-metrics = run_stage_function("01_train_box", cfg)
+metrics = session.run()
 {k: v for k, v in metrics.items() if not isinstance(v, (list, dict))}
 
 # %%
-out = Path(cfg.out_dir)
-display(Image(qc.plot_loss_curves({f"fold{fold}-seed{seed}": out / "history.csv"}, out / "loss.png")))
+session.saved_config
 
 # %%
-from rsna22_utils.stages import box_examples
+from IPython.display import Image, display
 
-images, predicted, true = box_examples(cfg, n=8)
+from rsna22_utils.cervical import qc
+from rsna22_utils.cervical.box import box_examples
+
+out = session.out_dir
+display(Image(qc.plot_loss_curves({out.name: out / "history.csv"}, out / "loss.png")))
+images, predicted, true = box_examples(session.saved_config, n=8)
 display(Image(qc.draw_boxes_grid(images, predicted, true, out / "boxes.png")))

@@ -20,34 +20,31 @@
 # %% tags=["parameters"]
 overrides = {}
 
-# %%
-import sys
-from pathlib import Path
 
+# %%
 try:
-    import rsna22_utils  # noqa: F401  (a clone: ./kit and the runner put the repo on the path)
-except ImportError:  # on Kaggle: the utils dataset
+    from rsna22_utils.core.notebooks import start_stage
+except ImportError:  # on Kaggle: the kit's utils dataset
+    import sys
+
     sys.path.insert(0, "/kaggle/input/rsna22-utils")
-from IPython.display import Image, display
+    from rsna22_utils.core.notebooks import start_stage
 
-from rsna22_utils import qc, setup_logging
-from rsna22_utils.config import resolve_config
-from rsna22_utils.stages import run_stage_function
-
-setup_logging()
+session = start_stage("02_infer_box", overrides)
+session.config
 
 # %%
-cfg = resolve_config("02_infer_box", overrides)
-metrics = run_stage_function("02_infer_box", cfg)
+metrics = session.run()
 {k: v for k, v in metrics.items() if k != "models"}
 
 # %%
 import pandas as pd
+from IPython.display import Image, display
 
-out = Path(cfg.out_dir)
-pd.read_csv(out / "study_boxes.csv").head()
+from rsna22_utils.cervical import qc
 
-# %%
+out = session.out_dir
+display(pd.read_csv(out / "study_boxes.csv").head())
 if (out / "box_eval.csv").exists():  # synthetic data: true boxes of studies no box model saw
     evaluation = pd.read_csv(out / "box_eval.csv")
     display(Image(qc.plot_iou_histogram(evaluation["iou"], out / "iou.png")))

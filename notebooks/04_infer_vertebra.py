@@ -20,32 +20,28 @@
 # %% tags=["parameters"]
 overrides = {}
 
-# %%
-import sys
-from pathlib import Path
 
+# %%
 try:
-    import rsna22_utils  # noqa: F401  (a clone: ./kit and the runner put the repo on the path)
-except ImportError:  # on Kaggle: the utils dataset
+    from rsna22_utils.core.notebooks import start_stage
+except ImportError:  # on Kaggle: the kit's utils dataset
+    import sys
+
     sys.path.insert(0, "/kaggle/input/rsna22-utils")
-from IPython.display import Image, display
+    from rsna22_utils.core.notebooks import start_stage
 
-from rsna22_utils import qc, setup_logging
-from rsna22_utils.config import resolve_config
-from rsna22_utils.stages import run_stage_function
-
-setup_logging()
+session = start_stage("04_infer_vertebra", overrides)
+session.config
 
 # %%
-cfg = resolve_config("04_infer_vertebra", overrides)
-metrics = run_stage_function("04_infer_vertebra", cfg)
+metrics = session.run()
 metrics
 
 # %%
 import matplotlib.pyplot as plt
 import pandas as pd
 
-labels = pd.read_parquet(Path(cfg.out_dir) / "slice_labels.parquet")
+labels = pd.read_parquet(session.out_dir / "slice_labels.parquet")
 study = labels["StudyInstanceUID"].iloc[0]
 labels[labels["StudyInstanceUID"] == study].plot(x="slice_index", y=[f"C{k}_pred" for k in range(1, 8)], figsize=(10, 3), title=study)
 plt.show()

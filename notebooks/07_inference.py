@@ -34,19 +34,17 @@ if WHEELS.is_dir():  # Kaggle, offline: the DICOM decoders from the wheels datas
     wheels = [str(w) for w in sorted(WHEELS.glob("*.whl"))]
     subprocess.run([sys.executable, "-m", "pip", "install", "-q", "--no-index", "--find-links", str(WHEELS), *wheels], check=False)
 try:
-    import rsna22_utils  # noqa: F401  (a clone: ./kit and the runner put the repo on the path)
-except ImportError:  # on Kaggle: the utils dataset
+    from rsna22_utils.core.notebooks import start_stage
+except ImportError:  # on Kaggle: the kit's utils dataset
     sys.path.insert(0, "/kaggle/input/rsna22-utils")
-from rsna22_utils import setup_logging
-from rsna22_utils.config import resolve_config
-from rsna22_utils.predict import predict_submission
+    from rsna22_utils.core.notebooks import start_stage
 
-setup_logging()
+session = start_stage("07_inference", overrides)
+session.config
 
 # %%
-cfg = resolve_config("07_inference", overrides)
 started = time.perf_counter()
-submission = predict_submission(cfg)
-print(f"{len(submission)} rows -> {cfg.out} in {time.perf_counter() - started:.1f} s; "
+submission = session.run()
+print(f"{len(submission)} rows -> {session.config.out} in {time.perf_counter() - started:.1f} s; "
       f"{submission.attrs['predicted']} studies predicted, {len(submission.attrs['fallbacks'])} prior")
 submission.head(16)

@@ -80,17 +80,17 @@ def _parser() -> argparse.ArgumentParser:
 
 
 # Imported when the parser is built, so they must import their heavy dependencies lazily.
-COMMAND_MODULES: tuple[str, ...] = ("rsna22_utils.kaggle", "rsna22_utils.runner", "rsna22_utils.notebooks")
+COMMAND_MODULES: tuple[str, ...] = ("rsna22_utils.core.kaggle", "rsna22_utils.core.runner", "rsna22_utils.core.notebooks")
 
 
 def _train(args: argparse.Namespace) -> int:
     import json
 
-    from rsna22_utils.config import parse_overrides, resolve_config
-    from rsna22_utils.stages import run_stage_function
+    from rsna22_utils.core.config import parse_overrides, resolve_config
+    from rsna22_utils.core.registry import execute
 
     cfg = resolve_config(args.stage, parse_overrides(args.params))
-    metrics = run_stage_function(args.stage, cfg)
+    metrics = execute(args.stage, cfg)
     summary = {k: v for k, v in metrics.items() if isinstance(v, (int, float, str))}
     if int(os.environ.get("RANK", "0")) == 0:  # under torchrun every rank gets here; one line is enough
         logging.getLogger("rsna22_utils").info("%s done (%s): %s", args.stage, cfg.out_dir, json.dumps(summary, default=str))
@@ -105,7 +105,7 @@ def main(argv: list[str] | None = None) -> int:
     if getattr(args, "func", None) is not None:
         return int(args.func(args) or 0)
     if args.command == "synth":
-        from rsna22_utils.synth import generate_competition
+        from rsna22_utils.cervical.synth import generate_competition
 
         generate_competition(
             args.out,
@@ -119,31 +119,31 @@ def main(argv: list[str] | None = None) -> int:
         )
         return 0
     if args.command == "scan":
-        from rsna22_utils.scan import scan_competition
+        from rsna22_utils.core.scan import scan_competition
 
         failures = scan_competition(args.data_dir, args.out, workers=args.workers)
         return 1 if failures and not args.out.exists() else 0
     if args.command == "bench-decode":
-        from rsna22_utils.bench import bench_decode
+        from rsna22_utils.cervical.bench import bench_decode
 
         bench_decode(args.paths, repeat=args.repeat)
         return 0
     if args.command == "bench-epoch":
-        from rsna22_utils.bench import bench_epoch
+        from rsna22_utils.cervical.bench import bench_epoch
 
         bench_epoch(args.data_dir, args.work_dir, n_studies=args.studies, cache_size=args.cache_size, batch_size=args.batch_size, device=args.device, repeat=args.repeat)
         return 0
     if args.command == "predict":
-        from rsna22_utils.predict import run_cli
+        from rsna22_utils.cervical.submission import run_cli
 
         return run_cli(args)
     if args.command == "bench-inference":
-        from rsna22_utils.bench import bench_inference
+        from rsna22_utils.cervical.bench import bench_inference
 
         bench_inference(args.data_dir, args.weights, n_studies=args.studies)
         return 0
     if args.command == "demo":
-        from rsna22_utils.demo import parse_demo_overrides, run_demo
+        from rsna22_utils.cervical.demo import parse_demo_overrides, run_demo
 
         overrides = parse_demo_overrides(args.params)
         run_demo(args.out, n_studies=args.studies, image_size=args.image_size, seed=args.seed, overrides=overrides)

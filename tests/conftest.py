@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 from pathlib import Path
 
 import pytest
@@ -30,30 +31,45 @@ TINY_SEQUENCE = {"backbone": "mobilenetv3_small_050", "seq_len": 8, "slices_per_
 TINY_STAGES = {
     "00_prepare": {"image_size": 48, "workers": 1},
     "01_train_box": {"backbone": "mobilenetv3_small_050", "epochs": 1, "max_steps_per_epoch": 2, "batch_size": 8},
-    "02_infer_box": {"backbone": "mobilenetv3_small_050", "infer_batch_size": 64},
+    "02_infer_box": {"infer_batch_size": 64},
     "03_train_vertebra": {**TINY_SEQUENCE, "epochs": 1, "max_steps_per_epoch": 2, "batch_size": 2, "samples_per_study": 1},
-    "04_infer_vertebra": {**TINY_SEQUENCE, "infer_batch_size": 4},
+    "04_infer_vertebra": {"infer_stride": 24, "infer_batch_size": 4},
     "05_train_fracture": {**TINY_SEQUENCE, "epochs": 1, "max_steps_per_epoch": 2, "batch_size": 2, "samples_per_study": 1, "crop_size": 32},
     "06_train_study": {"epochs": 1, "batch_size": 4, "lstm_hidden": 16, "max_len": 32},
 }
+
+
+def tiny_settings(stage: str, values: dict) -> dict:
+    """`values` restricted to the settings `stage` has (the shared ones apply only where they exist)."""
+    from rsna22_utils.core.config import settable_fields
+    from rsna22_utils.core.registry import get_stage
+
+    fields = set(settable_fields(get_stage(stage).config))
+    return {k: v for k, v in values.items() if k in fields}
 
 
 @pytest.fixture(scope="session")
 def tiny_pipeline(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
     """A synthetic competition (8 train + 3 test studies, 48 px) through stages 00-06 with tiny settings, once.
 
-    Returns {"data_dir", "work_dir"}; work_dir holds `<stage>/fold0-seed0/` runs like a real `runs/`
-    folder (usable as the inference weights folder). Tests must not write into either.
+    Returns {"data_dir", "work_dir", "config_changes"}; work_dir holds `<stage>/fold0-seed0/` runs like a
+    real `runs/` folder (usable as the inference weights folder), and a 07_inference submission;
+    config_changes maps every stage to what running it changed in the config it was given (nothing).
+    Tests must not write into either folder.
     """
-    from rsna22_utils.config import resolve_config
-    from rsna22_utils.stages import run_stage_function
-    from rsna22_utils.synth import generate_competition
+    from rsna22_utils.cervical.synth import generate_competition
+    from rsna22_utils.core.config import config_diff, resolve_config
+    from rsna22_utils.core.registry import execute
 
     root = tmp_path_factory.mktemp("tiny_pipeline")
     data_dir, work_dir = root / "competition", root / "runs"
     generate_competition(data_dir, n_studies=8, n_test_studies=3, image_size=48, median_slices=60, seed=3, workers=1)
     common = {**TINY_COMMON, "data_dir": str(data_dir), "work_dir": str(work_dir), "prepared_dir": str(work_dir / "00_prepare")}
-    for stage, overrides in TINY_STAGES.items():
-        cfg = resolve_config(stage, {**common, **overrides, "fold": 0, "seed": 0})
-        run_stage_function(stage, cfg)
-    return {"data_dir": data_dir, "work_dir": work_dir}
+    submission = {"weights_dir": str(work_dir), "out": str(work_dir / "07_inference" / "submission.csv")}
+    changes = {}
+    for stage, overrides in {**TINY_STAGES, "07_inference": submission}.items():
+        cfg = resolve_config(stage, tiny_settings(stage, {**common, **overrides, "fold": 0, "seed": 0}))
+        given = copy.deepcopy(cfg)
+        execute(stage, cfg)
+        changes[stage] = config_diff(given, cfg)
+    return {"data_dir": data_dir, "work_dir": work_dir, "config_changes": changes}

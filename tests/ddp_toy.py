@@ -17,8 +17,8 @@ from torch.utils.data import Dataset
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from rsna22_utils.config import parse_overrides, resolve_config  # noqa: E402
-from rsna22_utils.train import fit  # noqa: E402
+from rsna22_utils.core.config import parse_overrides, resolve_config  # noqa: E402
+from rsna22_utils.core.train import fit  # noqa: E402
 
 N_FEATURES = 8
 

@@ -6,11 +6,11 @@ from pathlib import Path
 
 import numpy as np
 
-from rsna22_utils.bench import bench_epoch
-from rsna22_utils.cache import CacheSpec, StudyCache, build_cache
-from rsna22_utils.data import CacheSource, DicomSource
-from rsna22_utils.scan import find_studies
-from rsna22_utils.synth import generate_competition
+from rsna22_utils.cervical.bench import bench_epoch
+from rsna22_utils.cervical.data import CacheSource, DicomSource
+from rsna22_utils.cervical.synth import generate_competition
+from rsna22_utils.core.cache import CacheSpec, StudyCache, build_cache
+from rsna22_utils.core.scan import find_studies
 
 
 def test_cache_and_dicom_sources_give_identical_slices(tmp_path: Path) -> None:

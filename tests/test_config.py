@@ -7,18 +7,23 @@ from pathlib import Path
 
 import pytest
 
-from rsna22_utils.config import (
-    PER_FOLD_STAGES,
-    STAGES,
-    BoxConfig,
+from rsna22_utils.cervical.configs import (
+    BoxTrainConfig,
+    FractureTrainConfig,
+    PrepareConfig,
+    VertebraInferConfig,
+    VertebraTrainConfig,
+)
+from rsna22_utils.core.config import (
     ConfigError,
-    SequenceConfig,
     config_diff,
     load_config,
     parse_overrides,
     resolve_config,
     save_config,
+    with_derived,
 )
+from rsna22_utils.core.registry import get_stage, stages
 
 
 def test_parse_overrides_types() -> None:
@@ -31,11 +36,12 @@ def test_parse_overrides_types() -> None:
 
 
 def test_resolve_coerces_by_annotation() -> None:
-    cfg = resolve_config("01_train_box", {"epochs": "3", "lr": "0.01", "amp": "false", "fold": 2.0,
-                                          "windows": "[[400, 1800]]", "data_dir": Path("/x")})
-    assert isinstance(cfg, BoxConfig)
-    assert (cfg.epochs, cfg.lr, cfg.amp, cfg.fold, cfg.data_dir) == (3, 0.01, False, 2, "/x")
-    assert cfg.windows == [[400.0, 1800.0]] and isinstance(cfg.windows[0][0], float)
+    cfg = resolve_config("01_train_box", {"epochs": "3", "lr": "0.01", "amp": "false", "fold": 2.0})
+    assert isinstance(cfg, BoxTrainConfig)
+    assert (cfg.epochs, cfg.lr, cfg.amp, cfg.fold) == (3, 0.01, False, 2)
+    prepare = resolve_config("00_prepare", {"windows": "[[400, 1800]]", "data_dir": Path("/x")})
+    assert isinstance(prepare, PrepareConfig) and prepare.data_dir == "/x"
+    assert prepare.windows == [[400.0, 1800.0]] and isinstance(prepare.windows[0][0], float)
     cli = resolve_config("01_train_box", parse_overrides(["epochs=1", "fold=0"]))
     assert (cli.epochs, cli.fold) == (1, 0)
     with pytest.raises(ConfigError, match="'epochs'"):
@@ -81,24 +87,45 @@ def test_notebook_pattern() -> None:
 
 
 def test_save_load_round_trip_and_diff(tmp_path: Path) -> None:
-    cfg = resolve_config("05_train_fracture", {"epochs": 2, "windows": [[400, 1800], [50, 350]], "fold": 1})
+    cfg = with_derived(resolve_config("05_train_fracture", {"epochs": 2, "fold": 1}), windows=[[400.0, 1800.0], [50.0, 350.0]])
     path = save_config(cfg, tmp_path / "sub" / "config.json")
     payload = json.loads(path.read_text())
-    assert payload["_class"] == "SequenceConfig" and payload["stage"] == "05_train_fracture"
+    assert payload["_class"] == "FractureTrainConfig" and payload["stage"] == "05_train_fracture"
     back = load_config(path)
-    assert back == cfg and isinstance(back, SequenceConfig)
+    assert back == cfg and isinstance(back, FractureTrainConfig)
     assert config_diff(cfg, back) == {}
-    other = resolve_config("05_train_fracture", {"epochs": 3, "windows": [[400, 1800], [50, 350]], "fold": 1})
+    other = with_derived(resolve_config("05_train_fracture", {"epochs": 3, "fold": 1}), windows=[[400.0, 1800.0], [50.0, 350.0]])
     assert config_diff(cfg, other) == {"epochs": (2, 3)}
     (tmp_path / "bad.json").write_text(json.dumps({**payload, "epoks": 1}))
     with pytest.raises(ConfigError, match="bad.json.*epoks"):
         load_config(tmp_path / "bad.json")
 
 
-@pytest.mark.parametrize("stage", list(STAGES))
+@pytest.mark.parametrize("stage", list(stages()))
 def test_every_stage_resolves(stage: str) -> None:
     cfg = resolve_config(stage)
-    assert isinstance(cfg, STAGES[stage]) and cfg.stage == stage
-    assert Path(cfg.out_dir).parts[-2 if stage in PER_FOLD_STAGES else -1] == stage
-    if stage in ("03_train_vertebra", "04_infer_vertebra", "05_train_fracture"):
-        assert cfg.task == ("fracture" if stage == "05_train_fracture" else "vertebra")
+    assert isinstance(cfg, get_stage(stage).config) and cfg.stage == stage
+    assert Path(cfg.out_dir).parts[-2 if get_stage(stage).per_fold else -1] == stage
+    expected = {"03_train_vertebra": VertebraTrainConfig, "04_infer_vertebra": VertebraInferConfig, "05_train_fracture": FractureTrainConfig}
+    if stage in expected:
+        assert type(cfg) is expected[stage]
+
+
+def test_a_setting_that_does_not_apply_names_the_stages_where_it_does() -> None:
+    with pytest.raises(ConfigError, match=r"'lr' does not apply to stage '07_inference'; it applies to 01_train_box, 03_train_vertebra, 05_train_fracture, 06_train_study"):
+        resolve_config("07_inference", {"lr": 1e-3})
+    with pytest.raises(ConfigError, match=r"'backbone' does not apply to stage '00_prepare'"):
+        resolve_config("00_prepare", {"backbone": "resnet18"})
+    with pytest.raises(ConfigError, match=r"'fold' does not apply to stage '04_infer_vertebra'"):
+        resolve_config("04_infer_vertebra", {"fold": 1})
+
+
+def test_derived_settings_come_from_the_stage_inputs_not_the_user(tmp_path: Path) -> None:
+    with pytest.raises(ConfigError, match=r"'seq_len' of stage '06_train_study' is not a setting: the stage takes it from its stage-05 run"):
+        resolve_config("06_train_study", {"seq_len": 16})
+    with pytest.raises(ConfigError, match=r"'image_size' of stage '01_train_box' is not a setting: the stage takes it from the study cache"):
+        resolve_config("01_train_box", {"image_size": 128})
+    cfg = resolve_config("06_train_study")
+    derived = with_derived(cfg, seq_len=8, backbone="resnet34")
+    assert (cfg.seq_len, cfg.backbone) == (32, "resnet18")  # the given config is never changed
+    assert load_config(save_config(derived, tmp_path / "config.json")) == derived  # a saved run holds them

@@ -11,8 +11,8 @@ import pandas as pd
 import pytest
 import torch
 
-from rsna22_utils.cache import CacheSpec, StudyCache
-from rsna22_utils.data import SequenceDataset, crop_box_in_cache, positive_slices, sequence_starts, spread_window_predictions
+from rsna22_utils.cervical.data import SequenceDataset, crop_box_in_cache, positive_slices, sequence_starts, spread_window_predictions
+from rsna22_utils.core.cache import CacheSpec, StudyCache
 
 
 def make_cache(root: Path, lengths: dict[str, int], size: int = 16) -> StudyCache:

@@ -9,15 +9,17 @@ from pathlib import Path
 import pandas as pd
 import pytest
 
-from rsna22_utils.config import ConfigError, resolve_config
-from rsna22_utils.demo import DEMO_FOLDS, DEMO_PROFILE, demo_overrides, parse_demo_overrides, write_report
-from rsna22_utils.metric import TARGETS
-from rsna22_utils.predict import predict_submission
-from rsna22_utils.stages import STAGE_FUNCTIONS
+from rsna22_utils.cervical.demo import DEMO_PROFILE, demo_folds, demo_overrides, parse_demo_overrides, write_report
+from rsna22_utils.cervical.metric import TARGETS
+from rsna22_utils.cervical.submission import predict_submission
+from rsna22_utils.core.config import ConfigError, resolve_config
+from rsna22_utils.core.registry import stages
 
 
 def test_demo_profile_covers_every_stage_with_valid_settings() -> None:
-    assert list(DEMO_PROFILE) == [*STAGE_FUNCTIONS, "07_inference"] and set(DEMO_FOLDS) == set(DEMO_PROFILE)
+    assert list(DEMO_PROFILE) == list(stages())
+    for stage, entry in stages().items():  # every per-fold stage says which folds the demo trains
+        assert (demo_folds(stage, 3) is not None) == entry.per_fold
     for stage in DEMO_PROFILE:
         resolve_config(stage, demo_overrides(stage, COMMON))  # raises on a misspelt or invalid setting
     assert demo_overrides("05_train_fracture", COMMON)["init_encoder_from"] == "w/03_train_vertebra/fold0-seed0"
@@ -62,15 +64,15 @@ def test_report_scores_oof_and_submission_and_writes_figures(tiny_pipeline: dict
 
 def test_fracture_cnn_can_start_from_the_vertebra_cnn(tiny_pipeline: dict) -> None:
     import torch
+    from conftest import TINY_COMMON, TINY_STAGES, tiny_settings
 
-    from conftest import TINY_COMMON, TINY_STAGES
-    from rsna22_utils.models import create_model
-    from rsna22_utils.stages import _init_encoder, load_run
+    from rsna22_utils.cervical.models import create_model, load_run
+    from rsna22_utils.cervical.sequence import _init_encoder
 
     work_dir = tiny_pipeline["work_dir"]
-    cfg = resolve_config("05_train_fracture", {
+    cfg = resolve_config("05_train_fracture", tiny_settings("05_train_fracture", {
         **TINY_COMMON, **TINY_STAGES["05_train_fracture"], "work_dir": str(work_dir), "fold": 0, "seed": 0, "init_encoder_from": "vertebra",
-    })
+    }))
     model = create_model(cfg)
     _init_encoder(model, cfg)
     source, _ = load_run(work_dir / "03_train_vertebra" / "fold0-seed0", torch.device("cpu"))

@@ -14,7 +14,7 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from rsna22_utils.dicom import SLICE_COLUMNS, DicomReadError, read_slice, read_slice_headers, read_study, window
+from rsna22_utils.core.dicom import SLICE_COLUMNS, DicomReadError, read_slice, read_slice_headers, read_study, window
 
 UID_14267 = "1.2.826.0.1.3680043.14267"
 UID_13203 = "1.2.826.0.1.3680043.13203"

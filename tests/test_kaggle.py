@@ -7,7 +7,6 @@ import io
 import json
 import os
 import shutil
-import socket
 import subprocess
 import sys
 import threading
@@ -17,7 +16,7 @@ from pathlib import Path
 
 import pytest
 
-from rsna22_utils import kaggle as k
+from rsna22_utils.core import kaggle as k
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -109,7 +108,7 @@ def test_build_utils_dataset(tmp_path):
     out = k.build_utils_dataset(tmp_path / "out", _settings(), root=root)
     meta = _check_meta(out)
     assert meta["id"] == "kit-tester/rsna22-utils"
-    assert (out / "rsna22_utils" / "kaggle.py").read_text() == (ROOT / "rsna22_utils" / "kaggle.py").read_text()
+    assert (out / "rsna22_utils" / "core" / "kaggle.py").read_text() == (ROOT / "rsna22_utils" / "core" / "kaggle.py").read_text()
     assert not list(out.rglob("__pycache__")) and not list(out.rglob("*.pyc"))
     assert (out / "notebooks" / "07_inference.py").exists() and (out / "requirements.txt").read_text() == "numpy\n"
     assert "sys.path.insert(0, \"/kaggle/input/rsna22-utils\")" in (out / "README.md").read_text()
@@ -161,24 +160,25 @@ def test_kernel_metadata_generated_and_committed(tmp_path):
     assert inf["dataset_sources"] == ["kit-tester/rsna22-utils", "kit-tester/rsna22-weights", "kit-tester/rsna22-wheels"]
     assert inf["competition_sources"] == ["rsna-2022-cervical-spine-fracture-detection"] and inf["kernel_sources"] == []
     assert inf["id"].split("/")[1] == k.slugify(inf["title"])  # title resolves to the id, as kaggle expects
-    folders = k.write_kernel_folders(s, k.STAGES, tmp_path / "km")
-    assert [f.name for f in folders] == list(k.STAGES) and (tmp_path / "km" / ".gitignore").read_text().strip().endswith("*.ipynb")
+    folders = k.write_kernel_folders(s, None, tmp_path / "km")
+    assert [f.name for f in folders] == k.stage_names() and (tmp_path / "km" / ".gitignore").read_text().strip().endswith("*.ipynb")
     # the committed kernel-metadata/ is exactly what the generator writes from kaggle-settings.json
     committed = k.load_settings(ROOT / "kaggle-settings.json", owner=k.PLACEHOLDER_OWNER)
-    for stage in k.STAGES:
+    for stage in k.stage_names():
         assert json.loads((ROOT / "kernel-metadata" / stage / "kernel-metadata.json").read_text()) == k.kernel_metadata(stage, committed)
 
 
 def test_stages_match_the_stage_registry():
-    import ast
+    from rsna22_utils.core.registry import stages
 
-    tree = ast.parse((ROOT / "rsna22_utils" / "stages.py").read_text())
-    registry = next(n for n in ast.walk(tree) if isinstance(n, ast.AnnAssign) and getattr(n.target, "id", "") == "STAGE_FUNCTIONS")
-    assert tuple(key.value for key in registry.value.keys) == k.TRAINING_STAGES
+    assert k.stage_names() == list(stages())
+    assert sorted(p.name for p in (ROOT / "kernel-metadata").iterdir() if p.is_dir()) == sorted(stages())
+    for stage in stages().values():  # one notebook pair per stage
+        assert stage.notebook.is_file() and stage.notebook.with_suffix(".ipynb").is_file(), stage.name
 
 
 def test_importing_module_does_not_import_kaggle():
-    code = "import sys, rsna22_utils.kaggle, rsna22_utils.cli; print('kaggle' in sys.modules, 'kagglesdk' in sys.modules)"
+    code = "import sys, rsna22_utils.core.kaggle, rsna22_utils.cli; print('kaggle' in sys.modules, 'kagglesdk' in sys.modules)"
     out = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, check=True, env={**os.environ, "PYTHONPATH": str(ROOT)})
     assert out.stdout.split() == ["False", "False"]
 
@@ -188,7 +188,7 @@ def test_push_without_credentials_is_a_clear_error(tmp_path):
     folder = k.build_weights_dataset([_run(tmp_path)], tmp_path / "w", _settings())
     env = {key: v for key, v in os.environ.items() if not key.startswith("KAGGLE_")}
     env.update(PYTHONPATH=str(ROOT), HOME=str(tmp_path), KAGGLE_CONFIG_DIR=str(tmp_path / "cfg"), XDG_CONFIG_HOME=str(tmp_path))
-    code = f"from rsna22_utils import kaggle as k\nk.push_dataset({str(folder)!r}, 'm')"
+    code = f"from rsna22_utils.core import kaggle as k\nk.push_dataset({str(folder)!r}, 'm')"
     proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env)
     assert proc.returncode != 0 and "no Kaggle credentials" in proc.stderr
 
@@ -276,7 +276,7 @@ def test_push_dataset_and_kernel_against_recorder(tmp_path, recorder):
         KAGGLE_CONFIG_DIR=str(tmp_path / "cfg"), HOME=str(tmp_path / "home"), TMPDIR=str(tmp_path / "tmp"),
     )
     code = (
-        "from rsna22_utils import kaggle as k\n"
+        "from rsna22_utils.core import kaggle as k\n"
         "s = k.load_settings()\n"
         f"print(k.push_dataset({str(utils)!r}, 'first', s))\n"
         f"print(k.push_dataset({str(utils)!r}, 'second version', s))\n"
@@ -334,7 +334,7 @@ def test_cli_commands(tmp_path):
 
 
 def test_standalone_cli_needs_only_the_stdlib(tmp_path):
-    """The upload workflow installs only kaggle + six: `python -m rsna22_utils.kaggle` must not need numpy/torch."""
+    """The upload workflow installs only kaggle + six: `python -m rsna22_utils.core.kaggle` must not need numpy/torch."""
     blocker = (
         "import sys, runpy\n"
         "class Block:\n"
@@ -343,7 +343,7 @@ def test_standalone_cli_needs_only_the_stdlib(tmp_path):
         "            raise ImportError('blocked ' + name)\n"
         "sys.meta_path.insert(0, Block())\n"
         "sys.argv = ['x', 'build-dataset', 'utils', '--owner', 'ci-user', '--out', sys.argv[1]]\n"
-        "runpy.run_module('rsna22_utils.kaggle', run_name='__main__')\n"
+        "runpy.run_module('rsna22_utils.core.kaggle', run_name='__main__')\n"
     )
     proc = subprocess.run([sys.executable, "-c", blocker, str(tmp_path / "u")], capture_output=True, text=True, cwd=ROOT, env={**os.environ, "PYTHONPATH": str(ROOT)})
     assert proc.returncode == 0, proc.stderr[-2000:]
@@ -362,7 +362,8 @@ def test_workflows_pass_actionlint():
 
 def test_kaggle_paths_in_config_and_notebooks_match_the_dataset_slugs():
     """Where the inference notebook looks on Kaggle is where the datasets we push are mounted."""
-    from rsna22_utils.config import KAGGLE_COMPETITION_DIR, resolve_config
+    from rsna22_utils.cervical.configs import KAGGLE_COMPETITION_DIR
+    from rsna22_utils.core.config import resolve_config
 
     settings = k.load_settings()
     cfg = resolve_config("07_inference")

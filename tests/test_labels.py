@@ -6,7 +6,7 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from rsna22_utils.labels import build_segmentation_labels, make_folds, slice_boxes, study_box, vertebra_ratios
+from rsna22_utils.cervical.labels import build_segmentation_labels, make_folds, slice_boxes, study_box, vertebra_ratios
 
 # ------------------------------------------------------------------------------- slice boxes
 
@@ -189,7 +189,7 @@ def totalseg(realdata):
     path = realdata / "totalsegmentator" / "example_ct_totalseg.nii.gz"
     if not path.is_file():
         pytest.skip(f"{path} not found")
-    from rsna22_utils.segmentation import load_nifti_labels
+    from rsna22_utils.cervical.segmentation import load_nifti_labels
 
     return path, load_nifti_labels(path, TOTALSEG_REMAP)
 
@@ -245,8 +245,7 @@ def test_totalsegmentator_boxes_and_ratios_are_sane(totalseg):
 
 def write_ct_slice(path, uid: str, number: int, z: float, pixels: np.ndarray) -> None:
     """A minimal valid CT slice (explicit VR little endian)."""
-    from pydicom.dataset import FileMetaDataset
-    from pydicom.dataset import Dataset
+    from pydicom.dataset import Dataset, FileMetaDataset
     from pydicom.uid import CTImageStorage, ExplicitVRLittleEndian, generate_uid
 
     meta = FileMetaDataset()
@@ -275,9 +274,9 @@ def write_ct_slice(path, uid: str, number: int, z: float, pixels: np.ndarray) ->
 
 
 def test_build_segmentation_labels(tmp_path):
-    dicom = pytest.importorskip("rsna22_utils.dicom")
+    dicom = pytest.importorskip("rsna22_utils.core.dicom")
     if not hasattr(dicom, "read_slice_headers"):
-        pytest.skip("rsna22_utils.dicom.read_slice_headers not available yet")
+        pytest.skip("rsna22_utils.core.dicom.read_slice_headers not available yet")
     from test_segmentation import head_to_feet_labels, write_competition_nifti
 
     data = tmp_path / "data"
@@ -330,7 +329,7 @@ def test_build_segmentation_labels(tmp_path):
 
 
 def test_fracture_slice_labels_rescale_each_vertebra_to_peak_one() -> None:
-    from rsna22_utils.labels import fracture_slice_labels
+    from rsna22_utils.cervical.labels import fracture_slice_labels
 
     pred = np.zeros((20, 7))
     pred[2:6, 0] = [0.1, 0.4, 0.2, 0.1]  # C1 peaks at 0.4: rescaled to 1

@@ -9,7 +9,7 @@ import pandas as pd
 import pytest
 import torch
 
-from rsna22_utils.metric import (
+from rsna22_utils.cervical.metric import (
     SUBMISSION_ORDER,
     TARGETS,
     CompetitionLoss,

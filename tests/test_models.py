@@ -6,7 +6,18 @@ import pytest
 import torch
 from torch import nn
 
-from rsna22_utils.models import BoxModel, feature_size, SequenceModel, SliceEvidence, StudyHead, StudyModel, box_loss, create_backbone, fit_length, sequence_loss
+from rsna22_utils.cervical.models import (
+    BoxModel,
+    SequenceModel,
+    SliceEvidence,
+    StudyHead,
+    StudyModel,
+    box_loss,
+    create_backbone,
+    feature_size,
+    fit_length,
+    sequence_loss,
+)
 
 BACKBONE = "mobilenetv3_small_050"
 
@@ -128,24 +139,33 @@ def test_study_head_starts_from_logistic_fits_of_the_evidence() -> None:
 
 
 def test_create_model_builds_each_stage_network_from_its_config() -> None:
-    from rsna22_utils.config import resolve_config
-    from rsna22_utils.models import create_model
+    from rsna22_utils.cervical.models import StudyModel, create_model
+    from rsna22_utils.core.config import resolve_config, with_derived
 
-    common = {"backbone": BACKBONE, "windows": [[400, 1800], [40, 400]]}
-    box = create_model(resolve_config("01_train_box", common))
-    vertebra = create_model(resolve_config("03_train_vertebra", {**common, "lstm_hidden": 16}))
-    fracture = create_model(resolve_config("05_train_fracture", {**common, "lstm_hidden": 16, "slices_per_image": 5, "infer_stride": 32}))
+    windows = [[400.0, 1800.0], [40.0, 400.0]]  # from the study cache
+
+    def config(stage: str, settings: dict):
+        return with_derived(resolve_config(stage, settings), windows=windows)
+
+    box = create_model(config("01_train_box", {"backbone": BACKBONE}))
+    vertebra = create_model(config("03_train_vertebra", {"backbone": BACKBONE, "lstm_hidden": 16}))
+    fracture = create_model(config("05_train_fracture", {"backbone": BACKBONE, "lstm_hidden": 16, "slices_per_image": 5, "infer_stride": 32}))
     assert isinstance(box, BoxModel) and box.encoder.conv_stem.in_channels == 2
     assert vertebra.head.out_features == 7 and vertebra.encoder.conv_stem.in_channels == 3 * 2
     assert fracture.head.out_features == 14 and fracture.encoder.conv_stem.in_channels == 5 * 2
-    with pytest.raises(ValueError, match="06_train_study"):
-        create_model(resolve_config("06_train_study"))
+    study_cfg = with_derived(resolve_config("06_train_study", {"lstm_hidden": 16}), windows=windows, backbone=BACKBONE, slices_per_image=5, fracture_lstm_hidden=16)
+    study = create_model(study_cfg)  # the frozen stage-05 CNN's architecture + the study head, from the 06 config alone
+    assert isinstance(study, StudyModel) and study.encoder.conv_stem.in_channels == 5 * 2
+    assert study.head.evidence.head.out_features == 14 and study.head.lstm.hidden_size == 16
+    assert not any(p.requires_grad for p in study.encoder.parameters())
+    with pytest.raises(ValueError, match="07_inference"):
+        create_model(resolve_config("07_inference"))
 
 
 def test_loading_a_run_never_fetches_pretrained_weights(tmp_path) -> None:
     """A run trained from ImageNet weights is rebuilt offline: its own weights are loaded next."""
-    from rsna22_utils.config import resolve_config
-    from rsna22_utils.models import create_model
+    from rsna22_utils.cervical.models import create_model
+    from rsna22_utils.core.config import resolve_config
 
     cfg = resolve_config("01_train_box", {"backbone": BACKBONE, "pretrained": True, "pretrained_path": str(tmp_path / "gone.safetensors")})
     with pytest.raises(FileNotFoundError, match="gone.safetensors"):

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from rsna22_utils.notebooks import NOTEBOOKS_DIR, add_commands, check_pairs, check_thin, sync_pairs
+from rsna22_utils.core.notebooks import NOTEBOOKS_DIR, add_commands, check_pairs, check_thin, sync_pairs
 
 STAGE_PY = '''# %% [markdown]
 # # Tiny stage

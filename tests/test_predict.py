@@ -10,9 +10,9 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from rsna22_utils.config import resolve_config
-from rsna22_utils.metric import TARGETS, score, solution_from_labels
-from rsna22_utils.predict import TimeBudget, predict_submission, train_prevalence
+from rsna22_utils.cervical.metric import TARGETS, score, solution_from_labels
+from rsna22_utils.cervical.submission import TimeBudget, predict_submission, train_prevalence
+from rsna22_utils.core.config import resolve_config
 
 
 def _config(data_dir: Path, weights: Path, out: Path, **extra) -> object:
@@ -61,7 +61,7 @@ def test_corrupt_study_gets_prior_and_others_predicted(tiny_pipeline: dict, tmp_
     dicom = sorted((data_dir / "test_images" / bad).glob("*.dcm"))[3]
     dicom.write_bytes(dicom.read_bytes()[:300])  # truncated file
     out = tmp_path / "submission.csv"
-    with caplog.at_level(logging.WARNING, logger="rsna22_utils.predict"):
+    with caplog.at_level(logging.WARNING, logger="rsna22_utils.cervical.submission"):
         submission = predict_submission(_config(data_dir, tiny_pipeline["work_dir"], out, num_workers=1))
     written = pd.read_csv(out)
     assert list(written["row_id"]) == list(test["row_id"])
@@ -105,7 +105,7 @@ def test_time_budget_drops_to_fewer_models_then_prior() -> None:
 def test_tiny_budget_still_writes_every_row(tiny_pipeline: dict, tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
     data_dir = tiny_pipeline["data_dir"]
     out = tmp_path / "submission.csv"
-    with caplog.at_level(logging.WARNING, logger="rsna22_utils.predict"):
+    with caplog.at_level(logging.WARNING, logger="rsna22_utils.cervical.submission"):
         submission = predict_submission(_config(data_dir, tiny_pipeline["work_dir"], out, time_budget_hours=1e-7, num_workers=0))
     test = pd.read_csv(data_dir / "test.csv")
     assert list(pd.read_csv(out)["row_id"]) == list(test["row_id"])
@@ -116,7 +116,7 @@ def test_tiny_budget_still_writes_every_row(tiny_pipeline: dict, tmp_path: Path,
 
 def test_notebook_writes_submission_under_papermill(tiny_pipeline: dict, tmp_path: Path) -> None:
     """The issue's acceptance: the inference notebook on a Kaggle-like synthetic competition, one study corrupted."""
-    from rsna22_utils.runner import run_stage
+    from rsna22_utils.core.runner import run_stage
 
     data_dir = _copy_competition(tiny_pipeline["data_dir"], tmp_path / "competition")
     test = pd.read_csv(data_dir / "test.csv")
@@ -136,7 +136,7 @@ def test_notebook_writes_submission_under_papermill(tiny_pipeline: dict, tmp_pat
 
 
 def test_prevalence_constants_match_targets() -> None:
-    from rsna22_utils.predict import TRAIN_PREVALENCE
+    from rsna22_utils.cervical.submission import TRAIN_PREVALENCE
 
     assert list(TRAIN_PREVALENCE) == list(TARGETS)
     assert all(0 < v < 1 for v in TRAIN_PREVALENCE.values())
@@ -146,24 +146,27 @@ def test_inference_path_matches_the_training_pipeline(tiny_pipeline: dict) -> No
     """Box + crops + study model on a cached train study give what 02_infer_box and embed_studies gave in training."""
     import torch
 
-    from rsna22_utils.config import load_config
-    from rsna22_utils.models import fit_length
-    from rsna22_utils.predict import MemoryCache, load_ensemble, predict_box, study_probabilities, study_windows
-    from rsna22_utils.stages import Prepared, embed_studies
+    from rsna22_utils.cervical.embed import embed_studies, study_images, study_probabilities
+    from rsna22_utils.cervical.models import fit_length
+    from rsna22_utils.cervical.prepare import Prepared
+    from rsna22_utils.cervical.study_box import predict_study_box
+    from rsna22_utils.cervical.submission import MemoryCache, load_ensemble
+    from rsna22_utils.core.config import load_config
 
     work_dir = tiny_pipeline["work_dir"]
     ensemble = load_ensemble(work_dir, torch.device("cpu"))
     cache = Prepared(work_dir / "00_prepare").cache()
     uid = cache.uids[0]
     slices = cache.slices(uid)
-    box = predict_box(ensemble.box, np.asarray(cache.volume(uid)), slices, torch.device("cpu"), 64)
+    box = predict_study_box(ensemble.box.models, np.asarray(cache.volume(uid)), slices, torch.device("cpu"), 64, 0.5, 5)
     expected = pd.read_csv(work_dir / "02_infer_box" / "study_boxes.csv").set_index("StudyInstanceUID").loc[uid]
     assert (box["slnum_from"], box["slnum_to"]) == (expected["slnum_from"], expected["slnum_to"])
     assert np.allclose([box[c] for c in ("x0", "y0", "x1", "y1")], expected[["x0", "y0", "x1", "y1"]].to_numpy(float), atol=1e-3)
 
     run = ensemble.study[0]
-    images, masks, n_images = study_windows(run, MemoryCache(run.spec, uid, np.asarray(cache.volume(uid)), slices), uid, box)
-    ours = study_probabilities(run, images, masks, n_images, torch.device("cpu"), 4)
+    images = study_images(run.cfg, MemoryCache(run.spec, uid, np.asarray(cache.volume(uid)), slices), uid, box)
+    with torch.inference_mode():
+        ours = study_probabilities(run.model, run.cfg, images, torch.device("cpu"), 4)
     cfg = load_config(work_dir / "06_train_study" / "fold0-seed0" / "config.json")
     crops = {uid: tuple(expected[["x0", "y0", "x1", "y1"]])}
     ranges = {uid: (int(expected["slnum_from"]), int(expected["slnum_to"]))}
@@ -181,7 +184,7 @@ def test_study_runs_from_before_the_evidence_still_load(tiny_pipeline: dict, tmp
     import torch
     from safetensors.torch import load_file, save_file
 
-    from rsna22_utils.predict import load_study_models
+    from rsna22_utils.cervical.submission import load_study_models
 
     source = tiny_pipeline["work_dir"] / "06_train_study" / "fold0-seed0"
     old = tmp_path / "06_train_study" / "fold0-seed0"

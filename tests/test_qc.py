@@ -9,8 +9,8 @@ import pandas as pd
 import pytest
 from PIL import Image
 
-from rsna22_utils.metric import TARGETS
-from rsna22_utils.qc import (
+from rsna22_utils.cervical.metric import TARGETS
+from rsna22_utils.cervical.qc import (
     draw_boxes_grid,
     plot_iou_histogram,
     plot_loss_curves,

@@ -9,8 +9,8 @@ from pathlib import Path
 
 import pytest
 
-from rsna22_utils.notebooks import check_pairs
-from rsna22_utils.runner import (
+from rsna22_utils.core.notebooks import check_pairs
+from rsna22_utils.core.runner import (
     COMPLETE_FILE,
     RUNS_FILE,
     _is_this_python,

@@ -8,12 +8,12 @@ import pandas as pd
 import pytest
 
 from rsna22_utils.cli import main
-from rsna22_utils.scan import scan_competition
+from rsna22_utils.core.scan import scan_competition
 
 
 @pytest.fixture(scope="module")
 def competition(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    from rsna22_utils.synth import generate_competition
+    from rsna22_utils.cervical.synth import generate_competition
 
     out = tmp_path_factory.mktemp("scan") / "competition"
     generate_competition(out, n_studies=3, n_test_studies=1, image_size=32, median_slices=40, seed=5, workers=1)
@@ -31,7 +31,7 @@ def test_one_row_per_slice_head_to_feet(competition: Path, tmp_path: Path) -> No
     studies = sorted(p for split in ("train_images", "test_images") for p in (competition / split).iterdir())
     assert len(table) == sum(len(_dicoms(s)) for s in studies)
     assert set(table["split"]) == {"train", "test"}
-    for uid, group in table.groupby("StudyInstanceUID"):
+    for _, group in table.groupby("StudyInstanceUID"):
         assert group["z"].is_monotonic_decreasing and list(group["slice_index"]) == list(range(len(group)))
     assert not (tmp_path / "slices.failures.csv").exists()
 

@@ -9,7 +9,7 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from rsna22_utils.segmentation import (
+from rsna22_utils.cervical.segmentation import (
     SegmentationError,
     VertebraOrderWarning,
     load_nifti_labels,
@@ -115,7 +115,7 @@ def test_c7_above_c1_warns(tmp_path, caplog):
     seg = head_to_feet_labels()[::-1].copy()  # a study annotated upside down: C7 on top
     path = tmp_path / "upside_down.nii"
     write_competition_nifti(path, seg)
-    with caplog.at_level(logging.WARNING, logger="rsna22_utils.segmentation"):
+    with caplog.at_level(logging.WARNING, logger="rsna22_utils.cervical.segmentation"):
         with pytest.warns(VertebraOrderWarning, match="upside_down.nii.*C7 lies above C1"):
             load_segmentation(path)
     assert any("C7 lies above C1" in record.getMessage() for record in caplog.records)

@@ -12,7 +12,7 @@ import pandas as pd
 import pydicom
 import pytest
 
-from rsna22_utils import synth
+from rsna22_utils.cervical import synth
 
 PARAMS = dict(n_studies=6, n_test_studies=3, seed=3, image_size=64, median_slices=40, segmented_fraction=0.5)
 TYPES = [f"C{k}" for k in range(1, 8)] + ["patient_overall"]
@@ -129,7 +129,7 @@ def test_segmentation_labels_lie_on_bone(comp):
         ys, xs = np.nonzero(cervical.any(axis=0))
         assert (xs.min(), ys.min(), xs.max() + 1, ys.max() + 1) == (row.x0, row.y0, row.x1, row.y1)
         try:
-            from rsna22_utils.segmentation import load_segmentation
+            from rsna22_utils.cervical.segmentation import load_segmentation
         except ImportError:
             continue
         heads = _headers(comp / "train_images" / row.StudyInstanceUID).sort_values("z", ascending=False)

@@ -12,10 +12,11 @@ from pathlib import Path
 import pandas as pd
 import pytest
 import torch
-
 from ddp_toy import ToyDataset, ToyModel, ToyTask, run, toy_config
-from rsna22_utils.config import load_config
-from rsna22_utils.train import load_weights, param_groups
+
+from rsna22_utils.core.config import load_config
+from rsna22_utils.core.runs import load_weights
+from rsna22_utils.core.train import param_groups
 
 STATIC = ["train_loss", "valid_loss", "mse", "mae", "lr"]
 

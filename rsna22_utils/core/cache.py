@@ -22,6 +22,7 @@ from concurrent.futures import ProcessPoolExecutor, as_completed
 from dataclasses import asdict, dataclass, field
 from functools import lru_cache
 from pathlib import Path
+from typing import Any
 
 import cv2
 import numpy as np
@@ -47,6 +48,11 @@ class CacheSpec:
         if not self.windows:
             raise ValueError("a cache needs at least one (center, width) window")
 
+    @classmethod
+    def of(cls, cfg: Any) -> CacheSpec:
+        """The spec a config's `image_size` / `windows` describe (how a run's model saw its slices)."""
+        return cls(image_size=int(cfg.image_size), windows=tuple(tuple(w) for w in cfg.windows))
+
     @property
     def name(self) -> str:
         """Folder name that identifies the spec, e.g. `256px_w400-1800`."""
@@ -55,7 +61,7 @@ class CacheSpec:
 
 def encode_study(volume_hu: np.ndarray, spec: CacheSpec) -> np.ndarray:
     """HU volume (slices, rows, cols) -> cached uint8 (slices, size, size, n_windows)."""
-    from rsna22_utils.dicom import window
+    from rsna22_utils.core.dicom import window
 
     size = spec.image_size
     out = np.empty((volume_hu.shape[0], size, size, len(spec.windows)), dtype=np.uint8)
@@ -67,7 +73,7 @@ def encode_study(volume_hu: np.ndarray, spec: CacheSpec) -> np.ndarray:
 
 
 def _write_study(study_dir: Path, root: Path, spec: CacheSpec) -> str:
-    from rsna22_utils.dicom import read_study
+    from rsna22_utils.core.dicom import read_study
 
     volume, table = read_study(study_dir)
     uid = study_dir.name

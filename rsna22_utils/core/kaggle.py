@@ -29,26 +29,23 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from rsna22_utils.core.paths import NOTEBOOKS_DIR, REPO_ROOT
+from rsna22_utils.core.registry import CONFIG, WEIGHTS, parse_run_name
+
 logger = logging.getLogger(__name__)
 
-REPO_ROOT = Path(__file__).resolve().parent.parent
 SETTINGS_FILE = REPO_ROOT / "kaggle-settings.json"
 KERNEL_METADATA_DIR = REPO_ROOT / "kernel-metadata"
-NOTEBOOKS_DIR = REPO_ROOT / "notebooks"
 PLACEHOLDER_OWNER = "YOUR_KAGGLE_USERNAME"
 
-# Same names as rsna22_utils.stages.STAGE_FUNCTIONS (not imported here: it pulls in torch).
-TRAINING_STAGES: tuple[str, ...] = (
-    "00_prepare",
-    "01_train_box",
-    "02_infer_box",
-    "03_train_vertebra",
-    "04_infer_vertebra",
-    "05_train_fracture",
-    "06_train_study",
-)
-INFERENCE_STAGE = "07_inference"
-STAGES: tuple[str, ...] = TRAINING_STAGES + (INFERENCE_STAGE,)
+
+
+def stage_names() -> list[str]:
+    """Every stage of the registry, in order: one notebook and one kernel each."""
+    from rsna22_utils.core.registry import stages
+
+    return list(stages())
+
 
 DEFAULT_WHEEL_PACKAGES: tuple[str, ...] = (
     "dicomsdl",
@@ -274,8 +271,7 @@ def build_utils_dataset(out_dir: Path, settings: KaggleSettings, root: Path = RE
     return out
 
 
-_RUN_RE = re.compile(r"^fold(\d+)-seed(\d+)$")
-RUN_FILES = ("model.safetensors", "config.json", "metrics.json")
+RUN_FILES = (WEIGHTS, CONFIG, "metrics.json")
 
 
 def build_weights_dataset(
@@ -300,8 +296,8 @@ def build_weights_dataset(
         missing = [f for f in RUN_FILES if not (run_dir / f).is_file()]
         if missing:
             raise KaggleError(f"run folder {run_dir}: missing {', '.join(missing)}")
-        match = _RUN_RE.match(run_dir.name)
-        if not match:
+        fold_seed = parse_run_name(run_dir.name)
+        if fold_seed is None:
             raise KaggleError(f"run folder {run_dir}: name must be fold<f>-seed<s>")
         try:
             metrics = json.loads((run_dir / "metrics.json").read_text())
@@ -312,13 +308,13 @@ def build_weights_dataset(
         if dest.exists():
             raise KaggleError(f"run folder {run_dir}: two runs map to {stage}/{run_dir.name}")
         dest.mkdir(parents=True)
-        for name in ("model.safetensors", "config.json"):
+        for name in (WEIGHTS, CONFIG):
             shutil.copy2(run_dir / name, dest / name)
         runs.append(
             {
                 "stage": stage,
-                "fold": int(match.group(1)),
-                "seed": int(match.group(2)),
+                "fold": fold_seed[0],
+                "seed": fold_seed[1],
                 "path": f"{stage}/{run_dir.name}",
                 "source": str(run_dir),
                 "metrics": metrics,
@@ -417,7 +413,9 @@ def kernel_metadata(stage: str, settings: KaggleSettings, gpu: bool = True, inte
     07_inference (competition rule for code submissions).
     """
     if internet is None:
-        internet = stage != INFERENCE_STAGE
+        from rsna22_utils.core.registry import get_stage
+
+        internet = get_stage(stage).kaggle_internet
     meta = {
         "id": settings.kernel_ref(stage),
         "title": settings.kernel_title(stage),
@@ -440,7 +438,7 @@ def kernel_metadata(stage: str, settings: KaggleSettings, gpu: bool = True, inte
 
 
 def write_kernel_folders(
-    settings: KaggleSettings, stages: Iterable[str] = STAGES, out_dir: Path = KERNEL_METADATA_DIR
+    settings: KaggleSettings, stages: Iterable[str] | None = None, out_dir: Path = KERNEL_METADATA_DIR
 ) -> list[Path]:
     """Write `out_dir/<stage>/kernel-metadata.json` for each stage; return the folders.
 
@@ -450,7 +448,7 @@ def write_kernel_folders(
     out_dir.mkdir(parents=True, exist_ok=True)
     (out_dir / ".gitignore").write_text("# notebooks are copied here by `kaggle push-kernel`; the .ipynb in notebooks/ is the source\n*.ipynb\n")
     folders = []
-    for stage in stages:
+    for stage in stage_names() if stages is None else stages:
         folder = out_dir / stage
         _write_json(folder / "kernel-metadata.json", kernel_metadata(stage, settings))
         logger.info("wrote %s", folder / "kernel-metadata.json")
@@ -634,7 +632,7 @@ def _cmd_push_kernel(args: argparse.Namespace) -> int:
 
 def _cmd_write_kernel_metadata(args: argparse.Namespace) -> int:
     settings = _settings_from_args(args)
-    for folder in write_kernel_folders(settings, args.stages or STAGES, args.out):
+    for folder in write_kernel_folders(settings, args.stages or None, args.out):
         print(folder / "kernel-metadata.json")
     return 0
 
@@ -679,21 +677,21 @@ def add_commands(subparsers: Any) -> None:
     p.set_defaults(func=_guard(_cmd_push_dataset))
 
     p = sub.add_parser("push-kernel", help="regenerate a stage's kernel metadata, copy its notebook, push it")
-    p.add_argument("stage", choices=STAGES)
+    p.add_argument("stage", choices=stage_names())
     common(p)
     p.set_defaults(func=_guard(_cmd_push_kernel))
 
     p = sub.add_parser("write-kernel-metadata", help="write kernel-metadata/<stage>/kernel-metadata.json from the settings")
-    p.add_argument("--stages", nargs="*", default=None, help=f"default: all ({', '.join(STAGES)})")
+    p.add_argument("--stages", nargs="*", default=None, help=f"default: all ({', '.join(stage_names())})")
     p.add_argument("--out", type=Path, default=KERNEL_METADATA_DIR)
     common(p)
     p.set_defaults(func=_guard(_cmd_write_kernel_metadata))
 
 
 def main(argv: list[str] | None = None) -> int:
-    """`python -m rsna22_utils.kaggle COMMAND`: the kaggle commands alone, needing only the stdlib
+    """`python -m rsna22_utils.core.kaggle COMMAND`: the kaggle commands alone, needing only the stdlib
     (+ the kaggle client for pushes), so CI can publish without installing torch."""
-    parser = argparse.ArgumentParser(prog="python -m rsna22_utils.kaggle", description=__doc__.split("\n")[0])
+    parser = argparse.ArgumentParser(prog="python -m rsna22_utils.core.kaggle", description=__doc__.split("\n")[0])
     parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
     add_commands(parser.add_subparsers(dest="command", required=True))
     argv = list(sys.argv[1:] if argv is None else argv)

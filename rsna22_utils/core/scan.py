@@ -46,7 +46,7 @@ def find_studies(data_dir: Path) -> list[tuple[str, Path]]:
 
 
 def _scan_one(split: str, study_dir: Path) -> pd.DataFrame:
-    from rsna22_utils.dicom import read_slice_headers
+    from rsna22_utils.core.dicom import read_slice_headers
 
     table = read_slice_headers(study_dir)
     table.insert(0, "split", split.removesuffix("_images"))

@@ -6,6 +6,9 @@ paired `.ipynb` is what Kaggle and papermill run. `check_pairs` says where the t
 `sync_pairs` rewrites each `.ipynb` from its `.py` with outputs stripped, and `check_thin`
 checks that every notebook has exactly one cell tagged `parameters` for papermill.
 
+`start_stage` is what a stage notebook calls after its parameters cell: logging, the resolved
+config, one call that runs the stage, and the config as the run saved it.
+
 Command line: `python -m rsna22_utils notebooks check` / `python -m rsna22_utils notebooks sync`.
 """
 
@@ -14,13 +17,14 @@ from __future__ import annotations
 import argparse
 import hashlib
 import logging
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from rsna22_utils.core.paths import NOTEBOOKS_DIR
+
 logger = logging.getLogger(__name__)
 
-REPO_ROOT = Path(__file__).resolve().parents[1]
-NOTEBOOKS_DIR = REPO_ROOT / "notebooks"
 SYNC_HINT = "python -m rsna22_utils notebooks sync"
 KERNELSPEC = {"name": "python3", "display_name": "Python 3", "language": "python"}
 
@@ -70,7 +74,7 @@ def pair_paths(notebooks_dir: Path) -> dict[str, tuple[Path, Path]]:
 def check_pairs(notebooks_dir: Path = NOTEBOOKS_DIR) -> list[str]:
     """Problems (one line each, naming the file and the fix) where .py and .ipynb disagree; empty = in sync."""
     problems = []
-    for stage, (py, ipynb) in pair_paths(notebooks_dir).items():
+    for py, ipynb in pair_paths(notebooks_dir).values():
         if not py.exists():
             problems.append(f"{ipynb}: no paired {py.name}; run `{SYNC_HINT}` to create it from the .ipynb")
             continue
@@ -131,7 +135,7 @@ def sync_pairs(notebooks_dir: Path = NOTEBOOKS_DIR) -> list[Path]:
     import jupytext
 
     changed = []
-    for stage, (py, ipynb) in pair_paths(notebooks_dir).items():
+    for py, ipynb in pair_paths(notebooks_dir).values():
         if not py.exists():
             nb = _read(ipynb)
             jupytext.write(nb, py, fmt="py:percent")
@@ -146,10 +150,46 @@ def sync_pairs(notebooks_dir: Path = NOTEBOOKS_DIR) -> list[Path]:
     return changed
 
 
+@dataclass
+class StageSession:
+    """One stage run from a notebook: its resolved config, the run, and the config the run saved."""
+
+    stage: str
+    config: Any
+
+    @property
+    def out_dir(self) -> Path:
+        return Path(self.config.out_dir)
+
+    def run(self) -> Any:
+        """Run the stage (its registered function) on this config."""
+        from rsna22_utils.core.registry import execute
+
+        return execute(self.stage, self.config)
+
+    @property
+    def saved_config(self) -> Any:
+        """The run's config.json (derived values filled in), or the resolved config when the stage saves none."""
+        from rsna22_utils.core.config import load_config
+        from rsna22_utils.core.registry import CONFIG
+
+        path = self.out_dir / CONFIG
+        return load_config(path) if path.is_file() else self.config
+
+
+def start_stage(stage: str, overrides: dict[str, Any] | None = None, **run: Any) -> StageSession:
+    """A notebook's set-up: show the kit's log lines, resolve the stage's config (`run`: fold / seed)."""
+    from rsna22_utils import setup_logging
+    from rsna22_utils.core.config import resolve_config
+
+    setup_logging()
+    return StageSession(stage, resolve_config(stage, {**(overrides or {}), **run}))
+
+
 def check_thin(notebooks_dir: Path = NOTEBOOKS_DIR) -> list[str]:
     """Problems where a notebook does not have exactly one code cell tagged `parameters` (papermill needs it)."""
     problems = []
-    for stage, (py, ipynb) in pair_paths(notebooks_dir).items():
+    for py, ipynb in pair_paths(notebooks_dir).values():
         path = py if py.exists() else ipynb
         try:
             nb = _read(path)

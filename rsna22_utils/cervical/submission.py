@@ -8,10 +8,11 @@ For every study of `test.csv`, in the order of the file:
    study cache (`encode_study`: HU -> resized, windowed uint8) at every size / window set the models
    were trained on, and hands over one study at a time (decode overlaps the models' compute);
 2. every box model (`<weights>/01_train_box/*/`) on every slice, averaged -> one study box and the
-   slice range of C1-C7 (`study_box_from_slices`, the box run's `has_box_threshold` / `box_smooth`);
+   slice range of C1-C7 (`box.predict_study_box`: the rule of 02_infer_box, with this config's
+   `has_box_threshold` / `box_smooth`);
 3. every study model (`<weights>/06_train_study/*/`: the frozen stage-05 CNN + its StudyHead) on
-   the box crops, 3 slices per image, exactly as `SequenceDataset` / `embed_studies` prepared them
-   in training; mean of sigmoid probabilities over models, optionally over a horizontal flip.
+   the box crops, 3 slices per image, embedded as stage 06 embedded them (`study.study_probabilities`);
+   mean of sigmoid probabilities over models, optionally over a horizontal flip.
 
 The weights folder has the layout of a local `runs/` folder (`<stage>/fold<f>-seed<s>/{model.safetensors,
 config.json}`), so `--weights runs` works locally and the weights dataset works on Kaggle.
@@ -39,8 +40,14 @@ from torch import nn
 from torch.utils.data import DataLoader, Dataset
 from tqdm import tqdm
 
-from rsna22_utils.cache import CacheSpec, encode_study
-from rsna22_utils.metric import TARGETS
+from rsna22_utils.cervical.anatomy import TARGETS
+from rsna22_utils.cervical.configs import SubmissionConfig
+from rsna22_utils.cervical.embed import study_images, study_probabilities
+from rsna22_utils.cervical.models import load_run
+from rsna22_utils.cervical.study_box import predict_study_box
+from rsna22_utils.core.cache import CacheSpec, encode_study
+from rsna22_utils.core.device import autocast, resolve_device
+from rsna22_utils.core.registry import finished_runs
 
 logger = logging.getLogger(__name__)
 
@@ -57,6 +64,8 @@ PROBABILITY_CLIP = 1e-6  # submitted values lie in [clip, 1 - clip], strictly in
 
 # --------------------------------------------------------------------------- models
 
+BOX_STAGE, STUDY_STAGE = "01_train_box", "06_train_study"
+
 
 @dataclass
 class BoxEnsemble:
@@ -64,22 +73,19 @@ class BoxEnsemble:
 
     models: list[nn.Module]
     spec: CacheSpec
-    threshold: float = 0.5
-    smooth: int = 5
 
 
 @dataclass
 class StudyRun:
-    """One stage-06 model and the settings its images are prepared with (those of its stage-05 CNN)."""
+    """One stage-06 model and its config (which also says how its stage-05 CNN saw images)."""
 
     name: str
     model: nn.Module
-    spec: CacheSpec
-    seq_len: int
-    slices_per_image: int
-    crop_by_box: bool
-    crop_margin: float
-    crop_size: int
+    cfg: Any
+
+    @property
+    def spec(self) -> CacheSpec:
+        return CacheSpec.of(self.cfg)
 
 
 @dataclass
@@ -94,63 +100,29 @@ class Ensemble:
     def specs(self) -> list[CacheSpec]:
         return sorted({self.box.spec, *(run.spec for run in self.study)}, key=lambda s: s.name)
 
-    def reduced(self) -> "Ensemble":
+    def reduced(self) -> Ensemble:
         """One box model and one study model: the fallback when time runs short."""
-        box = BoxEnsemble(self.box.models[:1], self.box.spec, self.box.threshold, self.box.smooth)
-        return Ensemble(box, self.study[:1], self.device)
-
-
-def _spec(cfg: Any) -> CacheSpec:
-    return CacheSpec(image_size=int(cfg.image_size), windows=tuple(tuple(w) for w in cfg.windows))
-
-
-def _runs(weights_dir: Path, stage: str) -> list[Path]:
-    runs = sorted(p.parent for p in (weights_dir / stage).glob("fold*-seed*/model.safetensors"))
-    missing = [r for r in runs if not (r / "config.json").is_file()]
-    if missing:
-        raise FileNotFoundError(f"{missing[0]}: model.safetensors without config.json")
-    if not runs:
-        raise FileNotFoundError(f"{weights_dir / stage}: no fold*-seed*/model.safetensors (is weights_dir right?)")
-    return runs
+        return Ensemble(BoxEnsemble(self.box.models[:1], self.box.spec), self.study[:1], self.device)
 
 
 def load_box_models(weights_dir: str | Path, device: torch.device) -> BoxEnsemble:
     """All `01_train_box` runs of the weights folder (they must share one image size and window set)."""
-    from rsna22_utils.stages import load_run
-
-    models, spec, first = [], None, None
-    for run in _runs(Path(weights_dir), "01_train_box"):
+    models, spec = [], None
+    for run in finished_runs(weights_dir, BOX_STAGE):
         model, cfg = load_run(run, device)
-        if spec is not None and _spec(cfg) != spec:
-            raise ValueError(f"{run}: box model trained on {_spec(cfg).name}, the others on {spec.name}")
-        spec, first = _spec(cfg), first or cfg
+        if spec is not None and CacheSpec.of(cfg) != spec:
+            raise ValueError(f"{run}: box model trained on {CacheSpec.of(cfg).name}, the others on {spec.name}")
+        spec = CacheSpec.of(cfg)
         models.append(model)
-    return BoxEnsemble(models, spec, float(first.has_box_threshold), int(first.box_smooth))
+    return BoxEnsemble(models, spec)
 
 
 def load_study_models(weights_dir: str | Path, device: torch.device) -> list[StudyRun]:
     """All `06_train_study` runs: the stage-05 CNN architecture + StudyHead, weights from model.safetensors."""
-    from rsna22_utils.config import load_config, resolve_config
-    from rsna22_utils.models import StudyModel, create_model
-    from rsna22_utils.stages import STUDY_SETTINGS_FROM_FRACTURE_RUN, study_head
-    from rsna22_utils.train import load_weights
-
-    weights_dir = Path(weights_dir)
     runs = []
-    for run in _runs(weights_dir, "06_train_study"):
-        cfg = load_config(run / "config.json")
-        # a stage-06 config holds its frozen CNN's settings (copied from stage 05 when it was trained)
-        settings = {k: getattr(cfg, k) for k in ("windows", "image_size", *STUDY_SETTINGS_FROM_FRACTURE_RUN)}
-        settings["infer_stride"] = cfg.seq_len * cfg.slices_per_image  # unused here; valid for any seq_len
-        settings["lstm_hidden"] = cfg.fracture_lstm_hidden
-        fracture_cfg = resolve_config("05_train_fracture", settings)
-        sequence_model = create_model(fracture_cfg, load_pretrained=False)  # model.safetensors holds every weight
-        model = StudyModel(sequence_model.encoder, study_head(cfg, sequence_model), max_len=cfg.max_len)
-        load_weights(model, run / "model.safetensors")
-        runs.append(StudyRun(
-            f"{run.parent.name}/{run.name}", model.to(device).eval(), _spec(cfg), int(cfg.seq_len), int(cfg.slices_per_image),
-            bool(cfg.crop_by_box), float(cfg.crop_margin), int(cfg.crop_size),
-        ))
+    for run in finished_runs(weights_dir, STUDY_STAGE):
+        model, cfg = load_run(run, device)
+        runs.append(StudyRun(f"{run.parent.name}/{run.name}", model, cfg))
     return runs
 
 
@@ -180,7 +152,7 @@ def decode_study(uid: str, study_dir: Path, specs: list[CacheSpec], backend: str
     """Decode + encode one study; any failure comes back in `.error` (never raised)."""
     result = DecodedStudy(uid)
     try:
-        from rsna22_utils.dicom import read_study
+        from rsna22_utils.core.dicom import read_study
 
         if not study_dir.is_dir():
             raise FileNotFoundError(f"no study folder {study_dir}")
@@ -248,87 +220,19 @@ class MemoryCache:
         return self._slices
 
 
-def _autocast(device: torch.device, enabled: bool):
-    if device.type == "cuda" and enabled:
-        dtype = torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
-        return torch.autocast("cuda", dtype=dtype)
-    return torch.autocast("cpu", enabled=False)
-
-
-def predict_box(box: BoxEnsemble, volume: np.ndarray, slices: pd.DataFrame, device: torch.device, batch_size: int, amp: bool = True) -> dict[str, float]:
-    """Box models on every slice (mean) -> the study box in original pixels + slice range (slnum_from / slnum_to)."""
-    from rsna22_utils.infer import study_box_from_slices
-
-    n = volume.shape[0]
-    p_sum, box_sum = np.zeros(n), np.zeros((n, 4))
-    with torch.inference_mode(), _autocast(device, amp):
-        for start in range(0, n, batch_size):
-            # (b, H, W, C) uint8 -> (b, C, H, W) in [-1, 1], as data.to_tensor
-            images = torch.from_numpy(np.array(volume[start : start + batch_size])).to(device)  # a writable copy
-            images = images.permute(0, 3, 1, 2).float().div_(127.5).sub_(1.0)
-            for model in box.models:
-                out = model({"image": images})
-                p_sum[start : start + len(images)] += torch.sigmoid(out["has_box"].float()).cpu().numpy()
-                box_sum[start : start + len(images)] += out["box"].float().cpu().numpy()
-    p_box, boxes = p_sum / len(box.models), box_sum / len(box.models)
-    rows, cols = float(slices["rows"].iloc[0]), float(slices["cols"].iloc[0])
-    boxes = boxes * np.array([cols, rows, cols, rows])  # fractions -> original pixels, as stages._box_rows
-    return study_box_from_slices(np.arange(n), p_box, boxes, threshold=box.threshold, smooth=box.smooth)
-
-
-def study_windows(run: StudyRun, cache: MemoryCache, uid: str, study_box: dict[str, float]) -> tuple[torch.Tensor, torch.Tensor, int]:
-    """Crops + 3-slice images of one study, as embed_studies built them: (windows, seq_len, C, H, W), masks, n_images."""
-    from rsna22_utils.data import SequenceDataset
-
-    box = tuple(study_box[c] for c in ("x0", "y0", "x1", "y1"))
-    first, last = int(study_box["slnum_from"]), int(study_box["slnum_to"])
-    dataset = SequenceDataset(
-        [uid], cache, None, seq_len=run.seq_len, slices_per_image=run.slices_per_image, mode="infer",
-        stride=run.seq_len * run.slices_per_image, ranges={uid: (first, last)}, crops={uid: box} if run.crop_by_box else None,
-        crop_margin=run.crop_margin, output_size=run.crop_size if run.crop_by_box else None,
-    )
-    items = sorted((dataset[i] for i in range(len(dataset))), key=lambda item: int(item["start"]))
-    n_images = max(1, (last - first + 1 + run.slices_per_image - 1) // run.slices_per_image)
-    return torch.stack([it["image"] for it in items]), torch.stack([it["mask"] for it in items]), n_images
-
-
-def study_probabilities(
-    run: StudyRun, images: torch.Tensor, masks: torch.Tensor, n_images: int, device: torch.device,
-    batch_size: int, flip: bool = False, amp: bool = True,
-) -> np.ndarray:
-    """One study model on one study's windows -> 8 probabilities (TARGETS order); `flip` averages a mirrored pass."""
-    from rsna22_utils.models import fit_length
-
-    model = run.model
-    passes = [False, True] if flip else [False]
-    probs = []
-    with torch.inference_mode(), _autocast(device, amp):
-        for mirrored in passes:
-            parts = []
-            for start in range(0, len(images), batch_size):
-                chunk = images[start : start + batch_size].to(device)
-                if mirrored:
-                    chunk = chunk.flip(-1)
-                features = model.encoder(chunk.flatten(0, 1)).view(*chunk.shape[:2], -1).float()
-                keep = masks[start : start + batch_size] > 0.5
-                parts += [features[b][keep[b].to(device)] for b in range(features.shape[0])]
-            sequence = torch.cat(parts)[:n_images][None]
-            sequence, mask = fit_length(sequence, torch.ones(1, sequence.shape[1], device=device), model.max_len)
-            logits = model.head(sequence.float(), mask)
-            probs.append(torch.sigmoid(logits.float())[0].cpu().numpy())
-    return np.mean(probs, axis=0)
-
-
-def predict_study(ensemble: Ensemble, study: DecodedStudy, cfg: Any, flip: bool) -> np.ndarray:
+def predict_study(ensemble: Ensemble, study: DecodedStudy, cfg: SubmissionConfig, flip: bool) -> np.ndarray:
     """Box -> crops -> every study model (mean of probabilities) for one decoded study; TARGETS order."""
-    box_volume = study.volumes[ensemble.box.spec.name]
-    box_cache = MemoryCache(ensemble.box.spec, study.uid, box_volume, study.slices)
-    study_box = predict_box(ensemble.box, box_cache.volume(study.uid), study.slices, ensemble.device, cfg.box_batch_size, cfg.amp)
+    device = ensemble.device
+    study_box = predict_study_box(
+        ensemble.box.models, study.volumes[ensemble.box.spec.name], study.slices, device, cfg.box_batch_size,
+        cfg.has_box_threshold, cfg.box_smooth, cfg.amp,
+    )
     outputs = []
-    for run in ensemble.study:
-        cache = MemoryCache(run.spec, study.uid, study.volumes[run.spec.name], study.slices)
-        images, masks, n_images = study_windows(run, cache, study.uid, study_box)
-        outputs.append(study_probabilities(run, images, masks, n_images, ensemble.device, cfg.sequence_batch_size, flip, cfg.amp))
+    with torch.inference_mode(), autocast(device, cfg.amp):
+        for run in ensemble.study:
+            cache = MemoryCache(run.spec, study.uid, study.volumes[run.spec.name], study.slices)
+            images = study_images(run.cfg, cache, study.uid, study_box)
+            outputs.append(study_probabilities(run.model, run.cfg, images, device, cfg.sequence_batch_size, flip))
     return np.mean(outputs, axis=0)
 
 
@@ -456,9 +360,7 @@ def predict_submission(cfg: Any) -> pd.DataFrame:
     ensemble = None
     if present:
         try:
-            from rsna22_utils.train import resolve_device
-
-            ensemble = load_ensemble(cfg.weights_dir, resolve_device(cfg))
+            ensemble = load_ensemble(cfg.weights_dir, resolve_device(cfg.device))
         except Exception as error:  # noqa: BLE001 - a submission of priors beats none
             logger.error("cannot load the models from %s (%s: %s): every study gets the prior", cfg.weights_dir, type(error).__name__, error)
             fallbacks.update({uid: "models not loaded" for uid in present})
@@ -510,7 +412,7 @@ def predict_submission(cfg: Any) -> pd.DataFrame:
 
 def run_cli(args: argparse.Namespace) -> int:
     """`predict`: resolve the 07_inference config from the arguments and write the submission."""
-    from rsna22_utils.config import parse_overrides, resolve_config
+    from rsna22_utils.core.config import parse_overrides, resolve_config
 
     overrides = parse_overrides(args.params)
     for key, value in (("data_dir", args.data_dir), ("weights_dir", args.weights), ("out", args.out)):

@@ -17,9 +17,8 @@ import pandas as pd
 import torch
 from torch.utils.data import Dataset
 
-from rsna22_utils.cache import CacheSpec, StudyCache
-
-BOX_COLUMNS = ["x0", "y0", "x1", "y1"]
+from rsna22_utils.cervical.anatomy import BOX_COLUMNS
+from rsna22_utils.core.cache import CacheSpec, StudyCache
 
 
 class SliceSource(Protocol):
@@ -49,8 +48,8 @@ class DicomSource:
         self._paths = {(u, int(i)): p for u, i, p in slices[["StudyInstanceUID", "slice_index", "path"]].itertuples(index=False)}
 
     def slice(self, uid: str, slice_index: int) -> np.ndarray:
-        from rsna22_utils.cache import encode_study
-        from rsna22_utils.dicom import read_slice
+        from rsna22_utils.core.cache import encode_study
+        from rsna22_utils.core.dicom import read_slice
 
         hu, _ = read_slice(Path(self._paths[(uid, int(slice_index))]))
         return encode_study(hu[None], self.spec)[0]
@@ -58,7 +57,16 @@ class DicomSource:
 
 def to_tensor(image: np.ndarray) -> torch.Tensor:
     """uint8 (H, W, C) -> float32 (C, H, W) scaled to [-1, 1]."""
-    return torch.from_numpy(np.ascontiguousarray(image.transpose(2, 0, 1))).float().div_(127.5).sub_(1.0)
+    return _unit_range(torch.from_numpy(np.ascontiguousarray(image.transpose(2, 0, 1))))
+
+
+def images_to_tensor(images: np.ndarray, device: torch.device | None = None) -> torch.Tensor:
+    """A batch of uint8 (B, H, W, C) -> float32 (B, C, H, W) in [-1, 1] on `device`, as `to_tensor` does per image."""
+    return _unit_range(torch.from_numpy(np.array(images)).to(device).permute(0, 3, 1, 2))  # np.array: a writable copy
+
+
+def _unit_range(pixels: torch.Tensor) -> torch.Tensor:
+    return pixels.float().div_(127.5).sub_(1.0)
 
 
 def box_augmentation(image_size: int) -> A.Compose:

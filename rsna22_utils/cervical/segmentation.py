@@ -1,7 +1,7 @@
 """Vertebra segmentations as label volumes aligned voxel for voxel with `read_study`.
 
 Every function here returns a uint8 label volume shaped (slices, rows, cols) with slices ordered
-head -> feet (descending ImagePositionPatient z), the order of `rsna22_utils.dicom.read_study`,
+head -> feet (descending ImagePositionPatient z), the order of `rsna22_utils.core.dicom.read_study`,
 so `seg[i]` labels `volume[i]` and row i of the study's per-slice table.
 
 Competition NIfTIs (`segmentations/<uid>.nii`, labels 1..7 = C1..C7, 8..19 = T1..T12) go through

@@ -21,11 +21,10 @@ import numpy as np
 import pandas as pd
 from tqdm import tqdm
 
+from rsna22_utils.cervical.anatomy import BOX_COLUMNS, CERVICAL, VERTEBRAE
+
 logger = logging.getLogger(__name__)
 
-CERVICAL = tuple(range(1, 8))
-VERTEBRAE = tuple(f"C{k}" for k in CERVICAL)
-BOX_COLUMNS = ("x0", "y0", "x1", "y1")
 
 
 def _slice_keys(seg: np.ndarray, study_uid: str | None, slice_numbers: Iterable[int] | None) -> pd.DataFrame:
@@ -281,8 +280,8 @@ class LabelFailure:
 
 
 def _study_labels(uid: str, nifti_path: Path, study_dir: Path) -> tuple[pd.DataFrame, pd.DataFrame]:
-    from rsna22_utils.dicom import read_slice_headers
-    from rsna22_utils.segmentation import load_segmentation
+    from rsna22_utils.cervical.segmentation import load_segmentation
+    from rsna22_utils.core.dicom import read_slice_headers
 
     table = read_slice_headers(study_dir)
     seg = load_segmentation(nifti_path, table)
@@ -317,7 +316,7 @@ def build_segmentation_labels(
     if not seg_dir.is_dir():
         raise FileNotFoundError(f"{seg_dir}: no segmentations folder")
     nifti = sorted(p for p in seg_dir.iterdir() if p.name.endswith((".nii", ".nii.gz")))
-    from rsna22_utils.segmentation import study_uid_from_path
+    from rsna22_utils.cervical.segmentation import study_uid_from_path
 
     jobs = [(study_uid_from_path(p), p, data_dir / "train_images" / study_uid_from_path(p)) for p in nifti]
     orphans = [uid for uid, _, study_dir in jobs if not study_dir.is_dir()]

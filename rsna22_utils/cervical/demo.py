@@ -20,79 +20,85 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
+from rsna22_utils.core.registry import run_dir, run_dirs
+
 logger = logging.getLogger(__name__)
 
 FEW_POSITIVES = 10  # below this many positive studies a target's pooled OOF AUC is noise (the report says so)
 
+VERTEBRA_FOLD_0 = "the demo's vertebra run"  # its only stage-03 run (fold 0), resolved to that run's folder
+
 # Settings for a CPU demo; everything else is each stage's default (what a GPU run would use).
+# "folds": which folds a per-fold stage trains ("first" or "all"); why each value: README, "The demo".
 DEMO_COMMON: dict[str, Any] = {"n_folds": 3, "num_workers": 0, "pretrained": False}
 DEMO_PROFILE: dict[str, dict[str, Any]] = {
     "00_prepare": {"image_size": 96},
-    "01_train_box": {"backbone": "mobilenetv3_small_050", "epochs": 4, "batch_size": 32, "lr": 2e-3, "max_steps_per_epoch": 40},
-    "02_infer_box": {"backbone": "mobilenetv3_small_050"},
-    # 20 epochs, not 10: the vertebra predictions become the fracture labels of stage 05, and after 10
-    # they are smeared over the neighbouring vertebrae (60-study demo: mean abs. error vs the
-    # segmentations 0.16 after 10 epochs, 0.05 after 20)
+    "01_train_box": {
+        "folds": "first", "backbone": "mobilenetv3_small_050", "epochs": 4, "batch_size": 32, "lr": 2e-3, "max_steps_per_epoch": 40,
+    },
+    "02_infer_box": {},
     "03_train_vertebra": {
-        "backbone": "mobilenetv3_small_050", "epochs": 20, "batch_size": 4, "lr": 2e-3, "lstm_hidden": 64, "samples_per_study": 4,
+        "folds": "first", "backbone": "mobilenetv3_small_050", "epochs": 20, "batch_size": 4, "lr": 2e-3, "lstm_hidden": 64,
+        "samples_per_study": 4,
     },
-    "04_infer_vertebra": {"backbone": "mobilenetv3_small_050", "lstm_hidden": 64},
-    # Without ImageNet weights the fracture CNN starts from the vertebra CNN (it already knows the
-    # anatomy): on the 60-study demo this lifts the slice fracture AUC of fold 0 from 0.73 to 0.88
-    # at the same cost. The demo trains one vertebra model (fold 0), so every fold starts from it:
-    # that CNN saw vertebra labels only, never a fracture label.
-    # fracture_pos_weight: a break is ~1% of a fracture target's images; with plain BCE the fracture
-    # outputs settle at that rate and never learn what a break looks like (fold 0, 8 epochs: 0.01 on
-    # every slice, breaks included). With pos_weight 10 and 12 epochs, fold 0's break slices rank
-    # above the other slices of their vertebra with AUC 0.6-1.0 (C1's small arch breaks lowest).
+    "04_infer_vertebra": {},
     "05_train_fracture": {
-        "backbone": "mobilenetv3_small_050", "epochs": 12, "batch_size": 4, "lr": 2e-3, "lstm_hidden": 64, "samples_per_study": 3,
-        "crop_size": 64, "positive_window_bias": 0.8, "fracture_loss_weight": 2.0, "fracture_pos_weight": 10.0,
-        "init_encoder_from": "{work_dir}/03_train_vertebra/fold0-seed{seed}",
+        "folds": "all", "backbone": "mobilenetv3_small_050", "epochs": 12, "batch_size": 4, "lr": 2e-3, "lstm_hidden": 64,
+        "samples_per_study": 3, "crop_size": 64, "positive_window_bias": 0.8, "fracture_loss_weight": 2.0, "fracture_pos_weight": 10.0,
+        "init_encoder_from": VERTEBRA_FOLD_0,
     },
-    # a few epochs: the head starts from the logistic fits of the stage-05 evidence, and refining it on
-    # the training studies (whose embeddings the stage-05 CNN has seen) soon overfits them (200 studies,
-    # 3 folds: OOF metric / prior 0.44 after 4 epochs, 0.50 after 8)
-    "06_train_study": {"epochs": 4, "batch_size": 8, "lr": 1e-3, "lstm_hidden": 64, "dropout": 0.3},
+    "06_train_study": {"folds": "all", "epochs": 4, "batch_size": 8, "lr": 1e-3, "lstm_hidden": 64, "dropout": 0.3},
     "07_inference": {"time_budget_hours": 0.5},
 }
-# Which folds each per-fold stage trains in the demo: the box and vertebra models only feed later
-# stages (one model each is enough for a demo; the box is still judged on studies it never saw);
-# the fracture and study models need every fold for a full out-of-fold metric. None = a fold-less stage.
-DEMO_FOLDS: dict[str, str | None] = {
-    "00_prepare": None, "01_train_box": "first", "02_infer_box": None, "03_train_vertebra": "first",
-    "04_infer_vertebra": None, "05_train_fracture": "all", "06_train_study": "all", "07_inference": None,
-}
+
+
+def _stage_fields(stage: str) -> set[str]:
+    from rsna22_utils.core.config import settable_fields
+    from rsna22_utils.core.registry import get_stage
+
+    return set(settable_fields(get_stage(stage).config))
 
 
 def parse_demo_overrides(items: list[str] | None) -> dict[str, dict[str, Any]]:
     """`-p key=value` (every stage) and `-p STAGE:key=value` (one stage) -> {stage or "*": {key: value}}."""
-    from rsna22_utils.config import STAGES, ConfigError, field_types, parse_overrides
+    from rsna22_utils.core.config import ConfigError, parse_overrides
+    from rsna22_utils.core.registry import stages
 
     out: dict[str, dict[str, Any]] = {}
     for item in items or []:
         stage, sep, _ = item.partition("=")[0].partition(":")
-        if sep and stage not in DEMO_PROFILE:
-            raise ConfigError(f"demo override {item!r}: unknown stage {stage!r} (stages: {', '.join(DEMO_PROFILE)})")
+        if sep and stage not in stages():
+            raise ConfigError(f"demo override {item!r}: unknown stage {stage!r} (stages: {', '.join(stages())})")
         parsed = parse_overrides([item.split(":", 1)[1] if sep else item])
         for key in parsed:  # a misspelt key is an error, not a silent no-op
-            if sep and key not in field_types(STAGES[stage]):
+            if sep and key not in _stage_fields(stage):
                 raise ConfigError(f"demo override {item!r}: stage {stage} has no setting {key!r}")
-            if not sep and not any(key in field_types(cls) for cls in STAGES.values()):
+            if not sep and not any(key in _stage_fields(name) for name in stages()):
                 raise ConfigError(f"demo override {item!r}: no stage has a setting {key!r}")
         out.setdefault(stage if sep else "*", {}).update(parsed)
     return out
 
 
 def demo_overrides(stage: str, common: dict[str, Any], extra: dict[str, dict[str, Any]] | None = None) -> dict[str, Any]:
-    """The settings of one demo stage: common paths + DEMO_COMMON + DEMO_PROFILE + the user's -p overrides."""
-    from rsna22_utils.config import STAGES, field_types
-
-    fields = field_types(STAGES[stage])
+    """The settings of one demo stage: common paths + DEMO_COMMON + DEMO_PROFILE + the user's -p overrides,
+    each shared setting only where the stage has it."""
+    fields = _stage_fields(stage)
     extra = extra or {}
-    everywhere = {k: v for k, v in extra.get("*", {}).items() if k in fields}  # e.g. n_folds: only where it applies
-    overrides = {**DEMO_COMMON, **common, **DEMO_PROFILE[stage], **everywhere, **extra.get(stage, {})}
-    return {k: v.format(**overrides) if isinstance(v, str) and "{" in v else v for k, v in overrides.items()}
+    profile = {k: v for k, v in DEMO_PROFILE[stage].items() if k != "folds"}
+    shared = {k: v for k, v in {**DEMO_COMMON, **common, **extra.get("*", {})}.items() if k in fields}
+    settings = {**shared, **profile, **extra.get(stage, {})}
+    if settings.get("init_encoder_from") == VERTEBRA_FOLD_0:
+        settings["init_encoder_from"] = str(run_dir(common["work_dir"], "03_train_vertebra", 0, common["seed"]))
+    return settings
+
+
+def demo_folds(stage: str, n_folds: int) -> list[int] | None:
+    """The folds a stage trains in the demo (None: a stage that runs once)."""
+    from rsna22_utils.core.registry import get_stage
+
+    if not get_stage(stage).per_fold:
+        return None
+    return [0] if DEMO_PROFILE[stage]["folds"] == "first" else list(range(n_folds))
 
 
 def run_demo(
@@ -104,7 +110,9 @@ def run_demo(
     `overrides` ({stage or "*": {key: value}}, see `parse_demo_overrides`) change the profile, e.g.
     longer training for a CV figure: `./kit demo --studies 150 -p 05_train_fracture:epochs=24`.
     """
-    from rsna22_utils.runner import run_stage
+    from rsna22_utils.core.registry import stage_dir
+    from rsna22_utils.core.registry import stages as registry_stages
+    from rsna22_utils.core.runner import run_stage
 
     out = Path(out).resolve()
     started = time.perf_counter()
@@ -113,16 +121,13 @@ def run_demo(
     work_dir = out / "runs"
     common = {"data_dir": str(data_dir), "work_dir": str(work_dir), "seed": seed}
     timings: dict[str, float] = {}
-    for stage in stages or list(DEMO_PROFILE):
+    for stage in stages or list(registry_stages()):
         stage_overrides = demo_overrides(stage, common, overrides)
         if stage == "00_prepare":
             stage_overrides["image_size"] = image_size
         if stage == "07_inference":  # the Kaggle notebook, on the synthetic test studies, with this run's weights
-            stage_overrides.update(weights_dir=str(work_dir), out=str(work_dir / "07_inference" / "submission.csv"))
-        folds = None
-        if DEMO_FOLDS[stage] is not None:
-            n_folds = int(stage_overrides["n_folds"])
-            folds = [0] if DEMO_FOLDS[stage] == "first" else list(range(n_folds))
+            stage_overrides.update(weights_dir=str(work_dir), out=str(stage_dir(work_dir, stage) / "submission.csv"))
+        folds = demo_folds(stage, int(stage_overrides.get("n_folds", DEMO_COMMON["n_folds"])))
         for key in ("fold", "seed"):  # the runner sets them per run
             stage_overrides.pop(key, None)
         t0 = time.perf_counter()
@@ -140,7 +145,7 @@ def run_demo(
 
 
 def _synthetic_competition(data_dir: Path, n_studies: int, image_size: int, seed: int) -> None:
-    from rsna22_utils.synth import generate_competition
+    from rsna22_utils.cervical.synth import generate_competition
 
     marker = data_dir / "_synthetic" / "generator.json"
     if marker.exists():
@@ -154,7 +159,7 @@ def _synthetic_competition(data_dir: Path, n_studies: int, image_size: int, seed
 
 
 def _oof(work_dir: Path, stage: str) -> pd.DataFrame:
-    frames = [pd.read_parquet(p) for p in sorted((work_dir / stage).glob("fold*-seed*/oof.parquet"))]
+    frames = [pd.read_parquet(run / "oof.parquet") for run in run_dirs(work_dir, stage, require="oof.parquet")]
     if not frames:
         raise FileNotFoundError(f"{work_dir / stage}: no oof.parquet")
     return pd.concat(frames, ignore_index=True)
@@ -162,8 +167,8 @@ def _oof(work_dir: Path, stage: str) -> pd.DataFrame:
 
 def write_report(out: Path, data_dir: Path, work_dir: Path) -> dict:
     """report/report.md with the CV metric vs the prior baseline, per-target AUC, box quality, and QC figures."""
-    from rsna22_utils import qc
-    from rsna22_utils.metric import TARGETS, per_target_auc, prior_predictions, score_predictions, submission_from_predictions
+    from rsna22_utils.cervical import qc
+    from rsna22_utils.cervical.metric import TARGETS, per_target_auc, prior_predictions, score_predictions, submission_from_predictions
 
     report_dir = out / "report"
     report_dir.mkdir(parents=True, exist_ok=True)
@@ -197,7 +202,7 @@ def write_report(out: Path, data_dir: Path, work_dir: Path) -> dict:
     qc.plot_roc_curves(study_labels, oof, report_dir / "roc.png")
     figures = {"roc": report_dir / "roc.png"}
     for stage in ("01_train_box", "03_train_vertebra", "05_train_fracture", "06_train_study"):  # one figure per stage: one loss scale
-        histories = {p.parent.name: p for p in sorted((work_dir / stage).glob("fold*-seed*/history.csv"))}
+        histories = {run.name: run / "history.csv" for run in run_dirs(work_dir, stage, require="history.csv")}
         if histories:
             figures[f"loss_{stage}"] = qc.plot_loss_curves(histories, report_dir / f"loss_{stage}.png")
 
@@ -218,7 +223,7 @@ def write_report(out: Path, data_dir: Path, work_dir: Path) -> dict:
     submission_path = work_dir / "07_inference" / "submission.csv"
     test_labels_path = data_dir / "_synthetic" / "test_labels.csv"
     if submission_path.exists() and test_labels_path.exists():  # the synthetic test studies have known labels
-        from rsna22_utils.metric import score, solution_from_labels
+        from rsna22_utils.cervical.metric import score, solution_from_labels
 
         test_labels = pd.read_csv(test_labels_path)
         solution = solution_from_labels(test_labels)
@@ -247,8 +252,8 @@ def write_report(out: Path, data_dir: Path, work_dir: Path) -> dict:
 
 def _study_figure(work_dir: Path, report_dir: Path, oof: pd.DataFrame, labels: pd.DataFrame) -> Path:
     """study.gif of the most confidently fractured study: slices, its box, per-slice vertebra/fracture curves."""
-    from rsna22_utils import qc
-    from rsna22_utils.stages import Prepared
+    from rsna22_utils.cervical import qc
+    from rsna22_utils.cervical.prepare import Prepared
 
     cache = Prepared(work_dir / "00_prepare").cache()
     uid = oof.sort_values("patient_overall", ascending=False)["StudyInstanceUID"].iloc[0]

@@ -18,7 +18,7 @@ import matplotlib.pyplot as plt
 import numpy as np
 import pandas as pd
 
-from .metric import TARGETS, align_predictions
+from rsna22_utils.cervical.metric import TARGETS, align_predictions
 
 logger = logging.getLogger(__name__)
 

@@ -1,4 +1,4 @@
-"""Inference-side logic: turning per-slice predictions into study-level results.
+"""Study boxes: box models over slices, and per-slice box predictions -> one box and slice range per study (02 and the submission).
 
 Box stage: per-slice has-box probability + box (mean over folds/seeds) -> one box per study around
 all C1-C7 slices and the slice range where the spine starts and ends, in the 3rd place's
@@ -9,11 +9,18 @@ and `slnum_max` is the study's slice count.
 
 from __future__ import annotations
 
+from collections.abc import Iterable
+
 import numpy as np
 import pandas as pd
+import torch
 from scipy.ndimage import median_filter
+from torch import nn
 
-BOX_COLUMNS = ["x0", "y0", "x1", "y1"]
+from rsna22_utils.cervical.anatomy import BOX_COLUMNS
+from rsna22_utils.cervical.data import images_to_tensor
+from rsna22_utils.core.device import autocast
+
 STUDY_BOX_COLUMNS = ["StudyInstanceUID", *BOX_COLUMNS, "slnum_from", "slnum_to", "slnum_max"]
 
 
@@ -90,3 +97,31 @@ def evaluate_study_boxes(predicted: pd.DataFrame, truth: pd.DataFrame) -> pd.Dat
     merged["from_error"] = (merged["slnum_from"] - merged["slnum_from_true"]).abs()
     merged["to_error"] = (merged["slnum_to"] - merged["slnum_to_true"]).abs()
     return merged
+
+
+def predict_box_slices(
+    models: list[nn.Module], batches: Iterable[tuple[np.ndarray, torch.Tensor]], n_slices: int, device: torch.device, amp: bool = True
+) -> tuple[np.ndarray, np.ndarray]:
+    """Every box model on batches of (slice positions, images in [-1, 1]) -> mean p_box (n,) and box fractions (n, 4)."""
+    p_sum, box_sum = np.zeros(n_slices), np.zeros((n_slices, 4))
+    with torch.inference_mode(), autocast(device, amp):
+        for index, images in batches:
+            images = images.to(device)
+            for model in models:
+                out = model({"image": images})
+                p_sum[index] += torch.sigmoid(out["has_box"].float()).cpu().numpy()
+                box_sum[index] += out["box"].float().cpu().numpy()
+    return p_sum / len(models), box_sum / len(models)
+
+
+def predict_study_box(
+    models: list[nn.Module], volume: np.ndarray, slices: pd.DataFrame, device: torch.device, batch_size: int,
+    threshold: float, smooth: int, amp: bool = True,
+) -> dict[str, float]:
+    """Box models on every slice of one encoded study (mean) -> its box in original pixels + slice range."""
+    n = volume.shape[0]
+    batches = ((np.arange(start, min(start + batch_size, n)), images_to_tensor(volume[start : start + batch_size], device)) for start in range(0, n, batch_size))
+    p_box, boxes = predict_box_slices(models, batches, n, device, amp)
+    rows, cols = float(slices["rows"].iloc[0]), float(slices["cols"].iloc[0])
+    boxes = boxes * np.array([cols, rows, cols, rows])  # fractions -> original pixels
+    return study_box_from_slices(np.arange(n), p_box, boxes, threshold=threshold, smooth=smooth)

@@ -13,9 +13,10 @@ Any problem with a file is raised as `DicomReadError` naming the file and the re
 from __future__ import annotations
 
 import logging
+from collections.abc import Iterable, Sequence
 from functools import lru_cache
 from pathlib import Path
-from typing import Any, Iterable, NamedTuple, Sequence
+from typing import Any, NamedTuple
 
 import numpy as np
 import pandas as pd

@@ -27,10 +27,10 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
+from rsna22_utils.cervical.anatomy import TARGETS, VERTEBRAE
+
 logger = logging.getLogger(__name__)
 
-TARGETS: tuple[str, ...] = ("patient_overall",) + tuple(f"C{k}" for k in range(1, 8))
-VERTEBRAE: tuple[str, ...] = TARGETS[1:]
 #: Row order of one study in a submission (like the competition's test.csv): C1..C7, then patient_overall.
 SUBMISSION_ORDER: tuple[str, ...] = VERTEBRAE + ("patient_overall",)
 #: Competition weights per target, aligned with TARGETS.

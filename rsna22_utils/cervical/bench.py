@@ -11,19 +11,20 @@ import logging
 import os
 import statistics
 import time
+from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Iterator
 
 import pandas as pd
 from tqdm.auto import tqdm
 
-from rsna22_utils.dicom import TRANSFER_SYNTAX_NAMES, DicomReadError, read_slice
+from rsna22_utils.core.dicom import TRANSFER_SYNTAX_NAMES, DicomReadError, read_slice
+from rsna22_utils.core.paths import REPO_ROOT
 
 logger = logging.getLogger(__name__)
 
 BACKENDS = ("dicomsdl", "pydicom")
-REALDATA_RSNA = Path(__file__).resolve().parents[1].parent / "shared" / "realdata" / "rsna2022"
+REALDATA_RSNA = REPO_ROOT.parent / "shared" / "realdata" / "rsna2022"
 
 
 def default_paths() -> list[Path]:
@@ -61,14 +62,16 @@ def one_core() -> Iterator[str]:
     try:
         import torch
 
-        restore.append(lambda n=torch.get_num_threads(): torch.set_num_threads(n))
+        torch_threads = torch.get_num_threads()
+        restore.append(lambda: torch.set_num_threads(torch_threads))
         torch.set_num_threads(1)
     except ImportError:
         pass
     try:
         import cv2
 
-        restore.append(lambda n=cv2.getNumThreads(): cv2.setNumThreads(n))
+        cv2_threads = cv2.getNumThreads()
+        restore.append(lambda: cv2.setNumThreads(cv2_threads))
         cv2.setNumThreads(1)
     except ImportError:
         pass
@@ -167,15 +170,15 @@ def bench_epoch(
     import torch
     from torch.utils.data import DataLoader
 
-    from rsna22_utils.cache import CacheSpec, StudyCache, build_cache
-    from rsna22_utils.data import BoxSliceDataset, CacheSource, DicomSource
-    from rsna22_utils.models import BoxModel, box_loss
-    from rsna22_utils.scan import find_studies
+    from rsna22_utils.cervical.data import BoxSliceDataset, CacheSource, DicomSource
+    from rsna22_utils.cervical.models import BoxModel
+    from rsna22_utils.core.cache import CacheSpec, StudyCache, build_cache
+    from rsna22_utils.core.scan import find_studies
 
     repeat = max(1, repeat)  # at least one timed data pass per source
     work_dir = Path(work_dir or tempfile.mkdtemp(prefix="rsna22-bench-"))
     if data_dir is None:
-        from rsna22_utils.synth import generate_competition
+        from rsna22_utils.cervical.synth import generate_competition
 
         data_dir = work_dir / "competition"
         if not (data_dir / "train.csv").exists():
@@ -210,21 +213,14 @@ def bench_epoch(
         model = BoxModel(backbone, in_chans=1).to(dev)
         optimizer = torch.optim.AdamW(model.parameters(), lr=1e-3)
 
-        def step(batch: dict) -> None:
-            batch = {k: v.to(dev) for k, v in batch.items()}
-            loss = box_loss(model(batch), batch)
-            optimizer.zero_grad()
-            loss.backward()
-            optimizer.step()
-
         warm_batch = next(iter(loader))
         for _ in range(2):  # CUDA context, cuDNN algorithm choice, allocator: not part of either epoch
-            step(warm_batch)
+            _box_step(model, optimizer, warm_batch, dev)
         if dev.type == "cuda":
             torch.cuda.synchronize()
         t0 = time.perf_counter()
         for batch in tqdm(loader, desc=f"epoch ({name})", leave=False):
-            step(batch)
+            _box_step(model, optimizer, batch, dev)
         if dev.type == "cuda":
             torch.cuda.synchronize()
         rows.append({"source": name, "slices": len(table), "data_s": data_seconds, "epoch_s": time.perf_counter() - t0})
@@ -255,6 +251,17 @@ def bench_epoch(
 # --------------------------------------------------------------------------- inference
 
 
+def _box_step(model, optimizer, batch: dict, device) -> None:
+    """One training step of the box model (the benchmark's unit of work)."""
+    from rsna22_utils.cervical.models import box_loss
+
+    batch = {k: v.to(device) for k, v in batch.items()}
+    loss = box_loss(model(batch), batch)
+    optimizer.zero_grad()
+    loss.backward()
+    optimizer.step()
+
+
 KAGGLE_TEST_STUDIES = 1500  # hidden test set: ~1,500 studies
 KAGGLE_SLICES = 300  # typical slices per study at 512 x 512
 DEFAULT_DECODE_MS = 6.0  # dicomsdl, one core, real JPEG Lossless 512 px slices (when ../shared/realdata is absent)
@@ -280,7 +287,7 @@ def bench_inference(data_dir: str | Path, weights_dir: str | Path, n_studies: in
     """Per-study seconds of 07_inference split into decode / preprocessing / models, on CPU (and CUDA), + a projection.
 
     decode = read_study (dicomsdl); preprocessing = encode_study (window + resize) + crops and
-    3-slice stacking (study_windows); model = box models on every slice + every study model (with
+    3-slice stacking (study_images); model = box models on every slice + every study model (with
     flip TTA). The projection to Kaggle's ~1,500 studies x ~300 slices at 512 px scales each part per
     slice: decode by real-file ms/slice (../shared/realdata, dicomsdl, one core), window + resize by
     an encode of a 512 px volume, stacking and models by the ms/slice measured here (model inputs
@@ -291,10 +298,13 @@ def bench_inference(data_dir: str | Path, weights_dir: str | Path, n_studies: in
     import numpy as np
     import torch
 
-    from rsna22_utils.cache import encode_study
-    from rsna22_utils.config import resolve_config
-    from rsna22_utils.dicom import read_study
-    from rsna22_utils.predict import MemoryCache, load_ensemble, predict_box, study_probabilities, study_windows
+    from rsna22_utils.cervical.embed import study_images, study_probabilities
+    from rsna22_utils.cervical.study_box import predict_study_box
+    from rsna22_utils.cervical.submission import MemoryCache, load_ensemble
+    from rsna22_utils.core.cache import encode_study
+    from rsna22_utils.core.config import resolve_config
+    from rsna22_utils.core.device import autocast
+    from rsna22_utils.core.dicom import read_study
 
     data_dir = Path(data_dir)
     folders = sorted(p for p in (data_dir / "test_images").glob("*") if p.is_dir()) or sorted(p for p in (data_dir / "train_images").glob("*") if p.is_dir())
@@ -314,14 +324,17 @@ def bench_inference(data_dir: str | Path, weights_dir: str | Path, n_studies: in
             slices = table.reset_index(drop=True).assign(slice_index=np.arange(len(table)))
             t2 = time.perf_counter()
             sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
-            study_box = predict_box(ensemble.box, volumes[ensemble.box.spec.name], slices, device, cfg.box_batch_size, cfg.amp)
+            study_box = predict_study_box(
+                ensemble.box.models, volumes[ensemble.box.spec.name], slices, device, cfg.box_batch_size, cfg.has_box_threshold, cfg.box_smooth, cfg.amp,
+            )
             sync()
             stack_s, model_s = 0.0, time.perf_counter() - t2
             for run in ensemble.study:
                 t3 = time.perf_counter()
-                images, masks, n_images = study_windows(run, MemoryCache(run.spec, folder.name, volumes[run.spec.name], slices), folder.name, study_box)
+                images = study_images(run.cfg, MemoryCache(run.spec, folder.name, volumes[run.spec.name], slices), folder.name, study_box)
                 t4 = time.perf_counter()
-                study_probabilities(run, images, masks, n_images, device, cfg.sequence_batch_size, cfg.tta_flip, cfg.amp)
+                with torch.inference_mode(), autocast(device, cfg.amp):
+                    study_probabilities(run.model, run.cfg, images, device, cfg.sequence_batch_size, cfg.tta_flip)
                 sync()
                 stack_s, model_s = stack_s + t4 - t3, model_s + time.perf_counter() - t4
             if i == 0:  # the first study warms up kernels / allocators: measured again below
@@ -344,12 +357,12 @@ def bench_inference(data_dir: str | Path, weights_dir: str | Path, n_studies: in
     encode_ms = 1e3 * (time.perf_counter() - t0) / len(fake)
     projection = []
     for device, group in table.groupby("device", sort=False):
-        per_slice = lambda col: 1e3 * group[col].sum() / group["slices"].sum()  # noqa: E731
+        per_slice = {col: 1e3 * group[col].sum() / group["slices"].sum() for col in ("stack_s", "model_s")}
         workers_s = KAGGLE_SLICES * (decode_ms + encode_ms) / 1e3 / max(1, num_workers)
-        main_s = KAGGLE_SLICES * (per_slice("stack_s") + per_slice("model_s")) / 1e3
+        main_s = KAGGLE_SLICES * (per_slice["stack_s"] + per_slice["model_s"]) / 1e3
         projection.append({
             "device": device, "decode_ms_slice": decode_ms, "encode_ms_slice_512px": encode_ms,
-            "stack_ms_slice": per_slice("stack_s"), "model_ms_slice": per_slice("model_s"),
+            "stack_ms_slice": per_slice["stack_s"], "model_ms_slice": per_slice["model_s"],
             "study_s": max(workers_s, main_s), "bound": "decode" if workers_s > main_s else "models",
             "hours_1500": KAGGLE_TEST_STUDIES * max(workers_s, main_s) / 3600,
         })

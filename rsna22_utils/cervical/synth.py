@@ -31,6 +31,8 @@ import numpy as np
 from pydicom.dataset import Dataset, FileMetaDataset
 from pydicom.uid import PYDICOM_IMPLEMENTATION_UID, CTImageStorage
 
+from rsna22_utils.cervical.anatomy import TARGETS, VERTEBRAE
+
 if TYPE_CHECKING:
     import nibabel as nib
     import pandas as pd
@@ -268,8 +270,7 @@ REAL_SERIES_SLICES = (152, 298, 673)  # min, median, max slices per series
 REAL_CERVICAL_FIRST, REAL_CERVICAL_LAST = 0.136, 0.819  # mean first/last C1..C7 slice as fraction of series
 REAL_Z_FALLING = 0.93  # fraction of studies whose z falls as slice_number grows
 
-VERTEBRAE: tuple[str, ...] = ("C1", "C2", "C3", "C4", "C5", "C6", "C7")
-LABEL_COLUMNS: tuple[str, ...] = ("patient_overall", *VERTEBRAE)
+LABEL_COLUMNS: tuple[str, ...] = TARGETS
 GENERATOR_VERSION = "1"
 UID_ROOT = "1.2.826.0.1.3680043"
 
@@ -307,7 +308,7 @@ def sample_study_labels(rng: np.random.Generator) -> np.ndarray:
     return labels
 
 
-def sample_labels(n: int, seed: int = 0) -> "pd.DataFrame":
+def sample_labels(n: int, seed: int = 0) -> pd.DataFrame:
     """n label rows (columns patient_overall, C1..C7) from `sample_study_labels`; no images."""
     import pandas as pd
 
@@ -672,7 +673,7 @@ def render_study(spec: StudySpec, *, fractures: bool = True) -> tuple[np.ndarray
 
 # ----------------------------------------------------------------------------------------------
 # Writing a study and a whole competition.
-def nifti_from_labels(labels: np.ndarray, spec: StudySpec) -> "nib.Nifti1Image":
+def nifti_from_labels(labels: np.ndarray, spec: StudySpec) -> nib.Nifti1Image:
     """Competition-orientation NIfTI from head->feet labels: (cols, rows, slices), rows flipped, ascending z."""
     import nibabel as nib
 

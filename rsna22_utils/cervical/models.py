@@ -17,6 +17,9 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
+from rsna22_utils.cervical.anatomy import VERTEBRAE
+from rsna22_utils.core.runs import load_run as load_run_with
+
 logger = logging.getLogger(__name__)
 
 
@@ -157,7 +160,7 @@ class SliceEvidence(nn.Module):
 class StudyHead(nn.Module):
     """Study level (stage 06): per-image embeddings -> BiLSTM -> attention + max pooling -> 8 logits.
 
-    Output order is `rsna22_utils.metric.TARGETS`: patient_overall, C1..C7. `mask` marks real
+    Output order is `rsna22_utils.cervical.metric.TARGETS`: patient_overall, C1..C7. `mask` marks real
     (not padded) steps of each sequence. With `evidence` (a frozen `SliceEvidence`), each logit
     also gets a learned multiple of its target's evidence (see `start_from_evidence`).
     """
@@ -173,7 +176,7 @@ class StudyHead(nn.Module):
         self.evidence = evidence
         self.evidence_weight = nn.Parameter(torch.zeros(n_outputs)) if evidence is not None else None
 
-    def train(self, mode: bool = True) -> "StudyHead":
+    def train(self, mode: bool = True) -> StudyHead:
         super().train(mode)
         if self.evidence is not None:
             self.evidence.eval()  # frozen stage-05 layers
@@ -234,7 +237,7 @@ class StudyModel(nn.Module):
         for parameter in self.encoder.parameters():
             parameter.requires_grad_(False)
 
-    def train(self, mode: bool = True) -> "StudyModel":
+    def train(self, mode: bool = True) -> StudyModel:
         super().train(mode)
         self.encoder.eval()  # frozen: batch-norm statistics stay those of stage 05
         return self
@@ -270,29 +273,46 @@ def fit_length(embeddings: torch.Tensor, mask: torch.Tensor, max_len: int) -> tu
     return out, out_mask
 
 
+def study_model(cfg: Any, sequence_model: SequenceModel) -> StudyModel:
+    """A stage-06 config's StudyModel on a stage-05 SequenceModel: its CNN frozen, a new StudyHead
+    (with the frozen stage-05 BiLSTM + head as evidence when `slice_evidence`)."""
+    evidence = SliceEvidence(sequence_model.lstm, sequence_model.head) if cfg.slice_evidence else None
+    head = StudyHead(sequence_model.embedding_size, lstm_hidden=cfg.lstm_hidden, dropout=cfg.dropout, evidence=evidence)
+    return StudyModel(sequence_model.encoder, head, max_len=cfg.max_len)
+
+
+def _sequence_model(cfg: Any, n_outputs: int, lstm_hidden: int, pretrained: bool, pretrained_path: str | None) -> SequenceModel:
+    return SequenceModel(
+        cfg.backbone, in_chans=cfg.slices_per_image * len(cfg.windows), n_outputs=n_outputs, lstm_hidden=lstm_hidden,
+        pretrained=pretrained, pretrained_path=pretrained_path,
+    )
+
+
 def create_model(cfg: Any, load_pretrained: bool = True) -> nn.Module:
     """The network a stage config describes, built the same way wherever a run is trained or loaded.
 
     `load_pretrained=False` ignores `pretrained` / `pretrained_path`: for a run whose own trained
     weights are loaded next, so nothing is fetched (offline on Kaggle) or read for nothing.
 
-    Box stages -> BoxModel (one channel per window); sequence stages -> SequenceModel with 7 outputs
-    (task "vertebra") or 7 vertebra + 7 fracture outputs (task "fracture"), `slices_per_image`
-    slices x windows as input channels. (The study model wraps a trained SequenceModel's CNN: see
-    `stages.train_study`.)
+    01 -> BoxModel (one channel per window); 03 -> SequenceModel with 7 outputs, 05 with 7 vertebra +
+    7 fracture outputs (`slices_per_image` slices x windows as input channels); 06 -> StudyModel on
+    the architecture of its stage-05 run (recorded in its config).
     """
-    pretrained = bool(cfg.pretrained) and load_pretrained
+    from rsna22_utils.cervical.configs import BoxTrainConfig, FractureTrainConfig, StudyTrainConfig, VertebraTrainConfig
+
+    pretrained = bool(getattr(cfg, "pretrained", False)) and load_pretrained
     pretrained_path = (getattr(cfg, "pretrained_path", "") or None) if load_pretrained else None
-    task = getattr(cfg, "task", None)
-    if task is None and hasattr(cfg, "has_box_threshold"):
+    if isinstance(cfg, BoxTrainConfig):
         return BoxModel(cfg.backbone, in_chans=len(cfg.windows), pretrained=pretrained, pretrained_path=pretrained_path)
-    if task in ("vertebra", "fracture"):
-        return SequenceModel(
-            cfg.backbone,
-            in_chans=cfg.slices_per_image * len(cfg.windows),
-            n_outputs=7 if task == "vertebra" else 14,
-            lstm_hidden=cfg.lstm_hidden,
-            pretrained=pretrained,
-            pretrained_path=pretrained_path,
-        )
-    raise ValueError(f"stage {getattr(cfg, 'stage', '?')!r}: its config describes no box or sequence model")
+    if isinstance(cfg, VertebraTrainConfig):
+        return _sequence_model(cfg, len(VERTEBRAE), cfg.lstm_hidden, pretrained, pretrained_path)
+    if isinstance(cfg, FractureTrainConfig):
+        return _sequence_model(cfg, 2 * len(VERTEBRAE), cfg.lstm_hidden, pretrained, pretrained_path)
+    if isinstance(cfg, StudyTrainConfig):
+        return study_model(cfg, _sequence_model(cfg, 2 * len(VERTEBRAE), cfg.fracture_lstm_hidden, False, None))
+    raise ValueError(f"stage {getattr(cfg, 'stage', '?')!r}: its config ({type(cfg).__name__}) describes no network of the kit")
+
+
+def load_run(run_dir: str | Path, device: torch.device) -> tuple[nn.Module, Any]:
+    """A finished run's network (rebuilt from its config.json, no pretrained download) with its weights, in eval mode."""
+    return load_run_with(run_dir, device, lambda cfg: create_model(cfg, load_pretrained=False))

@@ -28,17 +28,18 @@ import os
 import subprocess
 import sys
 import time
+from collections.abc import Iterator, Sequence
 from dataclasses import asdict, dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
-from typing import Any, Iterator, Sequence
+from typing import Any
 
-from rsna22_utils.config import parse_overrides, parse_value
+from rsna22_utils.core.config import parse_overrides, parse_value
+from rsna22_utils.core.paths import NOTEBOOKS_DIR, REPO_ROOT
+from rsna22_utils.core.registry import run_name, stage_dir
 
 logger = logging.getLogger(__name__)
 
-REPO_ROOT = Path(__file__).resolve().parents[1]
-NOTEBOOKS_DIR = REPO_ROOT / "notebooks"
 COMPLETE_FILE = "_complete.json"
 RUNS_FILE = "_runs.json"
 
@@ -120,7 +121,7 @@ def torchrun_command(
 
 
 def _is_this_python(executable: str) -> bool:
-    if executable in {"python", f"python{sys.version_info[0]}", "python%i.%i" % sys.version_info[:2]}:
+    if executable in {"python", f"python{sys.version_info[0]}", f"python{sys.version_info[0]}.{sys.version_info[1]}"}:
         return True  # jupyter_client substitutes sys.executable for these
     here, there = Path(sys.executable), Path(executable)
     if os.path.abspath(there) == os.path.abspath(here):
@@ -168,7 +169,7 @@ def ensure_ipynb(stage: str, notebooks_dir: Path | None = None) -> Path:
             f"stage {stage!r}: neither {py} nor {ipynb} exists (stages in {notebooks_dir}: {', '.join(known) or 'none'})"
         )
     if py.exists() and (not ipynb.exists() or ipynb.stat().st_mtime < py.stat().st_mtime):
-        from rsna22_utils.notebooks import write_ipynb
+        from rsna22_utils.core.notebooks import write_ipynb
 
         write_ipynb(py, ipynb)
     return ipynb
@@ -258,8 +259,8 @@ def _execute_notebook(spec: _RunSpec, source: Path, kernel_name: str, timeout: f
     try:
         spec.out_dir.mkdir(parents=True, exist_ok=True)
         (spec.out_dir / COMPLETE_FILE).unlink(missing_ok=True)
-        # bars redraw at most every few seconds: the executed notebook keeps every redraw (at tqdm's
-        # default 0.1 s, a 16-epoch stage-05 notebook held ~380 KB of them); set it yourself to override
+        # bars redraw at most every few seconds: the executed notebook keeps every redraw (tqdm's
+        # default is 0.1 s); TQDM_MININTERVAL set by the user wins
         bar_interval = None if "TQDM_MININTERVAL" in os.environ else str(KERNEL_TQDM_MININTERVAL)
         with _environ(PYTHONPATH=_pythonpath(), TQDM_MININTERVAL=bar_interval):
             papermill.execute_notebook(
@@ -359,7 +360,7 @@ def _run_in_child(spec: _RunSpec, source: Path, kernel_name: str, timeout: float
         }
         request_path.write_text(json.dumps(request, default=str))
         env = {**os.environ, "PYTHONPATH": _pythonpath(), "CUDA_VISIBLE_DEVICES": device}
-        code = "import sys; from rsna22_utils.runner import _child_main; sys.exit(_child_main(sys.argv[1]))"
+        code = "import sys; from rsna22_utils.core.runner import _child_main; sys.exit(_child_main(sys.argv[1]))"
         proc = subprocess.run([sys.executable, "-c", code, str(request_path)], env=env, cwd=REPO_ROOT)
         if result_path.exists():
             return RunResult(**json.loads(result_path.read_text()))
@@ -383,13 +384,13 @@ def plan_runs(
     # plain JSON values (Path -> str, tuple -> list): what papermill injects and _complete.json records
     overrides = json.loads(json.dumps(dict(overrides or {}), default=str))
     if folds is None and seeds is None:
-        out_dir = work_dir / stage
+        out_dir = stage_dir(work_dir, stage)
         over = {**overrides, "out_dir": str(out_dir), "work_dir": str(work_dir)}
         return [_RunSpec(stage, None, None, out_dir, {"overrides": over}, over)]
     specs = []
     for fold in folds if folds is not None else [0]:
         for seed in seeds if seeds is not None else [0]:
-            out_dir = work_dir / stage / f"fold{int(fold)}-seed{int(seed)}"
+            out_dir = stage_dir(work_dir, stage) / run_name(fold, seed)
             over = {**overrides, "out_dir": str(out_dir), "work_dir": str(work_dir)}
             params = {"fold": int(fold), "seed": int(seed), "overrides": over}
             specs.append(_RunSpec(stage, int(fold), int(seed), out_dir, params, over))
@@ -451,7 +452,7 @@ def run_stage(
     work_dir = Path(work_dir).absolute()
     specs = plan_runs(stage, folds, seeds, overrides, work_dir)
     summary = RunSummary(stage)
-    runs_path = work_dir / stage / RUNS_FILE
+    runs_path = stage_dir(work_dir, stage) / RUNS_FILE
     pending = []
     for spec in specs:
         complete = spec.out_dir / COMPLETE_FILE

@@ -1,0 +1,177 @@
+"""The box family (stages 01 and 02): per-slice has-box + C1-C7 box, and one study box per study.
+
+Box models run over slices with `study_box.predict_box_slices`, the same for stage 02 (from the
+study cache) and for the submission (from a decoded test study).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pandas as pd
+import torch
+from sklearn.metrics import roc_auc_score
+from torch import nn
+from torch.utils.data import DataLoader
+from tqdm import tqdm
+
+from rsna22_utils.cervical.anatomy import BOX_COLUMNS
+from rsna22_utils.cervical.configs import BoxInferConfig, BoxTrainConfig
+from rsna22_utils.cervical.data import BoxSliceDataset, CacheSource
+from rsna22_utils.cervical.models import box_loss, create_model, load_run
+from rsna22_utils.cervical.prepare import Prepared, open_cache, split_by_fold
+from rsna22_utils.cervical.study_box import box_iou, evaluate_study_boxes, predict_box_slices, study_boxes
+from rsna22_utils.core.cache import StudyCache
+from rsna22_utils.core.config import with_derived
+from rsna22_utils.core.device import resolve_device
+from rsna22_utils.core.registry import finished_runs, stage_dir
+from rsna22_utils.core.train import fit
+
+logger = logging.getLogger(__name__)
+
+TRAIN_STAGE, INFER_STAGE = "01_train_box", "02_infer_box"
+
+
+def box_table(prepared: Prepared, cache: StudyCache) -> pd.DataFrame:
+    """slice_boxes joined with each slice's original rows/cols (box pixels are original pixels)."""
+    boxes = prepared.read("slice_boxes")
+    sizes = cache.all_slices()[["StudyInstanceUID", "slice_index", "rows", "cols"]]
+    table = boxes.merge(sizes, on=["StudyInstanceUID", "slice_index"], how="inner", validate="one_to_one")
+    return table.fillna({c: 0.0 for c in BOX_COLUMNS})
+
+
+def box_rows(rows: pd.DataFrame, p_box: np.ndarray, box: np.ndarray) -> pd.DataFrame:
+    """Model outputs (box as fractions of the image) -> table in original pixels."""
+    out = rows[["StudyInstanceUID", "slice_index"]].reset_index(drop=True).copy()
+    out["p_box"] = p_box
+    cols, rows_px = rows["cols"].to_numpy(float), rows["rows"].to_numpy(float)
+    for i, (name, scale) in enumerate(zip(BOX_COLUMNS, (cols, rows_px, cols, rows_px))):
+        out[name] = box[:, i] * scale
+    return out
+
+
+class BoxTask:
+    """Box model: loss, per-slice predictions in original pixels, and validation scores."""
+
+    def __init__(self, valid_table: pd.DataFrame, box_weight: float = 5.0) -> None:
+        self.valid_table, self.box_weight = valid_table, box_weight
+
+    def loss(self, model: nn.Module, batch: dict) -> torch.Tensor:
+        return box_loss(model(batch), batch, box_weight=self.box_weight)
+
+    def predict(self, model: nn.Module, batch: dict) -> pd.DataFrame:
+        out = model(batch)
+        rows = self.valid_table.iloc[batch["index"].cpu().numpy()]
+        return box_rows(rows, torch.sigmoid(out["has_box"]).float().cpu().numpy(), out["box"].float().cpu().numpy())
+
+    def score(self, predictions: pd.DataFrame) -> dict[str, float]:
+        truth = self.valid_table.set_index(["StudyInstanceUID", "slice_index"]).loc[
+            pd.MultiIndex.from_frame(predictions[["StudyInstanceUID", "slice_index"]])
+        ]
+        has_box = truth["has_box"].to_numpy() > 0.5
+        metrics = {"has_box_accuracy": float(((predictions["p_box"].to_numpy() > 0.5) == has_box).mean())}
+        if 0 < has_box.sum() < len(has_box):
+            metrics["has_box_auc"] = float(roc_auc_score(has_box, predictions["p_box"]))
+        if has_box.any():
+            iou = box_iou(predictions[BOX_COLUMNS].to_numpy()[has_box], truth[BOX_COLUMNS].to_numpy()[has_box])
+            metrics["slice_iou"] = float(np.mean(iou))
+        return metrics
+
+
+def train_box(cfg: BoxTrainConfig) -> dict:
+    """01_train_box: has-box + C1-C7 box on single slices of the segmented studies, one fold x seed."""
+    prepared, cache, cache_settings = open_cache(cfg)
+    cfg = with_derived(cfg, **cache_settings)
+    train, valid = split_by_fold(box_table(prepared, cache), cfg.fold)
+    logger.info("box model fold %d: %d training slices, %d validation slices", cfg.fold, len(train), len(valid))
+    source = CacheSource(cache)
+    model = create_model(cfg)
+    return fit(model, BoxTask(valid, cfg.box_weight), BoxSliceDataset(train, source, augment=True), BoxSliceDataset(valid, source), cfg)
+
+
+def box_examples(cfg: BoxTrainConfig, n: int = 8) -> tuple[list[np.ndarray], np.ndarray, np.ndarray]:
+    """`n` validation slices that show the spine, with the trained run's boxes and the true ones (cache pixels)."""
+    prepared, cache, _ = open_cache(cfg)
+    _, valid = split_by_fold(box_table(prepared, cache), cfg.fold)
+    rows = valid[valid["has_box"] > 0.5]
+    rows = rows.iloc[np.linspace(0, len(rows) - 1, min(n, len(rows))).astype(int)].reset_index(drop=True)
+    dataset = BoxSliceDataset(rows, CacheSource(cache))
+    model, _ = load_run(Path(cfg.out_dir), torch.device("cpu"))
+    items = [dataset[i] for i in range(len(rows))]
+    with torch.inference_mode():
+        predicted = model({"image": torch.stack([item["image"] for item in items])})["box"].numpy()
+    size = cache.spec.image_size
+    images = [((item["image"][0].numpy() + 1) * 127.5).astype(np.uint8) for item in items]
+    true = np.stack([item["box"].numpy() for item in items])
+    return images, predicted * size, true * size
+
+
+def infer_box(cfg: BoxInferConfig) -> dict:
+    """02_infer_box: every box model on every slice of every study, averaged -> study boxes.
+
+    Writes `slice_predictions.parquet` and `study_boxes.csv` (x0 y0 x1 y1 in original pixels,
+    slnum_from / slnum_to / slnum_max as 0-based slice positions head -> feet). When the data
+    holds the synthetic generator's truth, also `box_eval.csv` on the studies no box model was
+    trained on.
+    """
+    prepared, cache, _ = open_cache(cfg)
+    out = Path(cfg.out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    table = cache.all_slices()
+    for column in ("has_box", *BOX_COLUMNS):
+        table[column] = 0.0
+    dataset = BoxSliceDataset(table, CacheSource(cache))
+    loader = DataLoader(dataset, batch_size=cfg.infer_batch_size, num_workers=cfg.num_workers, shuffle=False)
+    device = resolve_device(cfg.device)
+    runs = finished_runs(cfg.work_dir, TRAIN_STAGE)
+    models = [load_run(run, device)[0] for run in runs]
+    batches = ((batch["index"].numpy(), batch["image"]) for batch in tqdm(loader, desc=f"box x {len(models)} models", unit="batch"))
+    p_box, boxes = predict_box_slices(models, batches, len(table), device, cfg.amp)
+    predictions = box_rows(table, p_box, boxes)
+    predictions.to_parquet(out / "slice_predictions.parquet", index=False)
+    boxes = study_boxes(predictions, threshold=cfg.has_box_threshold, smooth=cfg.box_smooth)
+    boxes.to_csv(out / "study_boxes.csv", index=False)
+    logger.info("%d models -> boxes of %d studies written to %s", len(runs), len(boxes), out / "study_boxes.csv")
+    metrics: dict[str, Any] = {"models": [str(r) for r in runs], "studies": len(boxes)}
+
+    truth_path = Path(cfg.data_dir) / "_synthetic" / "studies.csv"
+    if truth_path.exists():
+        truth = pd.read_csv(truth_path)
+        trained_on = set(prepared.read("slice_boxes")["StudyInstanceUID"])
+        truth = truth[~truth["StudyInstanceUID"].isin(trained_on)]
+        evaluation = evaluate_study_boxes(boxes, truth[["StudyInstanceUID", *BOX_COLUMNS, "slnum_from", "slnum_to"]])
+        evaluation.to_csv(out / "box_eval.csv", index=False)
+        metrics.update(
+            eval_studies=len(evaluation),
+            median_iou=float(evaluation["iou"].median()),
+            median_from_error=float(evaluation["from_error"].median()),
+            median_to_error=float(evaluation["to_error"].median()),
+            median_range_error=float(np.median(np.maximum(evaluation["from_error"], evaluation["to_error"]))),
+        )
+        logger.info(
+            "study boxes on %d studies no box model saw: median IoU %.3f, median slice-range error %.1f (from) / %.1f (to)",
+            len(evaluation), metrics["median_iou"], metrics["median_from_error"], metrics["median_to_error"],
+        )
+    (out / "metrics.json").write_text(json.dumps(metrics, indent=2))
+    return metrics
+
+
+def read_study_boxes(work_dir: str | Path) -> pd.DataFrame:
+    """study_boxes.csv of 02_infer_box."""
+    path = stage_dir(work_dir, INFER_STAGE) / "study_boxes.csv"
+    if not path.exists():
+        raise FileNotFoundError(f"{path}: missing; run {INFER_STAGE} first")
+    return pd.read_csv(path)
+
+
+def study_crops(work_dir: str | Path) -> tuple[dict[str, tuple], dict[str, tuple[int, int]]]:
+    """Each study's box (original pixels) and slice range (first, last) from 02_infer_box."""
+    boxes = read_study_boxes(work_dir).set_index("StudyInstanceUID")
+    crops = {uid: tuple(row[BOX_COLUMNS]) for uid, row in boxes.iterrows()}
+    ranges = {uid: (int(row["slnum_from"]), int(row["slnum_to"])) for uid, row in boxes.iterrows()}
+    return crops, ranges
+

@@ -1,0 +1,235 @@
+"""The config of each RSNA 2022 stage: only the fields that stage uses, composed from field groups.
+
+Defaults suit a GPU run of each stage; the demo's CPU settings and the profiles change them.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from rsna22_utils.core.config import (
+    Backbone,
+    Hardware,
+    Prepared,
+    StageConfig,
+    TrainConfig,
+    derived,
+)
+
+KAGGLE_COMPETITION_DIR = "/kaggle/input/rsna-2022-cervical-spine-fracture-detection"
+KAGGLE_WEIGHTS_DIR = "/kaggle/input/rsna22-weights"  # the weights dataset (kaggle-settings.json weights_dataset)
+KAGGLE_WORKING_DIR = "/kaggle/working"
+
+
+def _bone_window() -> list[list[float]]:
+    return [[400.0, 1800.0]]
+
+
+def _check_windows(windows: list[list[float]], image_size: int) -> list[str]:
+    out = []
+    if not windows or any(len(w) != 2 or w[1] <= 0 for w in windows):
+        out.append(f"windows must be a non-empty list of [center, width>0], got {windows}")
+    if image_size < 16:
+        out.append(f"image_size must be >= 16, got {image_size}")
+    return out
+
+
+# ----------------------------------------------------------------------------- groups of this competition
+
+
+@dataclass
+class CacheInput:
+    """Stages whose networks read the study cache: its size and windows, recorded for inference."""
+
+    image_size: int = derived(256, source="the study cache of 00_prepare")
+    windows: list[list[float]] = derived(source="the study cache of 00_prepare", default_factory=_bone_window)
+
+    def _check(self) -> list[str]:
+        return _check_windows(self.windows, self.image_size)
+
+
+@dataclass
+class StudyBoxRule:
+    """How per-slice box predictions become one study box and slice range (02 and the submission)."""
+
+    has_box_threshold: float = 0.5  # p(slice shows the spine) above which a slice belongs to the study box
+    box_smooth: int = 5  # median filter (slices) over p_box before thresholding
+
+    def _check(self) -> list[str]:
+        if not 0.0 < self.has_box_threshold < 1.0:
+            return [f"has_box_threshold must be in (0, 1), got {self.has_box_threshold}"]
+        return []
+
+
+@dataclass
+class SequenceShape:
+    """The 2.5D CNN + BiLSTM: windows of `seq_len` images, each `slices_per_image` adjacent slices."""
+
+    seq_len: int = 32  # images per sequence; a window spans seq_len * slices_per_image slices
+    slices_per_image: int = 3  # adjacent slices stacked as the channels of one image (x windows)
+    lstm_hidden: int = 256
+
+    def _check(self) -> list[str]:
+        if self.seq_len < 1 or self.slices_per_image < 1:
+            return ["seq_len and slices_per_image must be >= 1"]
+        return []
+
+
+@dataclass
+class SequenceSampling:
+    """Training windows of the sequence stages, and the validation windows' stride."""
+
+    samples_per_study: int = 2  # random training windows per study and epoch
+    positive_window_bias: float = 0.5  # probability that a training window holds a positive slice
+    infer_stride: int = 48  # slices between consecutive validation windows (overlaps are averaged)
+
+    def _check(self) -> list[str]:
+        out = []
+        if not 0.0 <= self.positive_window_bias <= 1.0:
+            out.append(f"positive_window_bias must be in [0, 1], got {self.positive_window_bias}")
+        span = getattr(self, "seq_len", 1) * getattr(self, "slices_per_image", 1)
+        if not 1 <= self.infer_stride <= span:
+            out.append(f"infer_stride must be in [1, seq_len * slices_per_image = {span}], got {self.infer_stride}")
+        return out
+
+
+@dataclass
+class BoxCrop:
+    """Sequence inputs cropped to the study box of 02_infer_box."""
+
+    crop_by_box: bool = True  # crop every slice to the study box
+    crop_margin: float = 0.1  # fraction of the box size added on each side of the crop
+    crop_size: int = 256  # crops are resized to crop_size x crop_size
+
+
+# ----------------------------------------------------------------------------- stages
+
+
+@dataclass
+class PrepareConfig(StageConfig):
+    """00_prepare: headers, folds, segmentation labels and the decoded study cache (image_size px, one channel per window)."""
+
+    data_dir: str = "data/competition"  # competition folder (train.csv, train_images/, segmentations/ ...)
+    n_folds: int = 5
+    fold_file: str = ""  # a fold file to use (e.g. the 3rd place's train_folded_v01.csv); "" -> balanced split
+    split_seed: int = 42  # seed of the fold split (when no fold_file is given)
+    image_size: int = 256
+    windows: list[list[float]] = field(default_factory=_bone_window)  # HU (center, width) per cache channel
+    workers: int = 0  # processes that decode studies; 0 = all cores
+
+    def _check(self) -> list[str]:
+        out = _check_windows(self.windows, self.image_size)
+        if self.n_folds < 2:
+            out.append(f"n_folds must be >= 2, got {self.n_folds}")
+        return out
+
+
+@dataclass
+class BoxTrainConfig(TrainConfig, Backbone, CacheInput):
+    """01_train_box: 2D model that says, per axial slice, whether C1-C7 are visible and where."""
+
+    backbone: str = "mobilenetv3_small_050"
+    epochs: int = 10
+    batch_size: int = 64
+    lr: float = 1e-3
+    box_weight: float = 5.0  # weight of the box regression loss vs. the has-box loss
+
+
+@dataclass
+class BoxInferConfig(StageConfig, Prepared, Hardware, StudyBoxRule):
+    """02_infer_box: every box run on every slice -> one box + slice range per study."""
+
+    data_dir: str = "data/competition"  # read for the synthetic generator's truth (box_eval.csv), when present
+    infer_batch_size: int = 128
+
+
+@dataclass
+class VertebraTrainConfig(TrainConfig, Backbone, CacheInput, SequenceShape, SequenceSampling):
+    """03_train_vertebra: CNN over slice windows + BiLSTM -> per-slice C1..C7 ratios."""
+
+    backbone: str = "efficientnet_b0"
+    epochs: int = 15
+    batch_size: int = 8
+    lr: float = 3e-4
+
+
+@dataclass
+class VertebraInferConfig(StageConfig, Prepared, Hardware):
+    """04_infer_vertebra: every vertebra run over overlapping windows -> per-slice predictions and fracture labels."""
+
+    infer_stride: int = 48  # slices between consecutive windows (overlaps are averaged)
+    infer_batch_size: int = 4  # windows per batch
+
+    def _check(self) -> list[str]:
+        return [f"infer_stride must be >= 1, got {self.infer_stride}"] if self.infer_stride < 1 else []
+
+
+@dataclass
+class FractureTrainConfig(TrainConfig, Backbone, CacheInput, SequenceShape, SequenceSampling, BoxCrop):
+    """05_train_fracture: the sequence model on box crops, 7 vertebra + 7 fracture targets."""
+
+    backbone: str = "efficientnet_b0"
+    epochs: int = 20
+    batch_size: int = 8
+    lr: float = 3e-4
+    fracture_loss_weight: float = 1.0  # weight of the 7 fracture targets vs the 7 vertebra targets (rare, faint)
+    fracture_pos_weight: float = 1.0  # BCE pos_weight of the fracture targets (a break image vs a normal one)
+    # start the CNN from a stage-03 run's CNN ("" = from `pretrained`); "vertebra" = the 03_train_vertebra
+    # run of the same fold and seed, else a run folder
+    init_encoder_from: str = ""
+
+    def _check(self) -> list[str]:
+        if self.fracture_loss_weight <= 0 or self.fracture_pos_weight <= 0:
+            return [f"fracture_loss_weight and fracture_pos_weight must be > 0, got {self.fracture_loss_weight}, {self.fracture_pos_weight}"]
+        return []
+
+
+_FROM_05 = "its stage-05 run (fracture_run)"
+
+
+@dataclass
+class StudyTrainConfig(TrainConfig, CacheInput):
+    """06_train_study: the stage-05 CNN (frozen) embeds every slice; a BiLSTM + attention reads the whole study."""
+
+    fracture_run: str = ""  # the stage-05 run whose CNN is frozen; "" -> that of the same fold and seed
+    epochs: int = 30
+    batch_size: int = 8
+    lr: float = 1e-3
+    monitor: str = "metric"
+    max_len: int = 192  # images per study after resampling (longer sequences are interpolated)
+    lstm_hidden: int = 256
+    dropout: float = 0.2
+    infer_batch_size: int = 4  # windows of seq_len images per embedding batch
+    save_embeddings: bool = False  # keep the frozen CNN's embeddings in {out_dir}/embeddings.npz
+    # add each target's evidence from the frozen stage-05 BiLSTM + head (its largest fracture logit
+    # over the study) to the new head's logits, fitted by logistic regression before training
+    slice_evidence: bool = True
+    # the frozen CNN and how it sees images: those of the stage-05 run, so that this config alone rebuilds the model
+    backbone: str = derived("resnet18", source=_FROM_05)
+    seq_len: int = derived(32, source=_FROM_05)
+    slices_per_image: int = derived(3, source=_FROM_05)
+    crop_by_box: bool = derived(True, source=_FROM_05)
+    crop_margin: float = derived(0.1, source=_FROM_05)
+    crop_size: int = derived(256, source=_FROM_05)
+    fracture_lstm_hidden: int = derived(256, source=_FROM_05)
+
+    def _check(self) -> list[str]:
+        return [f"max_len must be >= 1, got {self.max_len}"] if self.max_len < 1 else []
+
+
+@dataclass
+class SubmissionConfig(StageConfig, Hardware, StudyBoxRule):
+    """07_inference: the Kaggle submission notebook (offline, time-budgeted)."""
+
+    data_dir: str = KAGGLE_COMPETITION_DIR
+    weights_dir: str = KAGGLE_WEIGHTS_DIR  # model.safetensors + config.json of every run the submission loads
+    work_dir: str = KAGGLE_WORKING_DIR
+    out: str = f"{KAGGLE_WORKING_DIR}/submission.csv"
+    time_budget_hours: float = 8.0  # stop refining and write the fallback rows before this
+    tta_flip: bool = True
+    box_batch_size: int = 128
+    sequence_batch_size: int = 4
+    dicom_backend: str = "auto"  # auto (dicomsdl, pydicom fallback per file) | dicomsdl | pydicom
+
+    def _check(self) -> list[str]:
+        return [f"time_budget_hours must be > 0, got {self.time_budget_hours}"] if self.time_budget_hours <= 0 else []

@@ -1,0 +1,105 @@
+"""00_prepare: scan every study, folds, segmentation labels, the study cache; and the folder it writes."""
+
+from __future__ import annotations
+
+import json
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import pandas as pd
+
+from rsna22_utils.cervical.configs import PrepareConfig
+from rsna22_utils.cervical.labels import build_segmentation_labels, make_folds
+from rsna22_utils.core.cache import CacheSpec, StudyCache, build_cache
+from rsna22_utils.core.scan import find_studies, scan_competition
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class Prepared:
+    """The folder written by 00_prepare, with one property per table so no stage guesses a path."""
+
+    root: Path
+
+    @property
+    def slices(self) -> Path:
+        return self.root / "slices.parquet"
+
+    @property
+    def folds(self) -> Path:
+        return self.root / "folds.csv"
+
+    @property
+    def slice_boxes(self) -> Path:
+        return self.root / "slice_boxes.parquet"
+
+    @property
+    def vertebra_ratios(self) -> Path:
+        return self.root / "vertebra_ratios.parquet"
+
+    def cache(self, spec: CacheSpec | None = None) -> StudyCache:
+        """The study cache (the one built with `spec`, or the only one present)."""
+        base = self.root / "cache"
+        if spec is not None:
+            return StudyCache(base / spec.name)
+        found = sorted(p.parent for p in base.glob("*/spec.json"))
+        if len(found) != 1:
+            raise FileNotFoundError(f"{base}: expected one study cache, found {len(found)}; run 00_prepare first")
+        return StudyCache(found[0])
+
+    def read(self, name: str) -> pd.DataFrame:
+        path = getattr(self, name)
+        if not path.exists():
+            raise FileNotFoundError(f"{path}: missing; run 00_prepare (prepared_dir={self.root})")
+        return pd.read_parquet(path) if path.suffix == ".parquet" else pd.read_csv(path)
+
+
+def open_cache(cfg: Any) -> tuple[Prepared, StudyCache, dict[str, Any]]:
+    """The prepared folder, its study cache, and the cache's settings for the run's config.
+
+    Models read slices at the cache's resolution, so `image_size` / `windows` of a training run are
+    those of the cache: the stage derives them (`core.config.with_derived`) and saves them in the
+    run's config.json for inference to reproduce.
+    """
+    prepared = Prepared(Path(cfg.prepared_dir))
+    cache = prepared.cache()
+    settings = {"image_size": cache.spec.image_size, "windows": [list(map(float, w)) for w in cache.spec.windows]}
+    return prepared, cache, settings
+
+
+def prepare(cfg: PrepareConfig) -> dict[str, Any]:
+    """00_prepare: scan every study, make/read folds, segmentation labels, build the study cache."""
+    data_dir, out = Path(cfg.data_dir), Path(cfg.out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    prepared = Prepared(out)
+    scan_failures = scan_competition(data_dir, prepared.slices, workers=cfg.workers or None)
+
+    train = pd.read_csv(data_dir / "train.csv")
+    folds = make_folds(train, n_folds=cfg.n_folds, seed=cfg.split_seed, fold_file=cfg.fold_file or None)
+    folds.to_csv(prepared.folds, index=False)
+    logger.info("folds of %d studies written to %s", len(folds), prepared.folds)
+
+    outputs: dict[str, Any] = {"slices": prepared.slices, "folds": prepared.folds, "scan_failures": len(scan_failures)}
+    if (data_dir / "segmentations").is_dir():
+        outputs.update(build_segmentation_labels(data_dir, out, folds, workers=cfg.workers or None))
+    else:
+        logger.warning("%s has no segmentations/: the box and vertebra stages will have no labels", data_dir)
+
+    studies = [study_dir for _, study_dir in find_studies(data_dir)]
+    cache_root, cache_failures = build_cache(studies, out / "cache", CacheSpec.of(cfg), workers=cfg.workers or None)
+    outputs.update(cache=cache_root, cache_failures=len(cache_failures))
+    (out / "prepare.json").write_text(json.dumps({k: str(v) for k, v in outputs.items()}, indent=2))
+    return outputs
+
+
+def split_by_fold(table: pd.DataFrame, fold: int) -> tuple[pd.DataFrame, pd.DataFrame]:
+    """Rows of other folds (training) and of `fold` (validation); an error when either is empty."""
+    if "fold" not in table or (table["fold"] < 0).all():
+        raise ValueError("the labels carry no folds; rerun 00_prepare")
+    train, valid = table[table["fold"] != fold], table[table["fold"] == fold]
+    if train.empty or valid.empty:
+        raise ValueError(f"fold {fold}: {len(train)} training and {len(valid)} validation rows; check n_folds")
+    return train.reset_index(drop=True), valid.reset_index(drop=True)

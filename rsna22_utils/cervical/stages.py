@@ -1,0 +1,38 @@
+"""The RSNA 2022 pipeline: its stages, in order, registered with the kit (the one stage table).
+
+    00_prepare          scan headers, folds, segmentation labels, study cache
+    01_train_box        per-slice C1-C7 box model (one fold x seed)
+    02_infer_box        all box models on every slice -> one box + slice range per study
+    03_train_vertebra   2.5D CNN + BiLSTM on the vertebra ratio labels (one fold x seed)
+    04_infer_vertebra   per-slice C1..C7 predictions for every train study -> slice fracture labels
+    05_train_fracture   2.5D CNN + BiLSTM on box crops, 7 vertebra + 7 fracture targets
+    06_train_study      frozen stage-05 CNN + BiLSTM/attention head on whole studies, metric as loss
+    07_inference        the offline Kaggle submission
+
+Adding a stage: one `Stage` entry here, one config class (configs.py), one stage function, one
+notebook `notebooks/<name>.py`.
+"""
+
+from __future__ import annotations
+
+from rsna22_utils.cervical import configs
+from rsna22_utils.core.registry import Stage, register
+
+_PACKAGE = "rsna22_utils.cervical"
+
+STAGES: tuple[Stage, ...] = tuple(
+    register(stage)
+    for stage in (
+        Stage("00_prepare", configs.PrepareConfig, f"{_PACKAGE}.prepare:prepare"),
+        Stage("01_train_box", configs.BoxTrainConfig, f"{_PACKAGE}.box:train_box", per_fold=True, trains=True, submission=True),
+        Stage("02_infer_box", configs.BoxInferConfig, f"{_PACKAGE}.box:infer_box"),
+        Stage("03_train_vertebra", configs.VertebraTrainConfig, f"{_PACKAGE}.sequence:train_vertebra", per_fold=True, trains=True),
+        Stage("04_infer_vertebra", configs.VertebraInferConfig, f"{_PACKAGE}.sequence:infer_vertebra"),
+        Stage("05_train_fracture", configs.FractureTrainConfig, f"{_PACKAGE}.sequence:train_fracture", per_fold=True, trains=True),
+        Stage(
+            "06_train_study", configs.StudyTrainConfig, f"{_PACKAGE}.study:train_study", per_fold=True, trains=True, submission=True,
+            older_run_defaults={"slice_evidence": False},  # runs from before the stage-05 evidence hold no evidence layers
+        ),
+        Stage("07_inference", configs.SubmissionConfig, f"{_PACKAGE}.submission:predict_submission", kaggle_internet=False),
+    )
+)

@@ -1,0 +1,147 @@
+"""The stage registry and the run-folder layout: the one table every part of the kit reads.
+
+A competition package registers its stages in order (`register(Stage(...))`); the config system,
+the runner, the Kaggle metadata, the demo, the notebook checks and the tests all read `stages()`.
+Importing this module imports no competition and no torch: a stage names its function as
+"module:function", imported when the stage runs.
+
+Run folders (the only place that knows their names):
+
+    {work_dir}/{stage}/                       a stage that runs once (00, 02, 04, 07)
+    {work_dir}/{stage}/fold{f}-seed{s}/       one run of a per-fold stage (01, 03, 05, 06)
+"""
+
+from __future__ import annotations
+
+import importlib
+import os
+import re
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from rsna22_utils.core.paths import NOTEBOOKS_DIR
+
+# The competition whose stages the kit runs: a package whose `stages` module registers them.
+COMPETITION = os.environ.get("RSNA22_KIT_COMPETITION", "rsna22_utils.cervical")
+
+WEIGHTS = "model.safetensors"
+CONFIG = "config.json"
+_RUN_NAME = re.compile(r"^fold(-?\d+)-seed(\d+)$")
+
+
+@dataclass(frozen=True)
+class Stage:
+    """One stage: its config class, the function that runs it, and how its runs are laid out."""
+
+    name: str  # also the notebook's name (notebooks/{name}.py) and the folder under work_dir
+    config: type  # the stage's config dataclass (core.config groups)
+    function: str  # "module:function" taking the resolved config, returning a dict of results
+    per_fold: bool = False  # one run per fold x seed, else one run
+    trains: bool = False  # writes weights (its runs can be loaded with core.runs.load_run)
+    submission: bool = False  # the Kaggle submission loads this stage's runs (they go in the weights dataset)
+    kaggle_internet: bool = True  # its Kaggle kernel may use the internet (a code-competition submission may not)
+    # settings that a saved config.json may lack because the run predates them, with the value
+    # that reproduces how such a run was trained
+    older_run_defaults: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def notebook(self) -> Path:
+        return NOTEBOOKS_DIR / f"{self.name}.py"
+
+    def run(self, cfg: Any) -> dict:
+        """Run the stage function on a resolved config."""
+        module, _, name = self.function.partition(":")
+        function: Callable[[Any], dict] = getattr(importlib.import_module(module), name)
+        Path(cfg.out_dir).mkdir(parents=True, exist_ok=True)
+        return function(cfg)
+
+
+_STAGES: dict[str, Stage] = {}
+
+
+def register(stage: Stage) -> Stage:
+    """Add a stage after the competition's own (in pipeline order); registering a name twice is an error."""
+    importlib.import_module(COMPETITION + ".stages")  # a no-op while that module itself registers
+    if stage.name in _STAGES and _STAGES[stage.name] != stage:
+        raise ValueError(f"stage {stage.name!r} is already registered")
+    _STAGES[stage.name] = stage
+    return stage
+
+
+def unregister(name: str) -> None:
+    """Remove a stage (tests that register a toy stage)."""
+    _STAGES.pop(name, None)
+
+
+def stages() -> dict[str, Stage]:
+    """Every registered stage, in pipeline order (importing the competition registers its stages once)."""
+    importlib.import_module(COMPETITION + ".stages")
+    return dict(_STAGES)
+
+
+def get_stage(name: str) -> Stage:
+    """The registered stage `name`, or an error that suggests close names."""
+    import difflib
+
+    from rsna22_utils.core.config import ConfigError
+
+    known = stages()
+    if name not in known:
+        close = difflib.get_close_matches(name, list(known), n=3, cutoff=0.4)
+        hint = f" Did you mean {', '.join(repr(c) for c in close)}?" if close else ""
+        raise ConfigError(f"unknown stage {name!r}.{hint} Stages: {', '.join(known)}")
+    return known[name]
+
+
+# ----------------------------------------------------------------------------- run folders
+
+
+def stage_dir(work_dir: str | Path, stage: str) -> Path:
+    return Path(work_dir) / stage
+
+
+def run_name(fold: int, seed: int) -> str:
+    return f"fold{int(fold)}-seed{int(seed)}"
+
+
+def parse_run_name(name: str) -> tuple[int, int] | None:
+    """(fold, seed) of a run folder name, None for anything else."""
+    match = _RUN_NAME.match(name)
+    return (int(match.group(1)), int(match.group(2))) if match else None
+
+
+def run_dir(work_dir: str | Path, stage: str, fold: int | None = None, seed: int | None = None) -> Path:
+    """Where one run of `stage` writes: a fold x seed folder for per-fold stages, the stage folder otherwise."""
+    base = stage_dir(work_dir, stage)
+    if get_stage(stage).per_fold:
+        if fold is None or seed is None:
+            raise ValueError(f"stage {stage!r} runs per fold x seed: give both")
+        return base / run_name(fold, seed)
+    return base
+
+
+def run_dirs(work_dir: str | Path, stage: str, require: str | None = None) -> list[Path]:
+    """The fold x seed run folders of a stage (holding `require` when given), sorted by (fold, seed)."""
+    base = stage_dir(work_dir, stage)
+    found = [p for p in base.glob("fold*-seed*") if p.is_dir() and parse_run_name(p.name)]
+    if require:
+        found = [p for p in found if (p / require).is_file()]
+    return sorted(found, key=lambda p: parse_run_name(p.name))
+
+
+def finished_runs(work_dir: str | Path, stage: str) -> list[Path]:
+    """Run folders that hold final weights and their config, sorted (fold, then seed); an error when none does."""
+    runs = run_dirs(work_dir, stage, require=WEIGHTS)
+    missing = [r for r in runs if not (r / CONFIG).is_file()]
+    if missing:
+        raise FileNotFoundError(f"{missing[0]}: {WEIGHTS} without {CONFIG}")
+    if not runs:
+        raise FileNotFoundError(f"{stage_dir(work_dir, stage)}: no finished run (fold*-seed*/{WEIGHTS}); train {stage} first")
+    return runs
+
+
+def execute(stage: str, cfg: Any) -> Any:
+    """Run one stage with its resolved config (what notebooks and `python -m rsna22_utils train` do)."""
+    return get_stage(stage).run(cfg)

@@ -1,0 +1,572 @@
+"""One trainer for every stage: `fit(model, task, train_dataset, valid_dataset, cfg)`.
+
+A stage supplies a model, datasets and a `Task` (loss / predict / score); `fit` does the rest:
+seeding, AdamW (no decay on biases and norm weights; frozen parameters excluded), linear warm-up +
+cosine schedule per optimizer step, AMP on CUDA (bf16 when supported, else fp16 + GradScaler),
+channels_last, gradient accumulation, clipping, per-epoch validation with out-of-fold predictions,
+an atomic `checkpoint.pt` after every epoch (resumed automatically), and the final outputs in
+`cfg.out_dir`: model.safetensors, oof.parquet, history.csv, metrics.json, config.json.
+
+Distributed: launched with torchrun (WORLD_SIZE > 1) the same `fit` initialises the process group
+(nccl on cuda:LOCAL_RANK, gloo on CPU), shards the data with the same permutation a single process
+would use (so the global batches are identical), wraps the model in DDP (no_sync on accumulation
+micro-steps), gathers the OOF rows on rank 0 and writes files from rank 0 only.
+
+`cfg.batch_size` is the GLOBAL batch: micro-batch = batch_size // (grad_accum * world_size).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import logging
+import math
+import os
+import random
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Protocol
+
+import numpy as np
+import pandas as pd
+import torch
+import torch.distributed as dist
+from torch import nn
+from torch.utils.data import DataLoader, Dataset, Sampler
+from tqdm import tqdm  # text bars (not tqdm.auto): they stream through papermill to the runner's console
+
+from rsna22_utils.core.config import ConfigError, TrainConfig, config_diff, resolve_config, save_config
+from rsna22_utils.core.device import amp_dtype, resolve_device
+from rsna22_utils.core.registry import CONFIG, WEIGHTS
+from rsna22_utils.core.runs import atomic_write, save_weights, unwrap
+
+logger = logging.getLogger(__name__)
+
+CHECKPOINT = "checkpoint.pt"
+OOF = "oof.parquet"
+HISTORY = "history.csv"
+METRICS = "metrics.json"
+
+
+class Task(Protocol):
+    """What a stage tells the trainer: how to compute the loss, predict OOF rows, and score them."""
+
+    def loss(self, model: nn.Module, batch: Any) -> torch.Tensor:
+        """Scalar loss, mean over the batch (called in train mode, under autocast)."""
+        ...
+
+    def predict(self, model: nn.Module, batch: Any) -> pd.DataFrame:
+        """OOF rows for one validation batch: ids + predictions (called under eval + no_grad)."""
+        ...
+
+    def score(self, predictions: pd.DataFrame) -> dict[str, float]:
+        """Validation metrics from all OOF rows of an epoch (cfg.monitor names one of them)."""
+        ...
+
+
+# ----------------------------------------------------------------------------- small utilities
+
+
+def seed_everything(seed: int, deterministic: bool = True) -> None:
+    """Seed python, numpy and torch (all devices); make cuDNN deterministic so reruns match."""
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)
+    torch.cuda.manual_seed_all(seed)
+    torch.backends.cudnn.deterministic = deterministic
+    torch.backends.cudnn.benchmark = not deterministic
+
+
+def _worker_init_fn(worker_id: int) -> None:
+    """Each DataLoader worker seeds numpy / random from its torch seed (itself from the seeded loader generator)."""
+    seed = torch.initial_seed() % 2**32
+    np.random.seed(seed)
+    random.seed(seed)
+
+
+def _to_device(batch: Any, device: torch.device, channels_last: bool) -> Any:
+    if isinstance(batch, torch.Tensor):
+        batch = batch.to(device, non_blocking=True)
+        if channels_last and batch.ndim == 4 and batch.is_floating_point():
+            batch = batch.contiguous(memory_format=torch.channels_last)
+        return batch
+    if isinstance(batch, dict):
+        return {k: _to_device(v, device, channels_last) for k, v in batch.items()}
+    if isinstance(batch, (list, tuple)) and not isinstance(batch, str):
+        return type(batch)(_to_device(v, device, channels_last) for v in batch)
+    return batch
+
+
+def _batch_len(batch: Any) -> int:
+    if isinstance(batch, torch.Tensor):
+        return int(batch.shape[0])
+    if isinstance(batch, dict):
+        return _batch_len(next(iter(batch.values())))
+    if isinstance(batch, (list, tuple)):
+        return _batch_len(batch[0]) if batch and not isinstance(batch[0], str) else len(batch)
+    return 1
+
+
+def param_groups(model: nn.Module, weight_decay: float) -> list[dict[str, Any]]:
+    """AdamW groups: decay for weight matrices / kernels, none for biases and norm weights (ndim <= 1); frozen excluded."""
+    decay, no_decay = [], []
+    for _, p in unwrap(model).named_parameters():
+        if not p.requires_grad:
+            continue
+        (no_decay if p.ndim <= 1 else decay).append(p)
+    if not decay and not no_decay:
+        raise ValueError("the model has no trainable parameters (all requires_grad=False)")
+    return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+
+
+def warmup_cosine(total_steps: int, warmup_fraction: float) -> Callable[[int], float]:
+    """LR multiplier per optimizer step: linear warm-up over warmup_fraction of the steps, then cosine to 0."""
+    warmup = int(round(warmup_fraction * total_steps))
+
+    def factor(step: int) -> float:
+        if step < warmup:
+            return (step + 1) / (warmup + 1)
+        progress = (step - warmup) / max(1, total_steps - warmup)
+        return 0.5 * (1.0 + math.cos(math.pi * min(1.0, progress)))
+
+    return factor
+
+
+# ----------------------------------------------------------------------------- distributed
+
+
+@dataclass
+class _Processes:
+    """This process's place among the torchrun processes (a single process: world_size 1)."""
+
+    world_size: int = 1
+    rank: int = 0
+    local_rank: int = 0
+    owns_group: bool = False
+
+    @property
+    def enabled(self) -> bool:
+        return self.world_size > 1
+
+    @property
+    def main(self) -> bool:
+        return self.rank == 0
+
+    def barrier(self) -> None:
+        if self.enabled:
+            dist.barrier()
+
+
+def _init_distributed(device: torch.device) -> _Processes:
+    """Join the torchrun process group when WORLD_SIZE > 1 (nccl on CUDA, gloo on CPU)."""
+    world = int(os.environ.get("WORLD_SIZE", 1))
+    if world <= 1:
+        return _Processes()
+    owns = False
+    if not dist.is_initialized():
+        backend = "nccl" if device.type == "cuda" else "gloo"
+        if device.type == "cuda":
+            torch.cuda.set_device(device)
+        dist.init_process_group(backend=backend)
+        owns = True
+    return _Processes(dist.get_world_size(), dist.get_rank(), int(os.environ.get("LOCAL_RANK", 0)), owns)
+
+
+class _EpochPermutation(Sampler[int]):
+    """Shuffled indices of `dataset`: the same permutation DistributedSampler(seed) draws for this epoch."""
+
+    def __init__(self, n: int, seed: int) -> None:
+        self.n, self.seed, self.epoch = n, seed, 0
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+
+    def __iter__(self) -> Iterator[int]:
+        g = torch.Generator().manual_seed(self.seed + self.epoch)
+        return iter(torch.randperm(self.n, generator=g).tolist())
+
+    def __len__(self) -> int:
+        return self.n
+
+
+class _Strided(Sampler[int]):
+    """Validation shard: indices rank, rank + world, ... (no padding, so no duplicated OOF rows)."""
+
+    def __init__(self, n: int, rank: int, world: int) -> None:
+        self.indices = list(range(rank, n, world))
+
+    def __iter__(self) -> Iterator[int]:
+        return iter(self.indices)
+
+    def __len__(self) -> int:
+        return len(self.indices)
+
+
+# ----------------------------------------------------------------------------- checkpoint
+
+
+def _rng_state() -> dict[str, Any]:
+    return {
+        "python": random.getstate(),
+        "numpy": _numpy_state_out(),
+        "torch": torch.get_rng_state(),
+        "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
+    }
+
+
+def _numpy_state_out() -> tuple:
+    """numpy's RNG state with a tensor instead of an ndarray, so checkpoints load with weights_only=True."""
+    name, keys, pos, has_gauss, cached = np.random.get_state()
+    return (name, torch.from_numpy(keys.astype(np.int64)), int(pos), int(has_gauss), float(cached))
+
+
+def _set_rng_state(state: dict[str, Any]) -> None:
+    random.setstate(state["python"])
+    name, keys, pos, has_gauss, cached = state["numpy"]
+    np.random.set_state((name, keys.numpy().astype(np.uint32), pos, has_gauss, cached))
+    torch.set_rng_state(state["torch"])
+    if state.get("cuda") and torch.cuda.is_available() and len(state["cuda"]) == torch.cuda.device_count():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def _better(value: float, best: float | None, mode: str) -> bool:
+    if best is None or math.isnan(best):
+        return not math.isnan(value)
+    return value < best if mode == "min" else value > best
+
+
+# ----------------------------------------------------------------------------- fit
+
+
+@dataclass
+class _Plan:
+    """How one run's data is cut into optimizer steps."""
+
+    micro: int  # samples per forward on one process
+    steps_per_epoch: int
+    total_steps: int
+    n_train: int
+    n_valid: int
+
+
+@dataclass
+class _Optimisation:
+    """Optimizer, schedule and AMP of one run, plus what a resume restores."""
+
+    optimizer: torch.optim.Optimizer
+    scheduler: torch.optim.lr_scheduler.LambdaLR
+    scaler: torch.amp.GradScaler
+    dtype: torch.dtype | None
+    start_epoch: int = 0
+    history: list[dict[str, Any]] | None = None
+    best: dict[str, Any] | None = None
+    seconds_before: float = 0.0
+
+    def autocast(self) -> contextlib.AbstractContextManager:
+        return torch.autocast(device_type="cuda", dtype=self.dtype) if self.dtype is not None else contextlib.nullcontext()
+
+
+def fit(
+    model: nn.Module,
+    task: Task,
+    train_dataset: Dataset,
+    valid_dataset: Dataset,
+    cfg: TrainConfig,
+    collate_fn: Callable[[list[Any]], Any] | None = None,
+) -> dict[str, Any]:
+    """Train `model` on `task` as `cfg` says and write the run's outputs to cfg.out_dir; returns metrics.json's dict."""
+    device = resolve_device(cfg.device)
+    procs = _init_distributed(device)
+    try:
+        return _train(model, task, train_dataset, valid_dataset, cfg, collate_fn, device, procs)
+    finally:
+        if procs.owns_group and dist.is_initialized():
+            dist.destroy_process_group()
+
+
+def _train(model, task, train_dataset, valid_dataset, cfg: TrainConfig, collate_fn, device: torch.device, procs: _Processes) -> dict[str, Any]:
+    """Set up, then epochs of train -> validate -> checkpoint, then the final outputs."""
+    if not cfg.out_dir:
+        raise ConfigError("cfg.out_dir is empty; build the config with resolve_config()")
+    out = Path(cfg.out_dir)
+    plan = _plan(cfg, procs, len(train_dataset), len(valid_dataset))  # type: ignore[arg-type]
+    seed_everything(cfg.seed + procs.rank)  # per-rank augmentation / dropout streams; data order uses cfg.seed
+    log = logger.info if procs.main else logger.debug
+    train_sampler, valid_sampler = _samplers(cfg, procs, plan)
+    loader = _loader_factory(cfg, procs, collate_fn, pin=device.type == "cuda")
+
+    model.to(device)
+    if cfg.channels_last:
+        model.to(memory_format=torch.channels_last)
+    opt = _optimisation(model, cfg, device, plan.total_steps)
+    _resume(opt, model, cfg, out / CHECKPOINT, procs)
+    history, best = opt.history, opt.best
+    train_model: nn.Module = model
+    if procs.enabled:
+        train_model = nn.parallel.DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
+
+    t0 = time.time()
+    log("training %s: %d train / %d valid samples, %d epochs x %d steps, global batch %d = micro %d x accum %d x world %d, device %s",
+        cfg.stage, plan.n_train, plan.n_valid, cfg.epochs, plan.steps_per_epoch, cfg.batch_size, plan.micro, cfg.grad_accum,
+        procs.world_size, device)
+    for epoch in range(opt.start_epoch, cfg.epochs):
+        train_sampler.set_epoch(epoch)
+        batches = iter(loader(train_dataset, train_sampler, plan.micro, True, epoch))
+        train_loss = _train_epoch(train_model, task, batches, opt, cfg, plan, device, procs, epoch)
+        valid_batches = loader(valid_dataset, valid_sampler, _valid_batch(plan.micro), False, epoch)
+        frames, vsum, vcount = _validate(model, task, valid_batches, cfg, device, opt.autocast, procs)
+        frames, vsum, vcount = _gather_validation(frames, vsum, vcount, device, procs)
+        entry: dict[str, Any] = {"epoch": epoch + 1, "train_loss": train_loss, "lr": opt.scheduler.get_last_lr()[0]}
+        improved, oof = False, None
+        if procs.main:
+            oof = pd.concat(frames, ignore_index=True) if frames else pd.DataFrame()
+            entry.update(_epoch_metrics(task, oof, vsum, vcount, cfg))
+            entry["seconds"] = opt.seconds_before + time.time() - t0
+            improved = _improved(entry, best, cfg)
+            if improved:
+                best = {"epoch": epoch + 1, "value": entry.get(cfg.monitor)}
+            history.append(entry)
+            log("epoch %d/%d: %s", epoch + 1, cfg.epochs,
+                ", ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in entry.items() if k != "epoch"))
+        _checkpoint(model, opt, oof, improved, history, best, cfg, out, procs, epoch, opt.seconds_before + time.time() - t0)
+    return _final_outputs(model, history, best, cfg, out, device, procs, plan)
+
+
+def _plan(cfg: TrainConfig, procs: _Processes, n_train: int, n_valid: int) -> _Plan:
+    """Micro-batch and optimizer steps per epoch; errors when the global batch cannot be split or the data is too small."""
+    per_step = cfg.grad_accum * procs.world_size
+    if cfg.batch_size % per_step:
+        raise ConfigError(
+            f"batch_size={cfg.batch_size} (global) must be divisible by grad_accum * world_size = "
+            f"{cfg.grad_accum} * {procs.world_size}"
+        )
+    micro = cfg.batch_size // per_step
+    shard = math.ceil(n_train / procs.world_size) if procs.enabled else n_train  # DistributedSampler pads to equal shards
+    steps_per_epoch = (shard // micro) // cfg.grad_accum
+    if cfg.max_steps_per_epoch:
+        steps_per_epoch = min(steps_per_epoch, cfg.max_steps_per_epoch)
+    if steps_per_epoch < 1 and cfg.epochs > 0:
+        raise ConfigError(
+            f"train set too small: {n_train} samples give no full optimizer step of batch_size={cfg.batch_size} "
+            f"(micro-batch {micro} x grad_accum {cfg.grad_accum} x world_size {procs.world_size})"
+        )
+    return _Plan(micro, steps_per_epoch, max(1, steps_per_epoch * cfg.epochs), n_train, n_valid)
+
+
+def _samplers(cfg: TrainConfig, procs: _Processes, plan: _Plan) -> tuple[Any, Sampler]:
+    """The training order (the same global permutation with or without DDP) and this process's validation shard."""
+    if procs.enabled:
+        from torch.utils.data.distributed import DistributedSampler
+
+        train: Any = DistributedSampler(range(plan.n_train), procs.world_size, procs.rank, shuffle=True, seed=cfg.seed)
+    else:
+        train = _EpochPermutation(plan.n_train, cfg.seed)
+    return train, _Strided(plan.n_valid, procs.rank, procs.world_size)
+
+
+def _loader_factory(cfg: TrainConfig, procs: _Processes, collate_fn: Callable | None, pin: bool) -> Callable[..., DataLoader]:
+    """DataLoaders whose worker seeds depend on (seed, epoch, rank) only, so a resumed epoch draws the same."""
+
+    def loader(dataset: Dataset, sampler: Sampler, batch: int, drop_last: bool, epoch: int) -> DataLoader:
+        return DataLoader(
+            dataset, batch_size=batch, sampler=sampler, drop_last=drop_last, num_workers=cfg.num_workers,
+            collate_fn=collate_fn, pin_memory=pin, worker_init_fn=_worker_init_fn,
+            generator=torch.Generator().manual_seed(cfg.seed * 1000 + epoch * 10 + procs.rank),
+            persistent_workers=False,
+        )
+
+    return loader
+
+
+def _optimisation(model: nn.Module, cfg: TrainConfig, device: torch.device, total_steps: int) -> _Optimisation:
+    """AdamW, warm-up + cosine per optimizer step, and the AMP dtype / GradScaler (fp16 only) of `device`."""
+    optimizer = torch.optim.AdamW(param_groups(model, cfg.weight_decay), lr=cfg.lr)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, warmup_cosine(total_steps, cfg.warmup_fraction))
+    dtype = amp_dtype(device) if cfg.amp else None
+    scaler = torch.amp.GradScaler("cuda", enabled=dtype == torch.float16)
+    return _Optimisation(optimizer, scheduler, scaler, dtype, history=[])
+
+
+def _resume(opt: _Optimisation, model: nn.Module, cfg: TrainConfig, ckpt_path: Path, procs: _Processes) -> None:
+    """Restore model, optimizer, schedule, scaler, history and RNG states from the run's checkpoint, when there is one."""
+    if not (cfg.resume and ckpt_path.is_file()):
+        return
+    try:
+        ckpt = torch.load(ckpt_path, map_location="cpu", weights_only=True)
+    except Exception as exc:  # re-raised with the file name and the way out
+        raise RuntimeError(f"{ckpt_path}: cannot read checkpoint ({exc}); delete it or set resume=false") from None
+    try:
+        diff = config_diff(resolve_config(cfg.stage, ckpt["config"], saved=True), cfg) if ckpt.get("config") else {}
+    except ConfigError as exc:
+        diff = {"config": (f"unreadable: {exc}", None)}
+    if diff and procs.main:
+        logger.warning("%s was written with a different config: %s", ckpt_path, diff)
+    unwrap(model).load_state_dict(ckpt["model"])
+    opt.optimizer.load_state_dict(ckpt["optimizer"])
+    opt.scheduler.load_state_dict(ckpt["scheduler"])
+    opt.scaler.load_state_dict(ckpt["scaler"])
+    opt.start_epoch, opt.history, opt.best = ckpt["epoch"], ckpt["history"], ckpt["best"]
+    opt.seconds_before = ckpt.get("seconds", 0.0)
+    rng = ckpt.get("rng") or []
+    if len(rng) == procs.world_size:
+        _set_rng_state(rng[procs.rank])
+    else:
+        logger.warning("checkpoint has RNG states of %d processes, running %d: reseeding", len(rng), procs.world_size)
+        seed_everything(cfg.seed + procs.rank + 1000 * opt.start_epoch)
+    (logger.info if procs.main else logger.debug)("resuming from epoch %d (%s)", opt.start_epoch, ckpt_path)
+
+
+def _train_epoch(
+    train_model: nn.Module, task: Task, batches: Iterator[Any], opt: _Optimisation, cfg: TrainConfig, plan: _Plan,
+    device: torch.device, procs: _Processes, epoch: int,
+) -> float:
+    """One epoch of optimizer steps (accumulation micro-steps, DDP no_sync, clipping); returns the mean training loss."""
+    train_model.train()
+    trainable = [p for g in opt.optimizer.param_groups for p in g["params"]]
+    loss_sum = torch.zeros((), device=device, dtype=torch.float64)
+    n_micro = 0
+    bar = tqdm(total=plan.steps_per_epoch, desc=f"epoch {epoch + 1}/{cfg.epochs}", disable=not procs.main, leave=False)
+    for _step in range(plan.steps_per_epoch):
+        for k in range(cfg.grad_accum):
+            batch = _to_device(next(batches), device, cfg.channels_last)
+            sync = k == cfg.grad_accum - 1 or not procs.enabled
+            with contextlib.nullcontext() if sync else train_model.no_sync():
+                with opt.autocast():
+                    loss = task.loss(train_model, batch)
+                if not torch.isfinite(loss):
+                    raise FloatingPointError(f"{cfg.stage} epoch {epoch + 1}: loss is {loss.item()} (lower lr or check the data)")
+                opt.scaler.scale(loss / cfg.grad_accum).backward()
+            loss_sum += loss.detach().double()
+            n_micro += 1
+        if cfg.grad_clip > 0:
+            opt.scaler.unscale_(opt.optimizer)
+            torch.nn.utils.clip_grad_norm_(trainable, cfg.grad_clip)
+        opt.scaler.step(opt.optimizer)
+        opt.scaler.update()
+        opt.optimizer.zero_grad(set_to_none=True)
+        opt.scheduler.step()
+        bar.update()
+        bar.set_postfix(loss=f"{loss_sum.item() / n_micro:.4f}", lr=f"{opt.scheduler.get_last_lr()[0]:.2e}")
+    bar.close()
+    if procs.enabled:
+        dist.all_reduce(loss_sum)
+    return loss_sum.item() / max(1, n_micro * procs.world_size)
+
+
+def _valid_batch(micro: int) -> int:
+    """Validation batch per process: twice the training micro-batch (no gradients to hold)."""
+    return max(1, 2 * micro)
+
+
+def _validate(model, task, loader, cfg, device, autocast, procs) -> tuple[list[pd.DataFrame], float, float]:
+    """Predict OOF rows on this process's validation shard (+ the summed loss when cfg.valid_loss)."""
+    net = unwrap(model)
+    net.eval()
+    frames: list[pd.DataFrame] = []
+    loss_sum, count = 0.0, 0.0
+    with torch.no_grad():
+        for batch in tqdm(loader, desc="valid", disable=not procs.main, leave=False):
+            batch = _to_device(batch, device, cfg.channels_last)
+            with autocast():
+                frames.append(task.predict(net, batch))
+                if cfg.valid_loss:
+                    n = _batch_len(batch)
+                    loss_sum += float(task.loss(net, batch)) * n
+                    count += n
+    net.train()
+    return frames, loss_sum, count
+
+
+def _gather_validation(frames: list[pd.DataFrame], vsum: float, vcount: float, device: torch.device, procs: _Processes):
+    """Every process's OOF rows on rank 0 and the validation loss summed over processes."""
+    if not procs.enabled:
+        return frames, vsum, vcount
+    gathered: list[Any] = [None] * procs.world_size
+    dist.gather_object(frames, gathered if procs.main else None, dst=0)
+    frames = [f for part in gathered for f in part] if procs.main else []
+    totals = torch.tensor([vsum, vcount], dtype=torch.float64, device=device)
+    dist.all_reduce(totals)
+    vsum, vcount = totals.tolist()
+    return frames, vsum, vcount
+
+
+def _epoch_metrics(task: Task, oof: pd.DataFrame, vsum: float, vcount: float, cfg: TrainConfig) -> dict[str, float]:
+    metrics: dict[str, float] = {}
+    if cfg.valid_loss and vcount:
+        metrics["valid_loss"] = vsum / vcount
+    if len(oof):
+        metrics.update({k: float(v) for k, v in task.score(oof).items()})
+    return metrics
+
+
+def _improved(entry: dict[str, Any], best: dict[str, Any] | None, cfg: TrainConfig) -> bool:
+    """Whether this epoch is the one to keep: always with save=last, when cfg.monitor improved with save=best."""
+    if cfg.save != "best":
+        return True
+    if cfg.monitor not in entry:
+        raise ConfigError(f"monitor={cfg.monitor!r} is not among the epoch metrics {sorted(entry)}")
+    return _better(entry[cfg.monitor], best["value"] if best else None, cfg.monitor_mode)
+
+
+def _checkpoint(model, opt: _Optimisation, oof, improved: bool, history, best, cfg: TrainConfig, out: Path, procs: _Processes, epoch: int, seconds: float) -> None:
+    """Rank 0 writes the kept epoch's weights / OOF and an atomic checkpoint.pt holding every rank's RNG state."""
+    rng_states: list[Any] = [_rng_state()]
+    if procs.enabled:
+        rng_states = [None] * procs.world_size
+        dist.all_gather_object(rng_states, _rng_state())
+    if procs.main:
+        if improved:
+            _write_selected(model, oof, cfg, out)
+        state = {
+            "model": {k: v.detach().cpu() for k, v in unwrap(model).state_dict().items()},
+            "optimizer": opt.optimizer.state_dict(), "scheduler": opt.scheduler.state_dict(), "scaler": opt.scaler.state_dict(),
+            "epoch": epoch + 1, "history": history, "best": best, "rng": rng_states,
+            "seconds": seconds, "config": cfg.to_dict(),
+        }
+        ckpt_path = atomic_write(out / CHECKPOINT, lambda tmp: torch.save(state, tmp))
+        logger.info("wrote checkpoint %s (epoch %d)", ckpt_path, epoch + 1)
+    procs.barrier()
+
+
+def _final_outputs(model, history, best, cfg: TrainConfig, out: Path, device: torch.device, procs: _Processes, plan: _Plan) -> dict[str, Any]:
+    """history.csv, metrics.json and config.json of the run (rank 0); every rank returns metrics.json's dict."""
+    result: dict[str, Any] = {}
+    if procs.main:
+        if not (out / WEIGHTS).is_file():  # epochs == 0: keep the given weights
+            _write_selected(model, None, cfg, out)
+        selected = next((h for h in history if best and h["epoch"] == best["epoch"]), history[-1] if history else {})
+        result = {
+            "stage": cfg.stage, "fold": cfg.fold, "seed": cfg.seed, "save": cfg.save,
+            "monitor": cfg.monitor, "monitor_mode": cfg.monitor_mode, "epoch": selected.get("epoch", 0),
+            "metrics": {k: v for k, v in selected.items() if k not in ("epoch", "lr", "seconds")},
+            "history": history, "n_train": plan.n_train, "n_valid": plan.n_valid, "seconds": history[-1]["seconds"] if history else 0.0,
+            "device": str(device), "world_size": procs.world_size,
+        }
+        hist_path = atomic_write(out / HISTORY, lambda tmp: pd.DataFrame(history).to_csv(tmp, index=False))
+        logger.info("wrote history %s", hist_path)
+        met_path = atomic_write(out / METRICS, lambda tmp: tmp.write_text(json.dumps(result, indent=2, default=float) + "\n"))
+        logger.info("wrote metrics %s", met_path)
+        save_config(cfg, out / CONFIG)
+    if procs.enabled:
+        box = [result]
+        dist.broadcast_object_list(box, src=0)
+        result = box[0]
+        procs.barrier()
+    return result
+
+
+def _write_selected(model: nn.Module, oof: pd.DataFrame | None, cfg: TrainConfig, out: Path) -> None:
+    """Weights (+ OOF rows with fold / seed columns) of the epoch kept by cfg.save."""
+    path = save_weights(model, out / WEIGHTS)
+    logger.info("wrote weights %s", path)
+    if oof is not None:
+        oof = oof.copy()
+        oof["fold"] = cfg.fold
+        oof["seed"] = cfg.seed
+        oof_path = atomic_write(out / OOF, lambda tmp: oof.to_parquet(tmp, index=False))
+        logger.info("wrote out-of-fold predictions %s (%d rows)", oof_path, len(oof))
+
+
+__all__ = ["Task", "fit", "seed_everything", "param_groups", "warmup_cosine"]
