@@ -71,6 +71,14 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--weights", type=Path, required=True, help="weights folder <stage>/fold<f>-seed<s>/, e.g. runs")
     p.add_argument("--studies", type=int, default=5)
 
+    p = sub.add_parser("bench-backbones", help="training / inference images per second and parameters of the 3rd place's networks")
+    p.add_argument("--image-size", type=int, default=512)
+    p.add_argument("--batch-images", type=int, default=64, help="images per step (sequence networks: windows of --seq-len)")
+    p.add_argument("--seq-len", type=int, default=32)
+    p.add_argument("--device", default="auto", help="auto: cuda when present, else cpu")
+    p.add_argument("--steps", type=int, default=10)
+    p.add_argument("--backbones", nargs="*", default=None, metavar="FAMILY:NAME", help="e.g. box:efficientnet_b1 sequence:resnest50d")
+
     # Modules that own their commands register them here (each parser sets func=callable(args) -> int).
     import importlib
 
@@ -137,6 +145,12 @@ def main(argv: list[str] | None = None) -> int:
         from rsna22_utils.cervical.submission import run_cli
 
         return run_cli(args)
+    if args.command == "bench-backbones":
+        from rsna22_utils.cervical.bench import ORIGINAL_BACKBONES, bench_backbones
+
+        chosen = tuple(tuple(b.split(":", 1)) for b in args.backbones) if args.backbones else ORIGINAL_BACKBONES
+        bench_backbones(chosen, args.image_size, args.batch_images, args.seq_len, args.device, steps=args.steps)
+        return 0
     if args.command == "bench-inference":
         from rsna22_utils.cervical.bench import bench_inference
 

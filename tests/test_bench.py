@@ -35,3 +35,18 @@ def test_bench_epoch_reports_both_sources(tmp_path: Path, capsys) -> None:
     assert (result["epoch_s"] >= result["data_s"]).all()
     printed = capsys.readouterr().out
     assert "median of 2 passes" in printed and "break-even" in printed
+
+
+def test_bench_backbones_reports_throughput_and_parameters(capsys) -> None:
+    from rsna22_utils.cervical.bench import bench_backbones
+    from rsna22_utils.cervical.models import BoxModel, SequenceModel, feature_size
+
+    networks = (("box", "mobilenetv3_small_050"), ("sequence", "mobilenetv3_small_050"))
+    table = bench_backbones(networks, image_size=32, batch_images=4, seq_len=2, device="cpu", warmup=1, steps=1)
+    assert list(table["network"]) == ["box mobilenetv3_small_050", "sequence mobilenetv3_small_050"]
+    assert list(table["dtype"]) == ["float32", "float32"]  # the CPU runs fp32
+    assert (table[["train_img_s", "infer_img_s"]] > 0).all().all()
+    box = BoxModel("mobilenetv3_small_050", in_chans=3)
+    sequence = SequenceModel("mobilenetv3_small_050", 3, 14, lstm_hidden=feature_size(box.encoder) + 32)  # the 3rd place's width
+    assert list(table["params_trainable"]) == [sum(p.numel() for p in m.parameters()) for m in (box, sequence)]
+    assert "networks at 32 px on CPU" in capsys.readouterr().out

@@ -375,3 +375,108 @@ def bench_inference(data_dir: str | Path, weights_dir: str | Path, n_studies: in
     print(projection.to_string(index=False, float_format=lambda v: f"{v:.3f}"))
     table.attrs["projection"] = projection
     return table
+
+
+# The 3rd place's networks (darraghdog/RSNA22 configs): box efficientnet_b1 on 3 slices; vertebra
+# resnest50d / efficientnetv2_rw_m and fracture resnest50d / seresnext50_32x4d over 32 images x 3 slices.
+ORIGINAL_BACKBONES: tuple[tuple[str, str], ...] = (
+    ("box", "efficientnet_b1"),
+    ("sequence", "resnest50d"),
+    ("sequence", "seresnext50_32x4d"),
+    ("sequence", "efficientnetv2_rw_m"),
+)
+
+
+def _throughput(step, images_per_step: int, device, warmup: int, steps: int) -> float:
+    """Images per second of `step()` after `warmup` untimed calls (CUDA synchronised)."""
+    import torch
+
+    sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
+    for _ in range(warmup):
+        step()
+    sync()
+    t0 = time.perf_counter()
+    for _ in range(steps):
+        step()
+    sync()
+    return images_per_step * steps / (time.perf_counter() - t0)
+
+
+def bench_backbones(
+    backbones: tuple[tuple[str, str], ...] = ORIGINAL_BACKBONES, image_size: int = 512, batch_images: int = 64,
+    seq_len: int = 32, device: str = "auto", warmup: int = 3, steps: int = 10, lstm_hidden: int | None = None,
+) -> pd.DataFrame:
+    """Training (forward + backward + AdamW step) and inference images/s of each network at `image_size`,
+    under each AMP dtype the device runs (the kit's own choice first: bf16 on compute capability >= 8,
+    fp16 below; fp32 on CPU), with trainable parameters. The figures behind GPU-hour estimates.
+
+    A box network sees `batch_images` single images; a sequence network `batch_images // seq_len`
+    windows of `seq_len` 3-slice images (its BiLSTM, `lstm_hidden` = features + 32 as in the 3rd place
+    unless given, runs over them).
+    """
+    import contextlib
+
+    import torch
+
+    from rsna22_utils.cervical.models import BoxModel, SequenceModel, feature_size
+    from rsna22_utils.core.device import amp_dtype, resolve_device
+
+    dev = resolve_device(device)
+    dtypes = [amp_dtype(dev)]
+    if dev.type == "cuda":
+        dtypes += [d for d in (torch.float16, torch.bfloat16) if d not in dtypes]
+    rows = []
+    for family, name in backbones:
+        torch.manual_seed(0)
+        if family == "box":
+            model = BoxModel(name, in_chans=3)
+            batch = {"image": torch.randn(batch_images, 3, image_size, image_size)}
+            target = {"has_box": torch.ones(batch_images), "box": torch.rand(batch_images, 4)}
+        else:
+            probe = BoxModel(name, in_chans=3).encoder
+            hidden = lstm_hidden or feature_size(probe) + 32
+            model = SequenceModel(name, in_chans=3, n_outputs=14, lstm_hidden=hidden)
+            windows = max(1, batch_images // seq_len)
+            batch = {"image": torch.randn(windows, seq_len, 3, image_size, image_size)}
+        model.to(dev)
+        batch = {k: v.to(dev) for k, v in batch.items()}
+        n_images = batch["image"].shape[0] * (batch["image"].shape[1] if batch["image"].ndim == 5 else 1)
+        params = sum(p.numel() for p in model.parameters() if p.requires_grad)
+        optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4)
+        for dtype in dtypes:
+            autocast = torch.autocast("cuda", dtype=dtype) if dtype is not None else contextlib.nullcontext()
+            scaler = torch.amp.GradScaler("cuda", enabled=dtype == torch.float16)
+
+            def train_step() -> None:
+                with autocast:
+                    out = model(batch)
+                    loss = sum(v.float().mean() for v in out.values())
+                optimizer.zero_grad(set_to_none=True)
+                scaler.scale(loss).backward()
+                scaler.step(optimizer)
+                scaler.update()
+
+            def infer_step() -> None:
+                with torch.inference_mode(), autocast:
+                    model(batch)
+
+            model.train()
+            train = _throughput(train_step, n_images, dev, warmup, steps)
+            model.eval()
+            infer = _throughput(infer_step, n_images, dev, warmup, steps)
+            peak = torch.cuda.max_memory_allocated(dev) / 2**30 if dev.type == "cuda" else float("nan")
+            rows.append({
+                "network": f"{family} {name}", "params_trainable": params, "dtype": str(dtype).replace("torch.", "") if dtype else "float32",
+                "image_size": image_size, "train_img_s": train, "infer_img_s": infer, "peak_gib": peak,
+            })
+            if dev.type == "cuda":
+                torch.cuda.reset_peak_memory_stats(dev)
+        del model, optimizer, batch
+        if dev.type == "cuda":
+            torch.cuda.empty_cache()
+    table = pd.DataFrame(rows)
+    name = torch.cuda.get_device_name(dev) if dev.type == "cuda" else "CPU"
+    capability = ".".join(map(str, torch.cuda.get_device_capability(dev))) if dev.type == "cuda" else "-"
+    print(f"networks at {image_size} px on {name} (compute capability {capability}; the kit's AMP dtype: {dtypes[0]})")
+    print(table.to_string(index=False, float_format=lambda v: f"{v:.1f}"))
+    return table
