@@ -13,7 +13,8 @@
 
 # %% [markdown]
 # # 03 · Train the slice vertebra model (one fold × seed)
-# 2.5D CNN + BiLSTM over sequences of 32 images (3 adjacent slices as channels), trained on the per-slice vertebra ratios of the segmented studies.
+# 2.5D CNN + BiLSTM over sequences of 32 images (3 adjacent slices as channels), trained on the per-slice vertebra ratios of the segmented
+# studies.
 # All folds and seeds: `python -m rsna22_utils run 03_train_vertebra --folds 0 1 2 3 4 --seeds 0 1 2`
 
 # %% tags=["parameters"]

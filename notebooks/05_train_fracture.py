@@ -13,7 +13,8 @@
 
 # %% [markdown]
 # # 05 · Train the slice fracture model (one fold × seed)
-# The same 2.5D CNN + BiLSTM on sequences cropped by the study box, trained on 14 per-slice targets: the vertebra predictions of 04 and the approximate fracture labels (prediction × the study's fracture label).
+# The same 2.5D CNN + BiLSTM on sequences cropped by the study box, trained on 14 per-slice targets: the vertebra predictions of 04 and
+# the approximate fracture labels (prediction × the study's fracture label).
 # All folds and seeds: `python -m rsna22_utils run 05_train_fracture --folds 0 1 2 3 4 --seeds 0 1 2`
 
 # %% tags=["parameters"]

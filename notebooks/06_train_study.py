@@ -13,7 +13,10 @@
 
 # %% [markdown]
 # # 06 · Train the study model (one fold × seed)
-# The CNN of 05 (same fold and seed) frozen; its embeddings of every image inside the study's slice range, resampled to at most 192 steps, feed a new BiLSTM + attention + max pooling head that predicts patient_overall + C1..C7, trained with the competition metric as loss. With `slice_evidence` (default) each logit also gets a learned multiple of the frozen 05 BiLSTM + head's largest fracture logit for that target, fitted by logistic regression before training.
+# The CNN of 05 (same fold and seed) frozen; its embeddings of every image inside the study's slice range, resampled to at most 192 steps,
+# feed a new BiLSTM + attention + max pooling head that predicts patient_overall + C1..C7, trained with the competition metric as loss.
+# With `slice_evidence` (default) each logit also gets a learned multiple of the frozen 05 BiLSTM + head's largest fracture logit for that
+# target, fitted by logistic regression before training.
 # All folds and seeds: `python -m rsna22_utils run 06_train_study --folds 0 1 2 3 4 --seeds 0 1 2`
 
 # %% tags=["parameters"]

@@ -45,6 +45,8 @@ session.config
 # %%
 started = time.perf_counter()
 submission = session.run()
-print(f"{len(submission)} rows -> {session.config.out} in {time.perf_counter() - started:.1f} s; "
-      f"{submission.attrs['predicted']} studies predicted, {len(submission.attrs['fallbacks'])} prior")
+print(
+    f"{len(submission)} rows -> {session.config.out} in {time.perf_counter() - started:.1f} s; "
+    f"{submission.attrs['predicted']} studies predicted, {len(submission.attrs['fallbacks'])} prior"
+)
 submission.head(16)

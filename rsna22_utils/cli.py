@@ -51,7 +51,12 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--image-size", type=int, default=96)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument(
-        "-p", "--param", dest="params", action="append", default=[], metavar="[STAGE:]KEY=VALUE",
+        "-p",
+        "--param",
+        dest="params",
+        action="append",
+        default=[],
+        metavar="[STAGE:]KEY=VALUE",
         help="change the demo profile: KEY=VALUE for every stage that has KEY, STAGE:KEY=VALUE for one (repeatable)",
     )
 
@@ -139,7 +144,15 @@ def main(argv: list[str] | None = None) -> int:
     if args.command == "bench-epoch":
         from rsna22_utils.cervical.bench import bench_epoch
 
-        bench_epoch(args.data_dir, args.work_dir, n_studies=args.studies, cache_size=args.cache_size, batch_size=args.batch_size, device=args.device, repeat=args.repeat)
+        bench_epoch(
+            args.data_dir,
+            args.work_dir,
+            n_studies=args.studies,
+            cache_size=args.cache_size,
+            batch_size=args.batch_size,
+            device=args.device,
+            repeat=args.repeat,
+        )
         return 0
     if args.command == "predict":
         from rsna22_utils.cervical.submission import run_cli

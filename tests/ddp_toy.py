@@ -17,8 +17,8 @@ from torch.utils.data import Dataset
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from rsna22_utils.core.config import parse_overrides, resolve_config  # noqa: E402
-from rsna22_utils.core.train import fit  # noqa: E402
+from rsna22_utils.core.config import parse_overrides, resolve_config
+from rsna22_utils.core.train import fit
 
 N_FEATURES = 8
 
@@ -58,8 +58,9 @@ class ToyTask:
         return nn.functional.mse_loss(model(batch["x"]), batch["y"])
 
     def predict(self, model: nn.Module, batch: dict) -> pd.DataFrame:
-        return pd.DataFrame({"id": batch["id"].cpu().numpy(), "pred": model(batch["x"]).float().cpu().numpy(),
-                             "target": batch["y"].cpu().numpy()})
+        return pd.DataFrame(
+            {"id": batch["id"].cpu().numpy(), "pred": model(batch["x"]).float().cpu().numpy(), "target": batch["y"].cpu().numpy()}
+        )
 
     def score(self, predictions: pd.DataFrame) -> dict[str, float]:
         err = predictions["pred"] - predictions["target"]
@@ -68,8 +69,16 @@ class ToyTask:
 
 def toy_config(out_dir: str | Path, **overrides):
     """Stage-1 config with toy-sized defaults."""
-    base = {"out_dir": str(out_dir), "epochs": 2, "batch_size": 8, "lr": 0.01, "warmup_fraction": 0.1,
-            "num_workers": 0, "device": "cpu", "weight_decay": 0.01}
+    base = {
+        "out_dir": str(out_dir),
+        "epochs": 2,
+        "batch_size": 8,
+        "lr": 0.01,
+        "warmup_fraction": 0.1,
+        "num_workers": 0,
+        "device": "cpu",
+        "weight_decay": 0.01,
+    }
     return resolve_config("01_train_box", {**base, **overrides})
 
 

@@ -27,10 +27,18 @@ from rsna22_utils.core.registry import get_stage, stages
 
 
 def test_parse_overrides_types() -> None:
-    got = parse_overrides(["epochs=3", "lr=1e-4", "amp=false", "pretrained=True", "windows=[[400,1800],[50,350]]",
-                           "backbone=resnet34", "data_dir=/a=b"])
-    assert got == {"epochs": 3, "lr": 1e-4, "amp": False, "pretrained": True, "windows": [[400, 1800], [50, 350]],
-                   "backbone": "resnet34", "data_dir": "/a=b"}
+    got = parse_overrides(
+        ["epochs=3", "lr=1e-4", "amp=false", "pretrained=True", "windows=[[400,1800],[50,350]]", "backbone=resnet34", "data_dir=/a=b"]
+    )
+    assert got == {
+        "epochs": 3,
+        "lr": 1e-4,
+        "amp": False,
+        "pretrained": True,
+        "windows": [[400, 1800], [50, 350]],
+        "backbone": "resnet34",
+        "data_dir": "/a=b",
+    }
     with pytest.raises(ConfigError, match="key=value"):
         parse_overrides(["epochs"])
 
@@ -106,13 +114,21 @@ def test_every_stage_resolves(stage: str) -> None:
     cfg = resolve_config(stage)
     assert isinstance(cfg, get_stage(stage).config) and cfg.stage == stage
     assert Path(cfg.out_dir).parts[-2 if get_stage(stage).per_fold else -1] == stage
-    expected = {"03_train_vertebra": VertebraTrainConfig, "04_infer_vertebra": VertebraInferConfig, "05_train_fracture": FractureTrainConfig}
+    expected = {
+        "03_train_vertebra": VertebraTrainConfig,
+        "04_infer_vertebra": VertebraInferConfig,
+        "05_train_fracture": FractureTrainConfig,
+    }
     if stage in expected:
         assert type(cfg) is expected[stage]
 
 
 def test_a_setting_that_does_not_apply_names_the_stages_where_it_does() -> None:
-    with pytest.raises(ConfigError, match=r"'lr' does not apply to stage '07_inference'; it applies to 01_train_box, 03_train_vertebra, 05_train_fracture, 06_train_study"):
+    with pytest.raises(
+        ConfigError,
+        match=r"'lr' does not apply to stage '07_inference'; "
+        r"it applies to 01_train_box, 03_train_vertebra, 05_train_fracture, 06_train_study",
+    ):
         resolve_config("07_inference", {"lr": 1e-3})
     with pytest.raises(ConfigError, match=r"'backbone' does not apply to stage '00_prepare'"):
         resolve_config("00_prepare", {"backbone": "resnet18"})
@@ -121,9 +137,13 @@ def test_a_setting_that_does_not_apply_names_the_stages_where_it_does() -> None:
 
 
 def test_derived_settings_come_from_the_stage_inputs_not_the_user(tmp_path: Path) -> None:
-    with pytest.raises(ConfigError, match=r"'seq_len' of stage '06_train_study' is not a setting: the stage takes it from its stage-05 run"):
+    with pytest.raises(
+        ConfigError, match=r"'seq_len' of stage '06_train_study' is not a setting: the stage takes it from its stage-05 run"
+    ):
         resolve_config("06_train_study", {"seq_len": 16})
-    with pytest.raises(ConfigError, match=r"'image_size' of stage '01_train_box' is not a setting: the stage takes it from the study cache"):
+    with pytest.raises(
+        ConfigError, match=r"'image_size' of stage '01_train_box' is not a setting: the stage takes it from the study cache"
+    ):
         resolve_config("01_train_box", {"image_size": 128})
     cfg = resolve_config("06_train_study")
     derived = with_derived(cfg, seq_len=8, backbone="resnet34")

@@ -66,7 +66,9 @@ def test_training_windows_are_biased_to_positive_slices(tmp_path: Path) -> None:
     cache = make_cache(tmp_path, {"a": 300})
     labels = np.zeros((300, 1), np.float32)
     labels[250:255] = 1.0
-    dataset = SequenceDataset(["a"], cache, {"a": labels}, seq_len=4, slices_per_image=3, mode="train", samples_per_study=200, positive_bias=1.0)
+    dataset = SequenceDataset(
+        ["a"], cache, {"a": labels}, seq_len=4, slices_per_image=3, mode="train", samples_per_study=200, positive_bias=1.0
+    )
     np.random.seed(0)
     hits = [dataset[i]["target"].max().item() > 0.5 or (dataset[i]["start"] <= 254 and dataset[i]["start"] + 12 > 250) for i in range(50)]
     assert np.mean(hits) > 0.9  # uniform windows would hit the 5 positive slices ~6% of the time
@@ -82,7 +84,9 @@ def test_faint_soft_labels_still_mark_positive_windows(tmp_path: Path) -> None:
     assert mask[100:110].all() and mask[200] and mask.sum() == 11
     assert positive_slices(np.zeros((5, 3))).sum() == 0  # an unfractured study has no positive slice
     cache = make_cache(tmp_path, {"a": 300})
-    dataset = SequenceDataset(["a"], cache, {"a": labels[:, :1]}, seq_len=4, slices_per_image=3, mode="train", samples_per_study=50, positive_bias=1.0)
+    dataset = SequenceDataset(
+        ["a"], cache, {"a": labels[:, :1]}, seq_len=4, slices_per_image=3, mode="train", samples_per_study=50, positive_bias=1.0
+    )
     np.random.seed(0)
     hits = [dataset[i]["target"].max().item() > 0 for i in range(50)]
     assert np.mean(hits) > 0.9

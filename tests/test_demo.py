@@ -43,9 +43,19 @@ def test_report_scores_oof_and_submission_and_writes_figures(tiny_pipeline: dict
     data_dir, work_dir = tiny_pipeline["data_dir"], tmp_path / "runs"
     shutil.copytree(tiny_pipeline["work_dir"], work_dir)
     out = work_dir / "07_inference" / "submission.csv"
-    predict_submission(resolve_config("07_inference", {
-        "data_dir": str(data_dir), "weights_dir": str(work_dir), "out": str(out), "work_dir": str(out.parent), "device": "cpu", "num_workers": 0,
-    }))
+    predict_submission(
+        resolve_config(
+            "07_inference",
+            {
+                "data_dir": str(data_dir),
+                "weights_dir": str(work_dir),
+                "out": str(out),
+                "work_dir": str(out.parent),
+                "device": "cpu",
+                "num_workers": 0,
+            },
+        )
+    )
     report = write_report(tmp_path, data_dir, work_dir)
 
     oof = pd.concat(pd.read_parquet(p) for p in work_dir.glob("06_train_study/fold*-seed*/oof.parquet"))
@@ -70,9 +80,20 @@ def test_fracture_cnn_can_start_from_the_vertebra_cnn(tiny_pipeline: dict) -> No
     from rsna22_utils.cervical.sequence import _init_encoder
 
     work_dir = tiny_pipeline["work_dir"]
-    cfg = resolve_config("05_train_fracture", tiny_settings("05_train_fracture", {
-        **TINY_COMMON, **TINY_STAGES["05_train_fracture"], "work_dir": str(work_dir), "fold": 0, "seed": 0, "init_encoder_from": "vertebra",
-    }))
+    cfg = resolve_config(
+        "05_train_fracture",
+        tiny_settings(
+            "05_train_fracture",
+            {
+                **TINY_COMMON,
+                **TINY_STAGES["05_train_fracture"],
+                "work_dir": str(work_dir),
+                "fold": 0,
+                "seed": 0,
+                "init_encoder_from": "vertebra",
+            },
+        ),
+    )
     model = create_model(cfg)
     _init_encoder(model, cfg)
     source, _ = load_run(work_dir / "03_train_vertebra" / "fold0-seed0", torch.device("cpu"))

@@ -200,7 +200,10 @@ def gdcm_change_syntax(src: Path, dst: Path, syntax: str) -> None:
     """JPEG Lossless .57 / .70 re-encoding with python-gdcm (pydicom cannot encode them)."""
     import gdcm
 
-    target = {"1.2.840.10008.1.2.4.57": gdcm.TransferSyntax.JPEGLosslessProcess14, "1.2.840.10008.1.2.4.70": gdcm.TransferSyntax.JPEGLosslessProcess14_1}
+    target = {
+        "1.2.840.10008.1.2.4.57": gdcm.TransferSyntax.JPEGLosslessProcess14,
+        "1.2.840.10008.1.2.4.70": gdcm.TransferSyntax.JPEGLosslessProcess14_1,
+    }
     reader = gdcm.ImageReader()
     reader.SetFileName(str(src))
     assert reader.Read(), f"gdcm cannot read {src}"

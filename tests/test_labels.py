@@ -318,9 +318,7 @@ def test_build_segmentation_labels(tmp_path):
         assert (b["fold"] == folds.set_index("StudyInstanceUID").loc[uid, "fold"]).all()
         assert b["slice_number"].tolist() == numbers.tolist()
         expected = slice_boxes(seg, uid, numbers)
-        pd.testing.assert_frame_equal(
-            b[expected.columns].reset_index(drop=True), expected, check_dtype=False
-        )
+        pd.testing.assert_frame_equal(b[expected.columns].reset_index(drop=True), expected, check_dtype=False)
         # C1 sits at the head end, i.e. at the highest file numbers in the "up" study
         c1_numbers = r.loc[r["C1"] > 0, "slice_number"]
         half = len(seg) // 2

@@ -42,7 +42,10 @@ def test_sequence_model_gives_one_output_per_image_and_masked_loss() -> None:
     mask = torch.tensor([[1, 1, 1, 0, 0], [1, 1, 1, 1, 1]], dtype=torch.float32)
     other = target.clone()
     other[0, 3:] = 1 - other[0, 3:]  # padded images must not change the loss
-    assert torch.allclose(sequence_loss({"logits": logits}, {"target": target, "mask": mask}), sequence_loss({"logits": logits}, {"target": other, "mask": mask}))
+    assert torch.allclose(
+        sequence_loss({"logits": logits}, {"target": target, "mask": mask}),
+        sequence_loss({"logits": logits}, {"target": other, "mask": mask}),
+    )
 
 
 def test_sequence_loss_target_weights() -> None:
@@ -149,11 +152,19 @@ def test_create_model_builds_each_stage_network_from_its_config() -> None:
 
     box = create_model(config("01_train_box", {"backbone": BACKBONE}))
     vertebra = create_model(config("03_train_vertebra", {"backbone": BACKBONE, "lstm_hidden": 16}))
-    fracture = create_model(config("05_train_fracture", {"backbone": BACKBONE, "lstm_hidden": 16, "slices_per_image": 5, "infer_stride": 32}))
+    fracture = create_model(
+        config("05_train_fracture", {"backbone": BACKBONE, "lstm_hidden": 16, "slices_per_image": 5, "infer_stride": 32})
+    )
     assert isinstance(box, BoxModel) and box.encoder.conv_stem.in_channels == 2
     assert vertebra.head.out_features == 7 and vertebra.encoder.conv_stem.in_channels == 3 * 2
     assert fracture.head.out_features == 14 and fracture.encoder.conv_stem.in_channels == 5 * 2
-    study_cfg = with_derived(resolve_config("06_train_study", {"lstm_hidden": 16}), windows=windows, backbone=BACKBONE, slices_per_image=5, fracture_lstm_hidden=16)
+    study_cfg = with_derived(
+        resolve_config("06_train_study", {"lstm_hidden": 16}),
+        windows=windows,
+        backbone=BACKBONE,
+        slices_per_image=5,
+        fracture_lstm_hidden=16,
+    )
     study = create_model(study_cfg)  # the frozen stage-05 CNN's architecture + the study head, from the 06 config alone
     assert isinstance(study, StudyModel) and study.encoder.conv_stem.in_channels == 5 * 2
     assert study.head.evidence.head.out_features == 14 and study.head.lstm.hidden_size == 16

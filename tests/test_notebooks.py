@@ -10,7 +10,7 @@ import pytest
 
 from rsna22_utils.core.notebooks import NOTEBOOKS_DIR, add_commands, check_pairs, check_thin, sync_pairs
 
-STAGE_PY = '''# %% [markdown]
+STAGE_PY = """# %% [markdown]
 # # Tiny stage
 # Writes nothing.
 
@@ -21,7 +21,7 @@ overrides = {}
 
 # %%
 print(fold + seed)
-'''
+"""
 
 
 @pytest.fixture

@@ -34,7 +34,9 @@ def _copy_competition(data_dir: Path, dest: Path) -> Path:
 def _prior_rows(submission: pd.DataFrame, test: pd.DataFrame, uid: str, prior: dict[str, float]) -> bool:
     rows = test["StudyInstanceUID"] == uid
     expected = test.loc[rows, "prediction_type"].map(prior).to_numpy()
-    return bool(np.allclose(submission.loc[rows.to_numpy(), "fractured"].to_numpy(), expected, atol=1e-5))  # values are clipped to [1e-6, 1 - 1e-6]
+    return bool(
+        np.allclose(submission.loc[rows.to_numpy(), "fractured"].to_numpy(), expected, atol=1e-5)
+    )  # values are clipped to [1e-6, 1 - 1e-6]
 
 
 def test_submission_rows_values_and_score(tiny_pipeline: dict, tmp_path: Path) -> None:
@@ -124,7 +126,13 @@ def test_notebook_writes_submission_under_papermill(tiny_pipeline: dict, tmp_pat
     dicom = sorted((data_dir / "test_images" / bad).glob("*.dcm"))[0]
     dicom.write_bytes(dicom.read_bytes()[:200])
     out = tmp_path / "submission.csv"
-    overrides = {"data_dir": str(data_dir), "weights_dir": str(tiny_pipeline["work_dir"]), "out": str(out), "device": "cpu", "num_workers": 1}
+    overrides = {
+        "data_dir": str(data_dir),
+        "weights_dir": str(tiny_pipeline["work_dir"]),
+        "out": str(out),
+        "device": "cpu",
+        "num_workers": 1,
+    }
     summary = run_stage("07_inference", overrides=overrides, work_dir=tmp_path / "runs")
     assert summary.ok, summary.failed
     written = pd.read_csv(out)

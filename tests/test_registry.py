@@ -48,7 +48,7 @@ def toy_stage(cfg: ToyConfig) -> dict:
 
 register(Stage("99_toy", ToyConfig, "toy_stage_module:toy_stage", per_fold=True))
 '''
-TOY_NOTEBOOK = '''# %% tags=["parameters"]
+TOY_NOTEBOOK = """# %% tags=["parameters"]
 fold = 0
 seed = 0
 overrides = {}
@@ -59,7 +59,7 @@ from rsna22_utils.core.notebooks import start_stage
 
 session = start_stage("99_toy", overrides, fold=fold, seed=seed)
 session.run()
-'''
+"""
 
 
 @pytest.fixture
@@ -129,7 +129,11 @@ def test_no_stage_changes_the_config_it_is_given(tiny_pipeline: dict) -> None:
     # what a run saved holds the values the stage derived (the notebook shows this saved config)
     saved = json.loads((tiny_pipeline["work_dir"] / "06_train_study" / "fold0-seed0" / "config.json").read_text())
     fracture = json.loads((tiny_pipeline["work_dir"] / "05_train_fracture" / "fold0-seed0" / "config.json").read_text())
-    assert (saved["backbone"], saved["seq_len"], saved["fracture_lstm_hidden"]) == (fracture["backbone"], fracture["seq_len"], fracture["lstm_hidden"])
+    assert (saved["backbone"], saved["seq_len"], saved["fracture_lstm_hidden"]) == (
+        fracture["backbone"],
+        fracture["seq_len"],
+        fracture["lstm_hidden"],
+    )
     assert saved["image_size"] == fracture["image_size"] == 48
 
 
@@ -153,12 +157,16 @@ def test_the_core_imports_no_competition() -> None:
             importlib.import_module(f"rsna22_utils.core.{module.name}")
         print(sorted(m for m in sys.modules if m.startswith("rsna22_utils.cervical")))
     """)
-    out = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, check=True, env={**os.environ, "PYTHONPATH": str(ROOT)})
+    out = subprocess.run(
+        [sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, check=True, env={**os.environ, "PYTHONPATH": str(ROOT)}
+    )
     assert out.stdout.strip() == "[]"
 
 
 def test_the_submission_does_not_import_the_trainer() -> None:
     assert not [m for m in _imports(ROOT / "rsna22_utils" / "cervical" / "submission.py") if m.endswith(".train")]
     code = "import sys, rsna22_utils.cervical.submission; print('rsna22_utils.core.train' in sys.modules)"
-    out = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, check=True, env={**os.environ, "PYTHONPATH": str(ROOT)})
+    out = subprocess.run(
+        [sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, check=True, env={**os.environ, "PYTHONPATH": str(ROOT)}
+    )
     assert out.stdout.strip() == "False"

@@ -21,7 +21,7 @@ from rsna22_utils.core.runner import (
 )
 
 # Writes what the kernel saw into out_dir; fold 1 fails after writing it.
-STAGE_PY = '''# %% tags=["parameters"]
+STAGE_PY = """# %% tags=["parameters"]
 fold = 0
 seed = 0
 overrides = {}
@@ -35,15 +35,15 @@ seen = {"fold": fold, "seed": seed, "overrides": overrides, "cwd": os.getcwd(),
 (out / "seen.json").write_text(json.dumps(seen))
 if fold == 1:
     raise ValueError(f"fold {fold} is broken on purpose")
-'''
+"""
 
-PREP_PY = '''# %% tags=["parameters"]
+PREP_PY = """# %% tags=["parameters"]
 overrides = {}
 
 # %%
 import pathlib
 pathlib.Path(overrides["out_dir"], "prepared.txt").write_text(overrides["work_dir"])
-'''
+"""
 
 
 def _parser() -> argparse.ArgumentParser:

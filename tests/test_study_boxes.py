@@ -35,7 +35,9 @@ def test_box_iou_and_evaluation() -> None:
     a = np.array([[0, 0, 10, 10], [0, 0, 10, 10]])
     b = np.array([[0, 0, 10, 10], [5, 0, 15, 10]])
     np.testing.assert_allclose(box_iou(a, b), [1.0, 50 / 150])
-    pred = pd.DataFrame({"StudyInstanceUID": ["a"], "x0": [0], "y0": [0], "x1": [10], "y1": [10], "slnum_from": [3], "slnum_to": [40], "slnum_max": [50]})
+    pred = pd.DataFrame(
+        {"StudyInstanceUID": ["a"], "x0": [0], "y0": [0], "x1": [10], "y1": [10], "slnum_from": [3], "slnum_to": [40], "slnum_max": [50]}
+    )
     truth = pred.assign(x1=20, slnum_from=5, slnum_to=40)
     evaluated = evaluate_study_boxes(pred, truth)
     assert evaluated.loc[0, "iou"] == 0.5

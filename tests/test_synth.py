@@ -27,8 +27,15 @@ def _headers(folder: Path) -> pd.DataFrame:
     rows = []
     for path in folder.glob("*.dcm"):
         ds = pydicom.dcmread(path, stop_before_pixels=True)
-        rows.append({"n": int(path.stem), "z": float(ds.ImagePositionPatient[2]), "inst": int(ds.InstanceNumber),
-                     "ts": str(ds.file_meta.TransferSyntaxUID), "path": path})
+        rows.append(
+            {
+                "n": int(path.stem),
+                "z": float(ds.ImagePositionPatient[2]),
+                "inst": int(ds.InstanceNumber),
+                "ts": str(ds.file_meta.TransferSyntaxUID),
+                "path": path,
+            }
+        )
     return pd.DataFrame(rows).sort_values("n").reset_index(drop=True)
 
 
@@ -50,10 +57,20 @@ def test_write_dicom_slice_round_trips(tmp_path, syntax, signed, bits, padding):
     if padding is not None:
         hu[:4, :4] = synth.padding_hu(padding)
     path = tmp_path / "1.dcm"
-    synth.write_dicom_slice(path, hu, transfer_syntax=syntax, study_uid="1.2.826.0.1.3680043.7",
-                            series_uid="1.2.826.0.1.3680043.7.1", sop_uid="1.2.826.0.1.3680043.7.1.4",
-                            instance_number=4, z=-17.25, pixel_spacing=(0.7, 0.7), signed=signed,
-                            bits_stored=bits, padding_value=padding)
+    synth.write_dicom_slice(
+        path,
+        hu,
+        transfer_syntax=syntax,
+        study_uid="1.2.826.0.1.3680043.7",
+        series_uid="1.2.826.0.1.3680043.7.1",
+        sop_uid="1.2.826.0.1.3680043.7.1.4",
+        instance_number=4,
+        z=-17.25,
+        pixel_spacing=(0.7, 0.7),
+        signed=signed,
+        bits_stored=bits,
+        padding_value=padding,
+    )
     ds = pydicom.dcmread(path)
     low, high = synth.stored_range(bits, signed)
     expected = np.clip(hu.astype(np.int32), low - 1024, high - 1024)
@@ -133,13 +150,21 @@ def test_segmentation_labels_lie_on_bone(comp):
         except ImportError:
             continue
         heads = _headers(comp / "train_images" / row.StudyInstanceUID).sort_values("z", ascending=False)
-        table = pd.DataFrame({
-            "StudyInstanceUID": row.StudyInstanceUID, "slice_number": heads.n.to_numpy(), "z": heads.z.to_numpy(),
-            "instance_number": heads.inst.to_numpy(), "pixel_spacing": row.pixel_spacing,
-            "pixel_spacing_col": row.pixel_spacing, "slice_thickness": row.slice_thickness,
-            "rows": row.image_size, "cols": row.image_size, "transfer_syntax": row.transfer_syntax,
-            "path": heads.path.astype(str).to_numpy(),
-        })
+        table = pd.DataFrame(
+            {
+                "StudyInstanceUID": row.StudyInstanceUID,
+                "slice_number": heads.n.to_numpy(),
+                "z": heads.z.to_numpy(),
+                "instance_number": heads.inst.to_numpy(),
+                "pixel_spacing": row.pixel_spacing,
+                "pixel_spacing_col": row.pixel_spacing,
+                "slice_thickness": row.slice_thickness,
+                "rows": row.image_size,
+                "cols": row.image_size,
+                "transfer_syntax": row.transfer_syntax,
+                "path": heads.path.astype(str).to_numpy(),
+            }
+        )
         loaded = load_segmentation(comp / "segmentations" / f"{row.StudyInstanceUID}.nii", table, keep_other=True)
         assert np.array_equal(loaded, seg)
 
@@ -164,13 +189,13 @@ def test_fracture_boxes_show_the_break(comp):
             assert b.slice_index == (b.slice_number - 1 if spec.z_falling else spec.n_slices - b.slice_number)
             window = np.zeros(broken.shape, bool)
             x0, y0 = int(np.floor(b.x)), int(np.floor(b.y))
-            window[y0:int(np.ceil(b.y + b.height)), x0:int(np.ceil(b.x + b.width))] = True
+            window[y0 : int(np.ceil(b.y + b.height)), x0 : int(np.ceil(b.x + b.width))] = True
             unbroken = clean[b.slice_index].astype(np.int32)
             assert broken[window].mean() < unbroken[window].mean() - 10  # the gap darkens the bone
             outside = ~window
             for other in group[group.slice_index == b.slice_index].itertuples():  # another vertebra's box
                 ox, oy = int(np.floor(other.x)), int(np.floor(other.y))
-                outside[oy:int(np.ceil(other.y + other.height)), ox:int(np.ceil(other.x + other.width))] = False
+                outside[oy : int(np.ceil(other.y + other.height)), ox : int(np.ceil(other.x + other.width))] = False
             assert np.array_equal(broken[outside], unbroken[outside])  # and nothing outside the box changes
 
 
@@ -184,8 +209,11 @@ def test_label_sampler_follows_real_prevalence():
 
 
 def _digest(root: Path) -> dict[str, str]:
-    return {str(p.relative_to(root)): hashlib.md5(p.read_bytes()).hexdigest()
-            for p in sorted(root.rglob("*")) if p.is_file() and p.name != "generator.json"}
+    return {
+        str(p.relative_to(root)): hashlib.md5(p.read_bytes()).hexdigest()
+        for p in sorted(root.rglob("*"))
+        if p.is_file() and p.name != "generator.json"
+    }
 
 
 def test_same_seed_same_output(comp, tmp_path):

@@ -128,8 +128,19 @@ def _free_port() -> int:
 def test_ddp_two_processes_match_single_process(tmp_path: Path) -> None:
     script = Path(__file__).with_name("ddp_toy.py")
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_addr", "127.0.0.1",
-           "--master_port", str(_free_port()), str(script), str(tmp_path / "ddp")]
+    cmd = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--nproc_per_node",
+        "2",
+        "--master_addr",
+        "127.0.0.1",
+        "--master_port",
+        str(_free_port()),
+        str(script),
+        str(tmp_path / "ddp"),
+    ]
     proc = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=180)
     log = proc.stdout + proc.stderr
     assert proc.returncode == 0, log[-3000:]

@@ -32,9 +32,7 @@ def default_paths() -> list[Path]:
     folders = [REALDATA_RSNA / split for split in ("train_images", "test_images")]
     studies = sorted(p for folder in folders if folder.is_dir() for p in folder.iterdir() if p.is_dir())
     if not studies:
-        raise FileNotFoundError(
-            f"no study folders under {folders[0]} or {folders[1]}: pass DICOM files or study folders explicitly"
-        )
+        raise FileNotFoundError(f"no study folders under {folders[0]} or {folders[1]}: pass DICOM files or study folders explicitly")
     return studies
 
 
@@ -137,7 +135,6 @@ def bench_decode(paths: list[Path] | None = None, repeat: int = 5) -> pd.DataFra
     print(f"decode ms/slice, one core ({where}), median of {repeat}, {len(files)} files (read_slice: open + decode + HU)")
     print(table.to_string(index=False, float_format=lambda v: f"{v:.2f}"))
     return table
-
 
 
 def bench_epoch(
@@ -243,7 +240,11 @@ def bench_epoch(
     print(
         f"break-even: with loading overlapped by workers an epoch is ~max(data, model), so it is >= 10x faster from the cache "
         f"wherever forward + backward takes <= {break_even_ms:.2f} ms/slice; here on {dev} it takes {model_ms:.2f} ms/slice "
-        f"({'data-bound: the full-epoch ratio above is the one that counts' if model_ms <= break_even_ms else 'model-bound: the cache cannot show its speed-up on this device'})"
+        + (
+            "(data-bound: the full-epoch ratio above is the one that counts)"
+            if model_ms <= break_even_ms
+            else "(model-bound: the cache cannot show its speed-up on this device)"
+        )
     )
     return result
 
@@ -307,7 +308,9 @@ def bench_inference(data_dir: str | Path, weights_dir: str | Path, n_studies: in
     from rsna22_utils.core.dicom import read_study
 
     data_dir = Path(data_dir)
-    folders = sorted(p for p in (data_dir / "test_images").glob("*") if p.is_dir()) or sorted(p for p in (data_dir / "train_images").glob("*") if p.is_dir())
+    folders = sorted(p for p in (data_dir / "test_images").glob("*") if p.is_dir()) or sorted(
+        p for p in (data_dir / "train_images").glob("*") if p.is_dir()
+    )
     folders = folders[:n_studies]
     if not folders:
         raise FileNotFoundError(f"{data_dir}: no study folders in test_images/ or train_images/")
@@ -325,7 +328,14 @@ def bench_inference(data_dir: str | Path, weights_dir: str | Path, n_studies: in
             t2 = time.perf_counter()
             sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
             study_box = predict_study_box(
-                ensemble.box.models, volumes[ensemble.box.spec.name], slices, device, cfg.box_batch_size, cfg.has_box_threshold, cfg.box_smooth, cfg.amp,
+                ensemble.box.models,
+                volumes[ensemble.box.spec.name],
+                slices,
+                device,
+                cfg.box_batch_size,
+                cfg.has_box_threshold,
+                cfg.box_smooth,
+                cfg.amp,
             )
             sync()
             stack_s, model_s = 0.0, time.perf_counter() - t2
@@ -339,10 +349,18 @@ def bench_inference(data_dir: str | Path, weights_dir: str | Path, n_studies: in
                 stack_s, model_s = stack_s + t4 - t3, model_s + time.perf_counter() - t4
             if i == 0:  # the first study warms up kernels / allocators: measured again below
                 continue
-            rows.append({
-                "device": device.type, "study": folder.name, "slices": len(table), "px": int(volume.shape[1]),
-                "decode_s": t1 - t0, "encode_s": t2 - t1, "stack_s": stack_s, "model_s": model_s,
-            })
+            rows.append(
+                {
+                    "device": device.type,
+                    "study": folder.name,
+                    "slices": len(table),
+                    "px": int(volume.shape[1]),
+                    "decode_s": t1 - t0,
+                    "encode_s": t2 - t1,
+                    "stack_s": stack_s,
+                    "model_s": model_s,
+                }
+            )
         if len(folders) == 1:
             logger.warning("one study only: its (warm-up) timing is not in the table; give n_studies >= 2")
     table = pd.DataFrame(rows)
@@ -360,18 +378,30 @@ def bench_inference(data_dir: str | Path, weights_dir: str | Path, n_studies: in
         per_slice = {col: 1e3 * group[col].sum() / group["slices"].sum() for col in ("stack_s", "model_s")}
         workers_s = KAGGLE_SLICES * (decode_ms + encode_ms) / 1e3 / max(1, num_workers)
         main_s = KAGGLE_SLICES * (per_slice["stack_s"] + per_slice["model_s"]) / 1e3
-        projection.append({
-            "device": device, "decode_ms_slice": decode_ms, "encode_ms_slice_512px": encode_ms,
-            "stack_ms_slice": per_slice["stack_s"], "model_ms_slice": per_slice["model_s"],
-            "study_s": max(workers_s, main_s), "bound": "decode" if workers_s > main_s else "models",
-            "hours_1500": KAGGLE_TEST_STUDIES * max(workers_s, main_s) / 3600,
-        })
+        projection.append(
+            {
+                "device": device,
+                "decode_ms_slice": decode_ms,
+                "encode_ms_slice_512px": encode_ms,
+                "stack_ms_slice": per_slice["stack_s"],
+                "model_ms_slice": per_slice["model_s"],
+                "study_s": max(workers_s, main_s),
+                "bound": "decode" if workers_s > main_s else "models",
+                "hours_1500": KAGGLE_TEST_STUDIES * max(workers_s, main_s) / 3600,
+            }
+        )
     projection = pd.DataFrame(projection)
     print(f"07_inference per study ({len(folders) - 1} studies after a warm-up one; {data_dir}, weights {weights_dir})")
-    print(table[["device", "slices", "px", "decode_s", "preprocess_s", "model_s", "total_s"]].to_string(index=False, float_format=lambda v: f"{v:.3f}"))
-    print(f"\nprojection to {KAGGLE_TEST_STUDIES} studies x {KAGGLE_SLICES} slices at 512 px, {num_workers} decode workers "
-          f"(decode {decode_ms:.1f} ms/slice, {decode_source}); per study = max((decode + encode) / workers, stack + models); "
-          f"models as measured above, i.e. at these weights' input sizes (box {box_spec.name}):")
+    print(
+        table[["device", "slices", "px", "decode_s", "preprocess_s", "model_s", "total_s"]].to_string(
+            index=False, float_format=lambda v: f"{v:.3f}"
+        )
+    )
+    print(
+        f"\nprojection to {KAGGLE_TEST_STUDIES} studies x {KAGGLE_SLICES} slices at 512 px, {num_workers} decode workers "
+        f"(decode {decode_ms:.1f} ms/slice, {decode_source}); per study = max((decode + encode) / workers, stack + models); "
+        f"models as measured above, i.e. at these weights' input sizes (box {box_spec.name}):"
+    )
     print(projection.to_string(index=False, float_format=lambda v: f"{v:.3f}"))
     table.attrs["projection"] = projection
     return table
@@ -402,9 +432,45 @@ def _throughput(step, images_per_step: int, device, warmup: int, steps: int) -> 
     return images_per_step * steps / (time.perf_counter() - t0)
 
 
+def _train_and_infer_throughput(model, batch: dict, n_images: int, dtype, device, warmup: int, steps: int) -> tuple[float, float]:
+    """Images/s of AdamW training steps and of inference on one batch, under autocast `dtype` (None: fp32)."""
+    import contextlib
+
+    import torch
+
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4)
+    scaler = torch.amp.GradScaler("cuda", enabled=dtype == torch.float16)
+
+    def autocast() -> contextlib.AbstractContextManager:
+        return torch.autocast("cuda", dtype=dtype) if dtype is not None else contextlib.nullcontext()
+
+    def train_step() -> None:
+        with autocast():
+            loss = sum(v.float().mean() for v in model(batch).values())
+        optimizer.zero_grad(set_to_none=True)
+        scaler.scale(loss).backward()
+        scaler.step(optimizer)
+        scaler.update()
+
+    def infer_step() -> None:
+        with torch.inference_mode(), autocast():
+            model(batch)
+
+    model.train()
+    train = _throughput(train_step, n_images, device, warmup, steps)
+    model.eval()
+    return train, _throughput(infer_step, n_images, device, warmup, steps)
+
+
 def bench_backbones(
-    backbones: tuple[tuple[str, str], ...] = ORIGINAL_BACKBONES, image_size: int = 512, batch_images: int = 64,
-    seq_len: int = 32, device: str = "auto", warmup: int = 3, steps: int = 10, lstm_hidden: int | None = None,
+    backbones: tuple[tuple[str, str], ...] = ORIGINAL_BACKBONES,
+    image_size: int = 512,
+    batch_images: int = 64,
+    seq_len: int = 32,
+    device: str = "auto",
+    warmup: int = 3,
+    steps: int = 10,
+    lstm_hidden: int | None = None,
 ) -> pd.DataFrame:
     """Training (forward + backward + AdamW step) and inference images/s of each network at `image_size`,
     under each AMP dtype the device runs (the kit's own choice first: bf16 on compute capability >= 8,
@@ -414,8 +480,6 @@ def bench_backbones(
     windows of `seq_len` 3-slice images (its BiLSTM, `lstm_hidden` = features + 32 as in the 3rd place
     unless given, runs over them).
     """
-    import contextlib
-
     import torch
 
     from rsna22_utils.cervical.models import BoxModel, SequenceModel, feature_size
@@ -431,7 +495,6 @@ def bench_backbones(
         if family == "box":
             model = BoxModel(name, in_chans=3)
             batch = {"image": torch.randn(batch_images, 3, image_size, image_size)}
-            target = {"has_box": torch.ones(batch_images), "box": torch.rand(batch_images, 4)}
         else:
             probe = BoxModel(name, in_chans=3).encoder
             hidden = lstm_hidden or feature_size(probe) + 32
@@ -442,36 +505,23 @@ def bench_backbones(
         batch = {k: v.to(dev) for k, v in batch.items()}
         n_images = batch["image"].shape[0] * (batch["image"].shape[1] if batch["image"].ndim == 5 else 1)
         params = sum(p.numel() for p in model.parameters() if p.requires_grad)
-        optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4)
         for dtype in dtypes:
-            autocast = torch.autocast("cuda", dtype=dtype) if dtype is not None else contextlib.nullcontext()
-            scaler = torch.amp.GradScaler("cuda", enabled=dtype == torch.float16)
-
-            def train_step() -> None:
-                with autocast:
-                    out = model(batch)
-                    loss = sum(v.float().mean() for v in out.values())
-                optimizer.zero_grad(set_to_none=True)
-                scaler.scale(loss).backward()
-                scaler.step(optimizer)
-                scaler.update()
-
-            def infer_step() -> None:
-                with torch.inference_mode(), autocast:
-                    model(batch)
-
-            model.train()
-            train = _throughput(train_step, n_images, dev, warmup, steps)
-            model.eval()
-            infer = _throughput(infer_step, n_images, dev, warmup, steps)
+            train, infer = _train_and_infer_throughput(model, batch, n_images, dtype, dev, warmup, steps)
             peak = torch.cuda.max_memory_allocated(dev) / 2**30 if dev.type == "cuda" else float("nan")
-            rows.append({
-                "network": f"{family} {name}", "params_trainable": params, "dtype": str(dtype).replace("torch.", "") if dtype else "float32",
-                "image_size": image_size, "train_img_s": train, "infer_img_s": infer, "peak_gib": peak,
-            })
+            rows.append(
+                {
+                    "network": f"{family} {name}",
+                    "params_trainable": params,
+                    "dtype": str(dtype).replace("torch.", "") if dtype else "float32",
+                    "image_size": image_size,
+                    "train_img_s": train,
+                    "infer_img_s": infer,
+                    "peak_gib": peak,
+                }
+            )
             if dev.type == "cuda":
                 torch.cuda.reset_peak_memory_stats(dev)
-        del model, optimizer, batch
+        model.cpu()
         if dev.type == "cuda":
             torch.cuda.empty_cache()
     table = pd.DataFrame(rows)

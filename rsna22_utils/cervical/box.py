@@ -154,7 +154,10 @@ def infer_box(cfg: BoxInferConfig) -> dict:
         )
         logger.info(
             "study boxes on %d studies no box model saw: median IoU %.3f, median slice-range error %.1f (from) / %.1f (to)",
-            len(evaluation), metrics["median_iou"], metrics["median_from_error"], metrics["median_to_error"],
+            len(evaluation),
+            metrics["median_iou"],
+            metrics["median_from_error"],
+            metrics["median_to_error"],
         )
     (out / "metrics.json").write_text(json.dumps(metrics, indent=2))
     return metrics
@@ -174,4 +177,3 @@ def study_crops(work_dir: str | Path) -> tuple[dict[str, tuple], dict[str, tuple
     crops = {uid: tuple(row[BOX_COLUMNS]) for uid, row in boxes.iterrows()}
     ranges = {uid: (int(row["slnum_from"]), int(row["slnum_to"])) for uid, row in boxes.iterrows()}
     return crops, ranges
-

@@ -180,7 +180,9 @@ class FractureTrainConfig(TrainConfig, Backbone, CacheInput, SequenceShape, Sequ
 
     def _check(self) -> list[str]:
         if self.fracture_loss_weight <= 0 or self.fracture_pos_weight <= 0:
-            return [f"fracture_loss_weight and fracture_pos_weight must be > 0, got {self.fracture_loss_weight}, {self.fracture_pos_weight}"]
+            return [
+                f"fracture_loss_weight and fracture_pos_weight must be > 0, got {self.fracture_loss_weight}, {self.fracture_pos_weight}"
+            ]
         return []
 
 

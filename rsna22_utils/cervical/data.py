@@ -233,9 +233,7 @@ class SequenceDataset(Dataset):
             self.items = [(uid, -1) for uid in self.uids for _ in range(samples_per_study)]
         else:
             stride = stride or self.span // 2
-            self.items = [
-                (uid, start) for uid in self.uids for start in sequence_starts(*self.ranges[uid], self.span, stride)
-            ]
+            self.items = [(uid, start) for uid in self.uids for start in sequence_starts(*self.ranges[uid], self.span, stride)]
 
     def __len__(self) -> int:
         return len(self.items)

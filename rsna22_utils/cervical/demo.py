@@ -34,17 +34,36 @@ DEMO_COMMON: dict[str, Any] = {"n_folds": 3, "num_workers": 0, "pretrained": Fal
 DEMO_PROFILE: dict[str, dict[str, Any]] = {
     "00_prepare": {"image_size": 96},
     "01_train_box": {
-        "folds": "first", "backbone": "mobilenetv3_small_050", "epochs": 4, "batch_size": 32, "lr": 2e-3, "max_steps_per_epoch": 40,
+        "folds": "first",
+        "backbone": "mobilenetv3_small_050",
+        "epochs": 4,
+        "batch_size": 32,
+        "lr": 2e-3,
+        "max_steps_per_epoch": 40,
     },
     "02_infer_box": {},
     "03_train_vertebra": {
-        "folds": "first", "backbone": "mobilenetv3_small_050", "epochs": 20, "batch_size": 4, "lr": 2e-3, "lstm_hidden": 64,
+        "folds": "first",
+        "backbone": "mobilenetv3_small_050",
+        "epochs": 20,
+        "batch_size": 4,
+        "lr": 2e-3,
+        "lstm_hidden": 64,
         "samples_per_study": 4,
     },
     "04_infer_vertebra": {},
     "05_train_fracture": {
-        "folds": "all", "backbone": "mobilenetv3_small_050", "epochs": 12, "batch_size": 4, "lr": 2e-3, "lstm_hidden": 64,
-        "samples_per_study": 3, "crop_size": 64, "positive_window_bias": 0.8, "fracture_loss_weight": 2.0, "fracture_pos_weight": 10.0,
+        "folds": "all",
+        "backbone": "mobilenetv3_small_050",
+        "epochs": 12,
+        "batch_size": 4,
+        "lr": 2e-3,
+        "lstm_hidden": 64,
+        "samples_per_study": 3,
+        "crop_size": 64,
+        "positive_window_bias": 0.8,
+        "fracture_loss_weight": 2.0,
+        "fracture_pos_weight": 10.0,
         "init_encoder_from": VERTEBRA_FOLD_0,
     },
     "06_train_study": {"folds": "all", "epochs": 4, "batch_size": 8, "lr": 1e-3, "lstm_hidden": 64, "dropout": 0.3},
@@ -102,7 +121,11 @@ def demo_folds(stage: str, n_folds: int) -> list[int] | None:
 
 
 def run_demo(
-    out: str | Path = "demo", n_studies: int = 60, image_size: int = 96, seed: int = 0, stages: list[str] | None = None,
+    out: str | Path = "demo",
+    n_studies: int = 60,
+    image_size: int = 96,
+    seed: int = 0,
+    stages: list[str] | None = None,
     overrides: dict[str, dict[str, Any]] | None = None,
 ) -> dict:
     """Generate (or reuse) a synthetic competition, run every stage through the runner, write the report.

@@ -19,12 +19,22 @@ from rsna22_utils.cervical.data import SequenceDataset
 from rsna22_utils.cervical.models import fit_length
 
 
-def study_windows(uids: list[str], cache: Any, ranges: dict[str, tuple[int, int]], crops: dict[str, tuple], cfg: StudyTrainConfig) -> SequenceDataset:
+def study_windows(
+    uids: list[str], cache: Any, ranges: dict[str, tuple[int, int]], crops: dict[str, tuple], cfg: StudyTrainConfig
+) -> SequenceDataset:
     """Back-to-back windows of `seq_len` images (3-slice crops, as its stage-05 CNN saw them) covering each study's slice range."""
     return SequenceDataset(
-        uids, cache, None, seq_len=cfg.seq_len, slices_per_image=cfg.slices_per_image, mode="infer",
-        stride=cfg.seq_len * cfg.slices_per_image, ranges=ranges, crops=crops if cfg.crop_by_box else None,
-        crop_margin=cfg.crop_margin, output_size=cfg.crop_size if cfg.crop_by_box else None,
+        uids,
+        cache,
+        None,
+        seq_len=cfg.seq_len,
+        slices_per_image=cfg.slices_per_image,
+        mode="infer",
+        stride=cfg.seq_len * cfg.slices_per_image,
+        ranges=ranges,
+        crops=crops if cfg.crop_by_box else None,
+        crop_margin=cfg.crop_margin,
+        output_size=cfg.crop_size if cfg.crop_by_box else None,
     )
 
 
@@ -88,7 +98,7 @@ def study_probabilities(
     """One study model on one study's windows -> 8 probabilities (TARGETS order); `flip` averages a
     horizontally mirrored pass. Call under inference mode and autocast."""
     probs = []
-    for mirrored in ([False, True] if flip else [False]):
+    for mirrored in [False, True] if flip else [False]:
         parts = []
         for at in range(0, len(study.images), batch_size):
             chunk = study.images[at : at + batch_size].to(device)

@@ -26,7 +26,6 @@ from rsna22_utils.cervical.anatomy import BOX_COLUMNS, CERVICAL, VERTEBRAE
 logger = logging.getLogger(__name__)
 
 
-
 def _slice_keys(seg: np.ndarray, study_uid: str | None, slice_numbers: Iterable[int] | None) -> pd.DataFrame:
     """StudyInstanceUID, slice_index (0-based, head -> feet) and slice_number for each slice of `seg`."""
     if seg.ndim != 3:
@@ -349,13 +348,13 @@ def build_segmentation_labels(
                 uid, path, _ = futures[future]
                 try:
                     results[uid] = future.result()
-                except Exception as error:  # noqa: BLE001 - reported, the others go on
+                except Exception as error:  # reported, the others go on
                     fail(uid, path, error)
     else:
         for uid, path, study_dir in tqdm(jobs, **progress):
             try:
                 results[uid] = _study_labels(uid, path, study_dir)
-            except Exception as error:  # noqa: BLE001 - reported, the others go on
+            except Exception as error:  # reported, the others go on
                 fail(uid, path, error)
 
     out_dir.mkdir(parents=True, exist_ok=True)

@@ -283,8 +283,12 @@ def study_model(cfg: Any, sequence_model: SequenceModel) -> StudyModel:
 
 def _sequence_model(cfg: Any, n_outputs: int, lstm_hidden: int, pretrained: bool, pretrained_path: str | None) -> SequenceModel:
     return SequenceModel(
-        cfg.backbone, in_chans=cfg.slices_per_image * len(cfg.windows), n_outputs=n_outputs, lstm_hidden=lstm_hidden,
-        pretrained=pretrained, pretrained_path=pretrained_path,
+        cfg.backbone,
+        in_chans=cfg.slices_per_image * len(cfg.windows),
+        n_outputs=n_outputs,
+        lstm_hidden=lstm_hidden,
+        pretrained=pretrained,
+        pretrained_path=pretrained_path,
     )
 
 

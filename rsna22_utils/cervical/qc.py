@@ -65,10 +65,7 @@ _STYLES = ("-", ":", "-.", "--", (0, (1, 3)), (0, (5, 1)), (0, (3, 1, 1, 1, 1, 1
 def _headline_metrics(history: pd.DataFrame) -> list[str]:
     """Numeric per-epoch metrics worth a line: not timings, not the per-target AUCs (auc_C1 ...; see the ROC figure)."""
     skip = (*_HISTORY_REQUIRED, "lr", "fold", "step", "time", "seconds")
-    return [
-        c for c in history.columns
-        if c not in skip and not c.startswith("auc_") and pd.api.types.is_numeric_dtype(history[c])
-    ]
+    return [c for c in history.columns if c not in skip and not c.startswith("auc_") and pd.api.types.is_numeric_dtype(history[c])]
 
 
 def plot_loss_curves(histories: Mapping[str, pd.DataFrame | str | Path], path: str | Path) -> Path:
@@ -154,8 +151,7 @@ def plot_roc_curves(
         fpr, tpr, _ = roc_curve(y, p)
         ax.plot(fpr, tpr, color=color, lw=2.5 if t == "patient_overall" else 1.3, label=f"{t}: AUC {aucs[t]:.3f} (n+={int(y.sum())})")
     ax.plot([0, 1], [0, 1], ":", color="grey")
-    ax.set(xlim=(0, 1), ylim=(0, 1.01), xlabel="false positive rate", ylabel="true positive rate",
-           title=f"ROC over {len(labels)} studies")
+    ax.set(xlim=(0, 1), ylim=(0, 1.01), xlabel="false positive rate", ylabel="true positive rate", title=f"ROC over {len(labels)} studies")
     ax.legend(loc="lower right", fontsize=8)
     ax.grid(alpha=0.3)
     _save(fig, path, "ROC curves")
@@ -217,8 +213,9 @@ def _render_chart(slice_preds: pd.DataFrame, n_slices: int, height: int, width: 
         if k in pred:
             ax.plot(x, slice_preds[pred[k]].to_numpy(dtype=np.float64), color=color, lw=1.4, label=f"C{k}")
         if k in frac:
-            ax.plot(x, slice_preds[frac[k]].to_numpy(dtype=np.float64), "--", color=color, lw=1.4,
-                    label=f"C{k} frac" if k not in pred else None)
+            ax.plot(
+                x, slice_preds[frac[k]].to_numpy(dtype=np.float64), "--", color=color, lw=1.4, label=f"C{k} frac" if k not in pred else None
+            )
     ax.set_xlim(-1, n_slices)
     ax.set_ylim(-0.02, 1.02)
     kinds = ", ".join(s for s, d in (("solid = vertebra", pred), ("dashed = fracture", frac)) if d)
@@ -256,7 +253,7 @@ def _frames(volume, boxes, chart, cursor, indices, size) -> list[np.ndarray]:
         if chart is not None:
             panel = chart.copy()
             cx, r0, r1 = cursor[i]
-            panel[r0:r1 + 1, max(cx - 1, 0):cx + 1] = (0, 0, 0)
+            panel[r0 : r1 + 1, max(cx - 1, 0) : cx + 1] = (0, 0, 0)
             img = np.concatenate([img, panel], axis=1)
         frames.append(img)
     return frames
@@ -306,8 +303,7 @@ def study_animation(
         sample = np.concatenate([frames[k] for k in sorted({0, len(frames) // 2, len(frames) - 1})], axis=0)
         palette = Image.fromarray(sample).quantize(colors=256, method=Image.Quantize.MEDIANCUT)
         images = [Image.fromarray(f).quantize(palette=palette, dither=Image.Dither.NONE) for f in frames]
-        images[0].save(path, save_all=True, append_images=images[1:], duration=int(round(1000 / fps)), loop=0,
-                       optimize=False, disposal=1)
+        images[0].save(path, save_all=True, append_images=images[1:], duration=int(round(1000 / fps)), loop=0, optimize=False, disposal=1)
         logger.info("wrote study animation (%d frames) to %s", len(images), path)
     else:
         indices = sorted(set(np.linspace(0, n - 1, min(n_strip, n)).round().astype(int).tolist()))
@@ -318,7 +314,7 @@ def study_animation(
         grid = np.full((nrows * fh, ncols * fw, 3), 255, dtype=np.uint8)
         for k, f in enumerate(frames):
             r, c = divmod(k, ncols)
-            grid[r * fh:(r + 1) * fh, c * fw:(c + 1) * fw] = f
+            grid[r * fh : (r + 1) * fh, c * fw : (c + 1) * fw] = f
         Image.fromarray(grid).save(path)
         logger.info("wrote study strip (%d frames) to %s", len(frames), path)
     return path

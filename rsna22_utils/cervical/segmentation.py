@@ -154,9 +154,7 @@ def load_segmentation(
     return seg
 
 
-def _check_against_table(
-    seg: np.ndarray, affine: np.ndarray, ascending: bool, slices: pd.DataFrame, path: Path
-) -> None:
+def _check_against_table(seg: np.ndarray, affine: np.ndarray, ascending: bool, slices: pd.DataFrame, path: Path) -> None:
     """Slice count (and rows/cols) must match the table; the affine's z, when it matches, confirms the order."""
     if len(slices) != seg.shape[0]:
         raise SegmentationError(
@@ -167,9 +165,7 @@ def _check_against_table(
         if column in slices.columns:
             sizes = pd.unique(slices[column])
             if len(sizes) == 1 and int(sizes[0]) != seg.shape[axis]:
-                raise SegmentationError(
-                    f"{path}: segmentation has {seg.shape[axis]} {column} but the study's images have {int(sizes[0])}"
-                )
+                raise SegmentationError(f"{path}: segmentation has {seg.shape[axis]} {column} but the study's images have {int(sizes[0])}")
     if "z" not in slices.columns or len(slices) < 2:
         return
     table_z = slices["z"].to_numpy(dtype=np.float64)

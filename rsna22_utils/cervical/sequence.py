@@ -109,8 +109,12 @@ def _fracture_labels(work_dir: str, prepared: Prepared) -> tuple[dict[str, np.nd
 
 
 def _sequence_datasets(
-    cfg: VertebraTrainConfig | FractureTrainConfig, labels: dict[str, np.ndarray], folds: pd.DataFrame, cache: StudyCache,
-    positive: dict[str, np.ndarray], crops: dict[str, tuple] | None = None,
+    cfg: VertebraTrainConfig | FractureTrainConfig,
+    labels: dict[str, np.ndarray],
+    folds: pd.DataFrame,
+    cache: StudyCache,
+    positive: dict[str, np.ndarray],
+    crops: dict[str, tuple] | None = None,
 ) -> tuple[SequenceDataset, SequenceDataset]:
     """Random training windows (biased towards `positive` slices) and overlapping validation windows of one fold."""
     train_uids = sorted(folds.loc[folds["fold"] != cfg.fold, "StudyInstanceUID"])
@@ -121,8 +125,15 @@ def _sequence_datasets(
     if crops:
         common.update(crop_margin=cfg.crop_margin, output_size=cfg.crop_size)
     train = SequenceDataset(
-        train_uids, cache, labels, mode="train", samples_per_study=cfg.samples_per_study,
-        positive_bias=cfg.positive_window_bias, augment=True, positive_labels=positive, **common,
+        train_uids,
+        cache,
+        labels,
+        mode="train",
+        samples_per_study=cfg.samples_per_study,
+        positive_bias=cfg.positive_window_bias,
+        augment=True,
+        positive_labels=positive,
+        **common,
     )
     valid = SequenceDataset(valid_uids, cache, labels, mode="infer", stride=cfg.infer_stride, **common)
     return train, valid
@@ -170,8 +181,13 @@ def _init_encoder(model: nn.Module, cfg: FractureTrainConfig) -> None:
 
 
 def predict_sequences(
-    models: list[nn.Module], dataset: SequenceDataset, device: torch.device, batch_size: int, num_workers: int = 0,
-    desc: str = "windows", amp: bool = True,
+    models: list[nn.Module],
+    dataset: SequenceDataset,
+    device: torch.device,
+    batch_size: int,
+    num_workers: int = 0,
+    desc: str = "windows",
+    amp: bool = True,
 ) -> dict[str, np.ndarray]:
     """Overlapping windows through every model, averaged over models and windows -> per-slice probabilities."""
     loader = DataLoader(dataset, batch_size=batch_size, num_workers=num_workers, shuffle=False)

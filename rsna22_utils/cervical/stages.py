@@ -30,7 +30,12 @@ STAGES: tuple[Stage, ...] = tuple(
         Stage("04_infer_vertebra", configs.VertebraInferConfig, f"{_PACKAGE}.sequence:infer_vertebra"),
         Stage("05_train_fracture", configs.FractureTrainConfig, f"{_PACKAGE}.sequence:train_fracture", per_fold=True, trains=True),
         Stage(
-            "06_train_study", configs.StudyTrainConfig, f"{_PACKAGE}.study:train_study", per_fold=True, trains=True, submission=True,
+            "06_train_study",
+            configs.StudyTrainConfig,
+            f"{_PACKAGE}.study:train_study",
+            per_fold=True,
+            trains=True,
+            submission=True,
             older_run_defaults={"slice_evidence": False},  # runs from before the stage-05 evidence hold no evidence layers
         ),
         Stage("07_inference", configs.SubmissionConfig, f"{_PACKAGE}.submission:predict_submission", kaggle_internet=False),

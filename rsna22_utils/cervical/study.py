@@ -68,7 +68,9 @@ def pad_collate(items: list[dict[str, torch.Tensor]]) -> dict[str, torch.Tensor]
     for key in items[0]:
         values = [item[key] for item in items]
         if key in ("embeddings", "mask"):
-            values = [torch.nn.functional.pad(v, (0, 0, 0, length - v.shape[0]) if v.dim() == 2 else (0, length - v.shape[0])) for v in values]
+            values = [
+                torch.nn.functional.pad(v, (0, 0, 0, length - v.shape[0]) if v.dim() == 2 else (0, length - v.shape[0])) for v in values
+            ]
         batch[key] = torch.stack(values)
     return batch
 
@@ -108,7 +110,9 @@ def train_study(cfg: StudyTrainConfig) -> dict:
         raise ValueError(f"{fracture_run}: trained for fold {fracture_cfg.fold}, not fold {cfg.fold}: its CNN has seen this fold")
     # the study model sees images exactly as stage 05 did, and its config.json alone rebuilds it (07_inference)
     cfg = with_derived(
-        cfg, **cache_settings, **{name: getattr(fracture_cfg, name) for name in SETTINGS_FROM_FRACTURE_RUN},
+        cfg,
+        **cache_settings,
+        **{name: getattr(fracture_cfg, name) for name in SETTINGS_FROM_FRACTURE_RUN},
         fracture_lstm_hidden=int(fracture_cfg.lstm_hidden),
     )
 

@@ -64,8 +64,13 @@ def study_box_from_slices(
     x0, y0 = np.quantile(chosen[:, 0], quantile), np.quantile(chosen[:, 1], quantile)
     x1, y1 = np.quantile(chosen[:, 2], 1 - quantile), np.quantile(chosen[:, 3], 1 - quantile)
     return {
-        "x0": float(x0), "y0": float(y0), "x1": float(x1), "y1": float(y1),
-        "slnum_from": int(slice_index[run[0]]), "slnum_to": int(slice_index[run[1]]), "slnum_max": int(len(slice_index)),
+        "x0": float(x0),
+        "y0": float(y0),
+        "x1": float(x1),
+        "y1": float(y1),
+        "slnum_from": int(slice_index[run[0]]),
+        "slnum_to": int(slice_index[run[1]]),
+        "slnum_max": int(len(slice_index)),
     }
 
 
@@ -86,7 +91,7 @@ def box_iou(a: np.ndarray, b: np.ndarray) -> np.ndarray:
     iw = np.clip(np.minimum(a[:, 2], b[:, 2]) - np.maximum(a[:, 0], b[:, 0]), 0, None)
     ih = np.clip(np.minimum(a[:, 3], b[:, 3]) - np.maximum(a[:, 1], b[:, 1]), 0, None)
     inter = iw * ih
-    area = lambda box: (box[:, 2] - box[:, 0]) * (box[:, 3] - box[:, 1])  # noqa: E731
+    area = lambda box: (box[:, 2] - box[:, 0]) * (box[:, 3] - box[:, 1])
     return inter / np.maximum(area(a) + area(b) - inter, 1e-9)
 
 
@@ -115,12 +120,21 @@ def predict_box_slices(
 
 
 def predict_study_box(
-    models: list[nn.Module], volume: np.ndarray, slices: pd.DataFrame, device: torch.device, batch_size: int,
-    threshold: float, smooth: int, amp: bool = True,
+    models: list[nn.Module],
+    volume: np.ndarray,
+    slices: pd.DataFrame,
+    device: torch.device,
+    batch_size: int,
+    threshold: float,
+    smooth: int,
+    amp: bool = True,
 ) -> dict[str, float]:
     """Box models on every slice of one encoded study (mean) -> its box in original pixels + slice range."""
     n = volume.shape[0]
-    batches = ((np.arange(start, min(start + batch_size, n)), images_to_tensor(volume[start : start + batch_size], device)) for start in range(0, n, batch_size))
+    batches = (
+        (np.arange(start, min(start + batch_size, n)), images_to_tensor(volume[start : start + batch_size], device))
+        for start in range(0, n, batch_size)
+    )
     p_box, boxes = predict_box_slices(models, batches, n, device, amp)
     rows, cols = float(slices["rows"].iloc[0]), float(slices["cols"].iloc[0])
     boxes = boxes * np.array([cols, rows, cols, rows])  # fractions -> original pixels

@@ -56,8 +56,13 @@ logger = logging.getLogger(__name__)
 #: train.csv. Source: rsna-2022-cervical-spine-fracture-detection/train.csv.
 TRAIN_PREVALENCE: dict[str, float] = {
     "patient_overall": 961 / 2019,
-    "C1": 146 / 2019, "C2": 285 / 2019, "C3": 73 / 2019, "C4": 108 / 2019,
-    "C5": 162 / 2019, "C6": 277 / 2019, "C7": 393 / 2019,
+    "C1": 146 / 2019,
+    "C2": 285 / 2019,
+    "C3": 73 / 2019,
+    "C4": 108 / 2019,
+    "C5": 162 / 2019,
+    "C6": 277 / 2019,
+    "C7": 393 / 2019,
 }
 PROBABILITY_CLIP = 1e-6  # submitted values lie in [clip, 1 - clip], strictly inside (0, 1)
 
@@ -129,7 +134,9 @@ def load_study_models(weights_dir: str | Path, device: torch.device) -> list[Stu
 def load_ensemble(weights_dir: str | Path, device: torch.device) -> Ensemble:
     """Box and study models of a weights folder (`runs/` locally, the weights dataset on Kaggle)."""
     box, study = load_box_models(weights_dir, device), load_study_models(weights_dir, device)
-    logger.info("loaded %d box models (%s) and %d study models from %s on %s", len(box.models), box.spec.name, len(study), weights_dir, device)
+    logger.info(
+        "loaded %d box models (%s) and %d study models from %s on %s", len(box.models), box.spec.name, len(study), weights_dir, device
+    )
     return Ensemble(box, study, device)
 
 
@@ -162,7 +169,7 @@ def decode_study(uid: str, study_dir: Path, specs: list[CacheSpec], backend: str
         result.volumes = {spec.name: encode_study(volume, spec) for spec in specs}
         result.slices = table.reset_index(drop=True).assign(slice_index=np.arange(len(table)))
         result.decode_s, result.encode_s = t1 - t0, time.perf_counter() - t1
-    except Exception as error:  # noqa: BLE001 - reported as this study's fallback reason
+    except Exception as error:  # reported as this study's fallback reason
         result.error = f"{type(error).__name__}: {error}"
     return result
 
@@ -224,8 +231,14 @@ def predict_study(ensemble: Ensemble, study: DecodedStudy, cfg: SubmissionConfig
     """Box -> crops -> every study model (mean of probabilities) for one decoded study; TARGETS order."""
     device = ensemble.device
     study_box = predict_study_box(
-        ensemble.box.models, study.volumes[ensemble.box.spec.name], study.slices, device, cfg.box_batch_size,
-        cfg.has_box_threshold, cfg.box_smooth, cfg.amp,
+        ensemble.box.models,
+        study.volumes[ensemble.box.spec.name],
+        study.slices,
+        device,
+        cfg.box_batch_size,
+        cfg.has_box_threshold,
+        cfg.box_smooth,
+        cfg.amp,
     )
     outputs = []
     with torch.inference_mode(), autocast(device, cfg.amp):
@@ -290,7 +303,7 @@ def train_prevalence(data_dir: str | Path) -> dict[str, float]:
         try:
             labels = pd.read_csv(path)
             return {t: float(labels[t].mean()) for t in TARGETS}
-        except Exception as error:  # noqa: BLE001 - the constants are a fine fallback
+        except Exception as error:  # the constants are a fine fallback
             logger.warning("%s: cannot read prevalences (%s); using the competition's", path, error)
     return dict(TRAIN_PREVALENCE)
 
@@ -321,7 +334,9 @@ def submission_rows(test: pd.DataFrame, predictions: dict[str, np.ndarray], prio
     return pd.DataFrame({"row_id": test["row_id"].to_numpy(), "fractured": values})
 
 
-def iter_studies(uids: list[str], images_dir: Path, specs: list[CacheSpec], num_workers: int, backend: str = "auto") -> Iterator[DecodedStudy]:
+def iter_studies(
+    uids: list[str], images_dir: Path, specs: list[CacheSpec], num_workers: int, backend: str = "auto"
+) -> Iterator[DecodedStudy]:
     """Decoded studies in `uids` order; a loader that breaks down goes on decoding in this process."""
     done = 0
     try:
@@ -330,8 +345,10 @@ def iter_studies(uids: list[str], images_dir: Path, specs: list[CacheSpec], num_
             yield item
     except GeneratorExit:
         raise
-    except Exception as error:  # noqa: BLE001 - e.g. a worker killed for memory: decode the rest here
-        logger.warning("study loader failed after %d studies (%s: %s); decoding the rest in the main process", done, type(error).__name__, error)
+    except Exception as error:  # e.g. a worker killed for memory: decode the rest here
+        logger.warning(
+            "study loader failed after %d studies (%s: %s); decoding the rest in the main process", done, type(error).__name__, error
+        )
         for uid in uids[done:]:
             yield decode_study(uid, images_dir / uid, specs, backend)
 
@@ -361,8 +378,10 @@ def predict_submission(cfg: Any) -> pd.DataFrame:
     if present:
         try:
             ensemble = load_ensemble(cfg.weights_dir, resolve_device(cfg.device))
-        except Exception as error:  # noqa: BLE001 - a submission of priors beats none
-            logger.error("cannot load the models from %s (%s: %s): every study gets the prior", cfg.weights_dir, type(error).__name__, error)
+        except Exception as error:  # a submission of priors beats none
+            logger.error(
+                "cannot load the models from %s (%s: %s): every study gets the prior", cfg.weights_dir, type(error).__name__, error
+            )
             fallbacks.update({uid: "models not loaded" for uid in present})
     if ensemble is not None:
         budget = TimeBudget(cfg.time_budget_hours * 3600.0, len(present), start=started)
@@ -380,7 +399,7 @@ def predict_submission(cfg: Any) -> pd.DataFrame:
                     raise RuntimeError(study.error)
                 model = ensemble if mode == "full" else reduced
                 predictions[study.uid] = predict_study(model, study, cfg, flip=cfg.tta_flip and mode == "full")
-            except Exception as error:  # noqa: BLE001 - this study gets the prior, the others go on
+            except Exception as error:  # this study gets the prior, the others go on
                 fallbacks[study.uid] = str(error).splitlines()[0] if str(error) else type(error).__name__
                 logger.warning("study %s: %s -> prior", study.uid, fallbacks[study.uid])
             now = time.perf_counter()
@@ -401,7 +420,12 @@ def predict_submission(cfg: Any) -> pd.DataFrame:
     seconds = time.perf_counter() - started
     logger.info(
         "submission of %d rows written to %s in %.1f s: %d studies predicted, %d prior (%s)",
-        len(submission), out, seconds, len(predictions), len(fallbacks), ", ".join(sorted(set(fallbacks.values())))[:200] or "none",
+        len(submission),
+        out,
+        seconds,
+        len(predictions),
+        len(fallbacks),
+        ", ".join(sorted(set(fallbacks.values())))[:200] or "none",
     )
     submission.attrs.update(predicted=len(predictions), fallbacks=fallbacks, seconds=seconds)
     return submission

@@ -186,8 +186,7 @@ class SliceWriter:
         hu = np.asarray(hu)
         if hu.shape != self.shape:
             raise ValueError(f"{path}: expected a 2-D HU slice of shape {self.shape}, got {hu.shape}")
-        stored = hu_to_stored(hu, intercept=self.intercept, slope=self.slope, bits_stored=self.bits_stored,
-                              signed=self.signed)
+        stored = hu_to_stored(hu, intercept=self.intercept, slope=self.slope, bits_stored=self.bits_stored, signed=self.signed)
         ds, ts = self.ds, self.transfer_syntax
         ds.file_meta.TransferSyntaxUID = IMPLICIT_LE if ts == IMPLICIT_LE else EXPLICIT_LE
         ds.file_meta.MediaStorageSOPInstanceUID = sop_uid
@@ -244,10 +243,20 @@ def write_dicom_slice(
         raise ValueError(f"{path}: expected a 2-D HU slice, got shape {hu.shape}")
     try:
         writer = SliceWriter(
-            transfer_syntax=transfer_syntax, study_uid=study_uid, series_uid=series_uid, rows=hu.shape[0],
-            cols=hu.shape[1], pixel_spacing=pixel_spacing, slice_thickness=slice_thickness, signed=signed,
-            bits_stored=bits_stored, rescale_intercept=rescale_intercept, rescale_slope=rescale_slope,
-            padding_value=padding_value, x=x, y=y,
+            transfer_syntax=transfer_syntax,
+            study_uid=study_uid,
+            series_uid=series_uid,
+            rows=hu.shape[0],
+            cols=hu.shape[1],
+            pixel_spacing=pixel_spacing,
+            slice_thickness=slice_thickness,
+            signed=signed,
+            bits_stored=bits_stored,
+            rescale_intercept=rescale_intercept,
+            rescale_slope=rescale_slope,
+            padding_value=padding_value,
+            x=x,
+            y=y,
         )
     except ValueError as error:
         raise ValueError(f"{path}: {error}") from error
@@ -259,7 +268,13 @@ def write_dicom_slice(
 # Source: ../shared/realdata/rsna2022/csv/train.csv (2019 studies), computed once.
 REAL_PREVALENCE: dict[str, float] = {
     "patient_overall": 0.476,
-    "C1": 0.0723, "C2": 0.1412, "C3": 0.0362, "C4": 0.0535, "C5": 0.0802, "C6": 0.1372, "C7": 0.1947,
+    "C1": 0.0723,
+    "C2": 0.1412,
+    "C3": 0.0362,
+    "C4": 0.0535,
+    "C5": 0.0802,
+    "C6": 0.1372,
+    "C7": 0.1947,
 }
 # Same source: number of fractured vertebrae among the 961 fractured studies.
 REAL_FRACTURE_COUNTS: dict[int, int] = {1: 623, 2: 239, 3: 64, 4: 26, 5: 7, 6: 2}
@@ -276,8 +291,13 @@ UID_ROOT = "1.2.826.0.1.3680043"
 
 # Per-study header mix: transfer syntax weights (real train is mostly JPEG Lossless .70 and Explicit LE).
 SYNTAX_WEIGHTS: dict[str, float] = {
-    EXPLICIT_LE: 0.35, IMPLICIT_LE: 0.20, JPEG_LOSSLESS_70: 0.30, JPEG_LOSSLESS_57: 0.05,
-    JPEG_LS_LOSSLESS: 0.04, JPEG2000_LOSSLESS: 0.03, RLE_LOSSLESS: 0.03,
+    EXPLICIT_LE: 0.35,
+    IMPLICIT_LE: 0.20,
+    JPEG_LOSSLESS_70: 0.30,
+    JPEG_LOSSLESS_57: 0.05,
+    JPEG_LS_LOSSLESS: 0.04,
+    JPEG2000_LOSSLESS: 0.03,
+    RLE_LOSSLESS: 0.03,
 }
 
 
@@ -401,9 +421,7 @@ def _vertebra_extents(rng: np.random.Generator, n: int) -> tuple[list[tuple[int,
     return extents, overlaps
 
 
-def make_study_spec(
-    seed: int, index: int, *, uid: str, split: str, image_size: int, median_slices: int, segmented: bool
-) -> StudySpec:
+def make_study_spec(seed: int, index: int, *, uid: str, split: str, image_size: int, median_slices: int, segmented: bool) -> StudySpec:
     """Draw one study's labels, geometry, headers and fractures from rng(seed, index)."""
     rng = np.random.default_rng([seed, index])
     labels = sample_study_labels(rng)
@@ -414,8 +432,11 @@ def make_study_spec(
     kind = rng.random()
     signed, bits, padding = (False, 12, None) if kind < 0.2 else (True, 16, -2000 if kind < 0.45 else None)
     z_falling = bool(rng.random() < REAL_Z_FALLING)
-    pinned = {0: (JPEG_LOSSLESS_70, False, 12, None, True), 1: (EXPLICIT_LE, True, 16, None, False),
-              2: (IMPLICIT_LE, True, 16, -2000, True)}
+    pinned = {
+        0: (JPEG_LOSSLESS_70, False, 12, None, True),
+        1: (EXPLICIT_LE, True, 16, None, False),
+        2: (IMPLICIT_LE, True, 16, -2000, True),
+    }
     if index in pinned:
         syntax, signed, bits, padding, z_falling = pinned[index]
     ps512 = float(np.clip(rng.normal(0.30, 0.04), 0.22, 0.40))
@@ -439,22 +460,47 @@ def make_study_spec(
         lo_, hi_ = a, b
         length = max(2, int(round(rng.uniform(0.8, 1.0) * (hi_ - lo_ + 1))))
         f0 = int(rng.integers(lo_, max(lo_, hi_ - length + 1) + 1))
-        fractures.append(Fracture(
-            label=int(v + 1), kind=kind_, first=f0, last=min(hi_, f0 + length - 1),
-            angle=float(rng.uniform(0, np.pi)), offset=(float(rng.uniform(-0.3, 0.3)), float(rng.uniform(-0.3, 0.3))),
-            side=float(rng.choice([-1, 1]) * rng.uniform(0.35, 1.2)),
-        ))
+        fractures.append(
+            Fracture(
+                label=int(v + 1),
+                kind=kind_,
+                first=f0,
+                last=min(hi_, f0 + length - 1),
+                angle=float(rng.uniform(0, np.pi)),
+                offset=(float(rng.uniform(-0.3, 0.3)), float(rng.uniform(-0.3, 0.3))),
+                side=float(rng.choice([-1, 1]) * rng.uniform(0.35, 1.2)),
+            )
+        )
     return StudySpec(
-        index=index, uid=uid, split=split, labels=labels, n_slices=n, image_size=image_size,
-        z_falling=z_falling, z_top=round(float(rng.uniform(-50, 450)), 3), slice_step=step,
-        slice_thickness=step, pixel_spacing=pixel_spacing,
-        origin_xy=(round(-image_size * pixel_spacing / 2 + rng.normal(0, 10), 3),
-                   round(-image_size * pixel_spacing / 2 + rng.normal(0, 10), 3)),
-        transfer_syntax=syntax, signed=signed, bits_stored=bits, padding_value=padding, segmented=segmented,
-        scale=scale, extents=extents, overlaps=overlaps,
+        index=index,
+        uid=uid,
+        split=split,
+        labels=labels,
+        n_slices=n,
+        image_size=image_size,
+        z_falling=z_falling,
+        z_top=round(float(rng.uniform(-50, 450)), 3),
+        slice_step=step,
+        slice_thickness=step,
+        pixel_spacing=pixel_spacing,
+        origin_xy=(
+            round(-image_size * pixel_spacing / 2 + rng.normal(0, 10), 3),
+            round(-image_size * pixel_spacing / 2 + rng.normal(0, 10), 3),
+        ),
+        transfer_syntax=syntax,
+        signed=signed,
+        bits_stored=bits,
+        padding_value=padding,
+        segmented=segmented,
+        scale=scale,
+        extents=extents,
+        overlaps=overlaps,
         centre=(image_size / 2 + rng.normal(0, 2) * scale, image_size * 0.52 + rng.normal(0, 2) * scale),
-        drift=(float(rng.normal(0, 3)), float(rng.normal(0, 2))), lordosis=float(rng.uniform(2, 6)),
-        rotation=float(rng.normal(0, 0.08)), noise=float(rng.uniform(12, 25)), fractures=fractures,
+        drift=(float(rng.normal(0, 3)), float(rng.normal(0, 2))),
+        lordosis=float(rng.uniform(2, 6)),
+        rotation=float(rng.normal(0, 0.08)),
+        noise=float(rng.uniform(12, 25)),
+        fractures=fractures,
         seed=(seed, index),
     )
 
@@ -679,10 +725,15 @@ def nifti_from_labels(labels: np.ndarray, spec: StudySpec) -> nib.Nifti1Image:
 
     data = np.ascontiguousarray(labels.transpose(2, 1, 0)[:, ::-1, ::-1]).astype(np.uint8)
     z_min = float(spec.z(spec.n_slices - 1))
-    affine = np.array([
-        [-spec.pixel_spacing, 0, 0, 0], [0, -spec.pixel_spacing, 0, 0],
-        [0, 0, spec.slice_step, z_min], [0, 0, 0, 1],
-    ], dtype=np.float64)
+    affine = np.array(
+        [
+            [-spec.pixel_spacing, 0, 0, 0],
+            [0, -spec.pixel_spacing, 0, 0],
+            [0, 0, spec.slice_step, z_min],
+            [0, 0, 0, 1],
+        ],
+        dtype=np.float64,
+    )
     image = nib.Nifti1Image(data, affine)
     image.header.set_data_dtype(np.uint8)
     image.header.set_qform(affine, code=1)
@@ -697,37 +748,63 @@ def write_study(spec: StudySpec, out: Path) -> dict:
     hu, labels, boxes = render_study(spec)
     folder = out / f"{spec.split}_images" / spec.uid
     writer = SliceWriter(
-        transfer_syntax=spec.transfer_syntax, study_uid=spec.uid, series_uid=spec.series_uid,
-        rows=spec.image_size, cols=spec.image_size, pixel_spacing=(spec.pixel_spacing, spec.pixel_spacing),
-        slice_thickness=spec.slice_thickness, signed=spec.signed, bits_stored=spec.bits_stored,
-        padding_value=spec.padding_value, x=spec.origin_xy[0], y=spec.origin_xy[1],
+        transfer_syntax=spec.transfer_syntax,
+        study_uid=spec.uid,
+        series_uid=spec.series_uid,
+        rows=spec.image_size,
+        cols=spec.image_size,
+        pixel_spacing=(spec.pixel_spacing, spec.pixel_spacing),
+        slice_thickness=spec.slice_thickness,
+        signed=spec.signed,
+        bits_stored=spec.bits_stored,
+        padding_value=spec.padding_value,
+        x=spec.origin_xy[0],
+        y=spec.origin_xy[1],
     )
     for i in range(spec.n_slices):
         number = int(spec.slice_number(i))
-        writer.write(folder / f"{number}.dcm", hu[i], sop_uid=f"{spec.series_uid}.{number}",
-                     instance_number=number, z=float(spec.z(i)))
+        writer.write(folder / f"{number}.dcm", hu[i], sop_uid=f"{spec.series_uid}.{number}", instance_number=number, z=float(spec.z(i)))
     if spec.segmented:
         nib.save(nifti_from_labels(labels, spec), str(out / "segmentations" / f"{spec.uid}.nii"))
     cervical = (labels >= 1) & (labels <= 7)
     on_slice = cervical.any(axis=(1, 2))
     cols_any, rows_any = cervical.any(axis=(0, 1)), cervical.any(axis=(0, 2))
     row = {
-        "StudyInstanceUID": spec.uid, "split": spec.split, "n_slices": spec.n_slices,
-        "z_direction": "falling" if spec.z_falling else "rising", "transfer_syntax": spec.transfer_syntax,
-        "image_size": spec.image_size, "pixel_spacing": spec.pixel_spacing, "slice_thickness": spec.slice_thickness,
-        "z_top": spec.z_top, "bits_stored": spec.bits_stored, "signed": int(spec.signed),
-        "padding_value": spec.padding_value, "segmented": int(spec.segmented),
-        "x0": int(np.argmax(cols_any)), "y0": int(np.argmax(rows_any)),
-        "x1": int(len(cols_any) - np.argmax(cols_any[::-1])), "y1": int(len(rows_any) - np.argmax(rows_any[::-1])),
-        "slnum_from": int(np.argmax(on_slice)), "slnum_to": int(len(on_slice) - 1 - np.argmax(on_slice[::-1])),
+        "StudyInstanceUID": spec.uid,
+        "split": spec.split,
+        "n_slices": spec.n_slices,
+        "z_direction": "falling" if spec.z_falling else "rising",
+        "transfer_syntax": spec.transfer_syntax,
+        "image_size": spec.image_size,
+        "pixel_spacing": spec.pixel_spacing,
+        "slice_thickness": spec.slice_thickness,
+        "z_top": spec.z_top,
+        "bits_stored": spec.bits_stored,
+        "signed": int(spec.signed),
+        "padding_value": spec.padding_value,
+        "segmented": int(spec.segmented),
+        "x0": int(np.argmax(cols_any)),
+        "y0": int(np.argmax(rows_any)),
+        "x1": int(len(cols_any) - np.argmax(cols_any[::-1])),
+        "y1": int(len(rows_any) - np.argmax(rows_any[::-1])),
+        "slnum_from": int(np.argmax(on_slice)),
+        "slnum_to": int(len(on_slice) - 1 - np.argmax(on_slice[::-1])),
     }
     for k, v in enumerate(VERTEBRAE, start=1):
         present = np.flatnonzero((labels == k).any(axis=(1, 2)))
         row[f"{v}_from"] = int(present[0]) if len(present) else -1
         row[f"{v}_to"] = int(present[-1]) if len(present) else -1
     box_rows = [
-        {"StudyInstanceUID": spec.uid, "x": round(x, 5), "y": round(y, 5), "width": round(w, 5), "height": round(h, 5),
-         "slice_number": int(spec.slice_number(i)), "vertebra": f"C{label}", "slice_index": i}
+        {
+            "StudyInstanceUID": spec.uid,
+            "x": round(x, 5),
+            "y": round(y, 5),
+            "width": round(w, 5),
+            "height": round(h, 5),
+            "slice_number": int(spec.slice_number(i)),
+            "vertebra": f"C{label}",
+            "slice_index": i,
+        }
         for i, label, x, y, w, h in boxes
     ]
     return {"row": row, "boxes": box_rows}
@@ -757,8 +834,13 @@ def competition_specs(
     segmented = set(rng.choice(n_studies, size=n_seg, replace=False).tolist()) if n_seg else set()
     return [
         make_study_spec(
-            seed, k, uid=uids[k], split="train" if k < n_studies else "test", image_size=image_size,
-            median_slices=median, segmented=k in segmented,
+            seed,
+            k,
+            uid=uids[k],
+            split="train" if k < n_studies else "test",
+            image_size=image_size,
+            median_slices=median,
+            segmented=k in segmented,
         )
         for k in range(n_studies + n_test)
     ]
@@ -796,8 +878,14 @@ def generate_competition(
     for sub in ("train_images", "test_images", "segmentations", "_synthetic"):
         (out / sub).mkdir(parents=True, exist_ok=True)
     workers = workers or os.cpu_count() or 1
-    logger.info("writing %d train + %d test synthetic studies (%d px) to %s with %d workers",
-                n_studies, len(specs) - n_studies, image_size, out, workers)
+    logger.info(
+        "writing %d train + %d test synthetic studies (%d px) to %s with %d workers",
+        n_studies,
+        len(specs) - n_studies,
+        image_size,
+        out,
+        workers,
+    )
     results: list[dict] = []
     if workers == 1:
         results = [write_study(spec, out) for spec in tqdm(specs, desc="synth studies", unit="study")]
@@ -809,32 +897,46 @@ def generate_competition(
     label_cols = list(LABEL_COLUMNS)
     train = [s for s in specs if s.split == "train"]
     test = [s for s in specs if s.split == "test"]
+
     def frame(group: list[StudySpec]) -> pd.DataFrame:
         return pd.DataFrame([[s.uid, *map(int, s.labels)] for s in group], columns=["StudyInstanceUID", *label_cols])
 
     frame(train).to_csv(out / "train.csv", index=False)
     frame(test).to_csv(out / "_synthetic" / "test_labels.csv", index=False)
-    boxes = pd.DataFrame([b for r in results for b in r["boxes"]],
-                         columns=["StudyInstanceUID", "x", "y", "width", "height", "slice_number", "vertebra", "slice_index"])
+    boxes = pd.DataFrame(
+        [b for r in results for b in r["boxes"]],
+        columns=["StudyInstanceUID", "x", "y", "width", "height", "slice_number", "vertebra", "slice_index"],
+    )
     train_uids = {s.uid for s in train}
     boxes.to_csv(out / "_synthetic" / "boxes.csv", index=False)
     kaggle_boxes = boxes[boxes.StudyInstanceUID.isin(train_uids)]
-    kaggle_boxes[["StudyInstanceUID", "x", "y", "width", "height", "slice_number"]].to_csv(
-        out / "train_bounding_boxes.csv", index=False)
+    kaggle_boxes[["StudyInstanceUID", "x", "y", "width", "height", "slice_number"]].to_csv(out / "train_bounding_boxes.csv", index=False)
     types = [*VERTEBRAE, "patient_overall"]
     rows = [(f"{s.uid}_{t}", s.uid, t) for s in test for t in types]
     pd.DataFrame(rows, columns=["row_id", "StudyInstanceUID", "prediction_type"]).to_csv(out / "test.csv", index=False)
     pd.DataFrame({"row_id": [r[0] for r in rows], "fractured": 0.5}).to_csv(out / "sample_submission.csv", index=False)
     pd.DataFrame([r["row"] for r in results]).to_csv(out / "_synthetic" / "studies.csv", index=False)
     params = {
-        "version": GENERATOR_VERSION, "n_studies": n_studies, "n_test_studies": len(test), "seed": seed,
-        "image_size": image_size, "median_slices": median_slices or default_median_slices(image_size),
-        "segmented_fraction": segmented_fraction, "workers": workers,
+        "version": GENERATOR_VERSION,
+        "n_studies": n_studies,
+        "n_test_studies": len(test),
+        "seed": seed,
+        "image_size": image_size,
+        "median_slices": median_slices or default_median_slices(image_size),
+        "segmented_fraction": segmented_fraction,
+        "workers": workers,
     }
     (out / "_synthetic" / "generator.json").write_text(json.dumps(params, indent=2) + "\n")
     n_files = sum(s.n_slices for s in specs)
-    logger.info("wrote %s: train.csv (%d studies), train_bounding_boxes.csv (%d rows), test.csv (%d rows), "
-                "sample_submission.csv, %d DICOMs in train_images/ and test_images/, %d segmentations/, "
-                "ground truth in _synthetic/", out, len(train), len(kaggle_boxes), len(rows), n_files,
-                sum(s.segmented for s in specs))
+    logger.info(
+        "wrote %s: train.csv (%d studies), train_bounding_boxes.csv (%d rows), test.csv (%d rows), "
+        "sample_submission.csv, %d DICOMs in train_images/ and test_images/, %d segmentations/, "
+        "ground truth in _synthetic/",
+        out,
+        len(train),
+        len(kaggle_boxes),
+        len(rows),
+        n_files,
+        sum(s.segmented for s in specs),
+    )
     return out

@@ -89,9 +89,7 @@ def _write_study(study_dir: Path, root: Path, spec: CacheSpec) -> str:
     return uid
 
 
-def build_cache(
-    study_dirs: list[Path], cache_dir: Path, spec: CacheSpec, workers: int | None = None
-) -> tuple[Path, list[tuple[str, str]]]:
+def build_cache(study_dirs: list[Path], cache_dir: Path, spec: CacheSpec, workers: int | None = None) -> tuple[Path, list[tuple[str, str]]]:
     """Decode every study once into `cache_dir/<spec.name>/`; returns (cache root, failures).
 
     Studies already cached are skipped (resumable); a study that fails is reported as
@@ -115,7 +113,7 @@ def build_cache(
             for future in tqdm(as_completed(futures), total=len(futures), desc="cache studies", unit="study"):
                 try:
                     future.result()
-                except Exception as error:  # noqa: BLE001 - reported, the build goes on
+                except Exception as error:  # reported, the build goes on
                     failures.append((str(futures[future]), f"{type(error).__name__}: {error}"))
                     logger.warning("could not cache %s: %s", futures[future], failures[-1][1])
     logger.info("study cache ready in %s (%d failures)", root, len(failures))

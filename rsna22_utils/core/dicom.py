@@ -270,7 +270,7 @@ def _read_pydicom(path: Path, pixels: bool = True, strict: bool = True) -> tuple
         raise DicomReadError(path, f"unreadable DICOM header: {type(e).__name__}: {e}") from None
     meta = getattr(ds, "file_meta", None)
     syntax = str(meta.get("TransferSyntaxUID", "")) if meta is not None else ""
-    get = lambda keyword: ds.get(keyword)  # noqa: E731
+    get = lambda keyword: ds.get(keyword)
     try:
         row = _header_row(path, get, syntax, strict)
     except DicomReadError as e:  # pydicom reads a cut-short header silently: say so when it looks like it

@@ -39,7 +39,6 @@ KERNEL_METADATA_DIR = REPO_ROOT / "kernel-metadata"
 PLACEHOLDER_OWNER = "YOUR_KAGGLE_USERNAME"
 
 
-
 def stage_names() -> list[str]:
     """Every stage of the registry, in order: one notebook and one kernel each."""
     from rsna22_utils.core.registry import stages
@@ -254,9 +253,7 @@ def build_utils_dataset(out_dir: Path, settings: KaggleSettings, root: Path = RE
     slug = settings.dataset_slug("utils")
     title = f"{settings.title_prefix} utils"
     (out / "README.md").write_text(
-        UTILS_README.format(
-            title=title, slug=slug, wheels_slug=settings.dataset_slug("wheels"), packages=" ".join(DEFAULT_WHEEL_PACKAGES)
-        )
+        UTILS_README.format(title=title, slug=slug, wheels_slug=settings.dataset_slug("wheels"), packages=" ".join(DEFAULT_WHEEL_PACKAGES))
     )
     meta = dataset_metadata(
         "utils",
@@ -366,12 +363,18 @@ def build_wheels_dataset(
     wheels = out / "wheels"
     wheels.mkdir()
     cmd = [
-        sys.executable, "-m", "pip", "download",
+        sys.executable,
+        "-m",
+        "pip",
+        "download",
         "--only-binary=:all:",
-        "--python-version", python_version,
-        "--platform", platform,
+        "--python-version",
+        python_version,
+        "--platform",
+        platform,
         "--disable-pip-version-check",
-        "-d", str(wheels),
+        "-d",
+        str(wheels),
     ]
     if no_deps:
         cmd.append("--no-deps")
@@ -383,17 +386,16 @@ def build_wheels_dataset(
         raise KaggleError(f"{wheels}: no wheels were downloaded for {list(packages)}")
     slug = settings.dataset_slug("wheels")
     install = f"pip install --no-index --find-links /kaggle/input/{slug}/wheels {' '.join(packages)}"
-    (out / "install.sh").write_text(f"#!/usr/bin/env bash\n# Offline install on Kaggle (add the {slug} dataset first)\nset -euo pipefail\n{install}\n")
+    (out / "install.sh").write_text(
+        f"#!/usr/bin/env bash\n# Offline install on Kaggle (add the {slug} dataset first)\nset -euo pipefail\n{install}\n"
+    )
     (out / "install.sh").chmod(0o755)
     meta = dataset_metadata(
         "wheels",
         settings,
         title=f"{settings.title_prefix} wheels",
         subtitle=f"Offline wheels (Python {python_version}) for DICOM decoding",
-        description=(
-            f"Wheels for {platform}, Python {python_version}: {', '.join(found) or '(none)'}.\n\n"
-            f"In a notebook: `!{install}`"
-        ),
+        description=(f"Wheels for {platform}, Python {python_version}: {', '.join(found) or '(none)'}.\n\nIn a notebook: `!{install}`"),
     )
     _write_json(out / "dataset-metadata.json", meta)
     logger.info("wrote wheels dataset %s (%d wheels)", out, len(found))
@@ -437,16 +439,16 @@ def kernel_metadata(stage: str, settings: KaggleSettings, gpu: bool = True, inte
     return meta
 
 
-def write_kernel_folders(
-    settings: KaggleSettings, stages: Iterable[str] | None = None, out_dir: Path = KERNEL_METADATA_DIR
-) -> list[Path]:
+def write_kernel_folders(settings: KaggleSettings, stages: Iterable[str] | None = None, out_dir: Path = KERNEL_METADATA_DIR) -> list[Path]:
     """Write `out_dir/<stage>/kernel-metadata.json` for each stage; return the folders.
 
     Also writes `out_dir/.gitignore` so notebooks copied in at push time are not committed.
     """
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
-    (out_dir / ".gitignore").write_text("# notebooks are copied here by `kaggle push-kernel`; the .ipynb in notebooks/ is the source\n*.ipynb\n")
+    (out_dir / ".gitignore").write_text(
+        "# notebooks are copied here by `kaggle push-kernel`; the .ipynb in notebooks/ is the source\n*.ipynb\n"
+    )
     folders = []
     for stage in stage_names() if stages is None else stages:
         folder = out_dir / stage
@@ -513,9 +515,7 @@ def kaggle_api() -> Any:
 
 def _check_owner(ref: str) -> None:
     if ref.startswith(PLACEHOLDER_OWNER + "/"):
-        raise KaggleError(
-            f"{ref}: owner is still the placeholder; set 'owner' in {SETTINGS_FILE.name} or export KAGGLE_USERNAME"
-        )
+        raise KaggleError(f"{ref}: owner is still the placeholder; set 'owner' in {SETTINGS_FILE.name} or export KAGGLE_USERNAME")
 
 
 def _http_status(exc: BaseException) -> int | None:
@@ -605,8 +605,11 @@ def _cmd_build_dataset(args: argparse.Namespace) -> int:
         build_weights_dataset(args.runs, out, settings)
     else:
         build_wheels_dataset(
-            out, settings, packages=args.packages or DEFAULT_WHEEL_PACKAGES,
-            python_version=args.python_version, platform=args.platform,
+            out,
+            settings,
+            packages=args.packages or DEFAULT_WHEEL_PACKAGES,
+            python_version=args.python_version,
+            platform=args.platform,
         )
     print(out)
     return 0

@@ -47,10 +47,7 @@ def _normalise_source(source: str | list[str]) -> str:
 
 def cell_signature(nb: Any) -> list[tuple[str, str, tuple[str, ...]]]:
     """(type, source, tags) of every cell: what must agree between the .py and the .ipynb."""
-    return [
-        (cell.cell_type, _normalise_source(cell.source), tuple(cell.get("metadata", {}).get("tags", ())))
-        for cell in nb.cells
-    ]
+    return [(cell.cell_type, _normalise_source(cell.source), tuple(cell.get("metadata", {}).get("tags", ()))) for cell in nb.cells]
 
 
 def _first_difference(a: list, b: list) -> str:

@@ -103,9 +103,7 @@ def _format_value(value: Any) -> str:
     return json.dumps(value)
 
 
-def torchrun_command(
-    stage: str, fold: int | None, seed: int | None, overrides: dict[str, Any] | None, nproc: int
-) -> list[str]:
+def torchrun_command(stage: str, fold: int | None, seed: int | None, overrides: dict[str, Any] | None, nproc: int) -> list[str]:
     """The `torch.distributed.run` command line that trains one fold x seed of `stage` on `nproc` GPUs."""
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", str(int(nproc))]
     cmd += ["-m", "rsna22_utils", "train", stage]
@@ -303,9 +301,7 @@ def _execute_torchrun(spec: _RunSpec, nproc: int, timeout: float | None, devices
         with open(log_path, "w") as log:
             proc = subprocess.run(cmd, cwd=REPO_ROOT, env=env, stdout=log, stderr=subprocess.STDOUT, timeout=timeout)
         if proc.returncode != 0:
-            raise RuntimeError(
-                f"exit code {proc.returncode}: {_last_line(log_path.read_text(errors='replace')) or 'no output'}"
-            )
+            raise RuntimeError(f"exit code {proc.returncode}: {_last_line(log_path.read_text(errors='replace')) or 'no output'}")
     except Exception as error:
         result.seconds = time.perf_counter() - start
         result.error = _error_line(error)
@@ -554,8 +550,7 @@ def add_commands(subparsers: Any) -> None:
     p = subparsers.add_parser(
         "run",
         help="execute a stage notebook per fold x seed with papermill (skips finished runs)",
-        description="Execute notebooks/STAGE.ipynb per fold x seed into WORK_DIR/STAGE/fold{f}-seed{s}/; "
-        "exit code 1 when any run failed.",
+        description="Execute notebooks/STAGE.ipynb per fold x seed into WORK_DIR/STAGE/fold{f}-seed{s}/; exit code 1 when any run failed.",
     )
     p.add_argument("stage", help="notebook stem, e.g. 01_train_box")
     p.add_argument("--folds", type=int, nargs="+", default=None, help="folds to run (default: one fold-less run)")

@@ -77,7 +77,7 @@ def scan_competition(data_dir: Path, out: Path, workers: int | None = None) -> l
             split, study_dir = futures[future]
             try:
                 tables.append(future.result())
-            except Exception as error:  # noqa: BLE001 - every failure is reported, the scan goes on
+            except Exception as error:  # every failure is reported, the scan goes on
                 failure = _failure(split, study_dir, error)
                 failures.append(failure)
                 logger.warning("skipped study %s/%s: %s %s", split, failure.study, failure.file, failure.reason)

@@ -286,7 +286,9 @@ def fit(
             dist.destroy_process_group()
 
 
-def _train(model, task, train_dataset, valid_dataset, cfg: TrainConfig, collate_fn, device: torch.device, procs: _Processes) -> dict[str, Any]:
+def _train(
+    model, task, train_dataset, valid_dataset, cfg: TrainConfig, collate_fn, device: torch.device, procs: _Processes
+) -> dict[str, Any]:
     """Set up, then epochs of train -> validate -> checkpoint, then the final outputs."""
     if not cfg.out_dir:
         raise ConfigError("cfg.out_dir is empty; build the config with resolve_config()")
@@ -308,9 +310,19 @@ def _train(model, task, train_dataset, valid_dataset, cfg: TrainConfig, collate_
         train_model = nn.parallel.DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
 
     t0 = time.time()
-    log("training %s: %d train / %d valid samples, %d epochs x %d steps, global batch %d = micro %d x accum %d x world %d, device %s",
-        cfg.stage, plan.n_train, plan.n_valid, cfg.epochs, plan.steps_per_epoch, cfg.batch_size, plan.micro, cfg.grad_accum,
-        procs.world_size, device)
+    log(
+        "training %s: %d train / %d valid samples, %d epochs x %d steps, global batch %d = micro %d x accum %d x world %d, device %s",
+        cfg.stage,
+        plan.n_train,
+        plan.n_valid,
+        cfg.epochs,
+        plan.steps_per_epoch,
+        cfg.batch_size,
+        plan.micro,
+        cfg.grad_accum,
+        procs.world_size,
+        device,
+    )
     for epoch in range(opt.start_epoch, cfg.epochs):
         train_sampler.set_epoch(epoch)
         batches = iter(loader(train_dataset, train_sampler, plan.micro, True, epoch))
@@ -328,8 +340,12 @@ def _train(model, task, train_dataset, valid_dataset, cfg: TrainConfig, collate_
             if improved:
                 best = {"epoch": epoch + 1, "value": entry.get(cfg.monitor)}
             history.append(entry)
-            log("epoch %d/%d: %s", epoch + 1, cfg.epochs,
-                ", ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in entry.items() if k != "epoch"))
+            log(
+                "epoch %d/%d: %s",
+                epoch + 1,
+                cfg.epochs,
+                ", ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in entry.items() if k != "epoch"),
+            )
         _checkpoint(model, opt, oof, improved, history, best, cfg, out, procs, epoch, opt.seconds_before + time.time() - t0)
     return _final_outputs(model, history, best, cfg, out, device, procs, plan)
 
@@ -339,8 +355,7 @@ def _plan(cfg: TrainConfig, procs: _Processes, n_train: int, n_valid: int) -> _P
     per_step = cfg.grad_accum * procs.world_size
     if cfg.batch_size % per_step:
         raise ConfigError(
-            f"batch_size={cfg.batch_size} (global) must be divisible by grad_accum * world_size = "
-            f"{cfg.grad_accum} * {procs.world_size}"
+            f"batch_size={cfg.batch_size} (global) must be divisible by grad_accum * world_size = {cfg.grad_accum} * {procs.world_size}"
         )
     micro = cfg.batch_size // per_step
     shard = math.ceil(n_train / procs.world_size) if procs.enabled else n_train  # DistributedSampler pads to equal shards
@@ -371,8 +386,14 @@ def _loader_factory(cfg: TrainConfig, procs: _Processes, collate_fn: Callable | 
 
     def loader(dataset: Dataset, sampler: Sampler, batch: int, drop_last: bool, epoch: int) -> DataLoader:
         return DataLoader(
-            dataset, batch_size=batch, sampler=sampler, drop_last=drop_last, num_workers=cfg.num_workers,
-            collate_fn=collate_fn, pin_memory=pin, worker_init_fn=_worker_init_fn,
+            dataset,
+            batch_size=batch,
+            sampler=sampler,
+            drop_last=drop_last,
+            num_workers=cfg.num_workers,
+            collate_fn=collate_fn,
+            pin_memory=pin,
+            worker_init_fn=_worker_init_fn,
             generator=torch.Generator().manual_seed(cfg.seed * 1000 + epoch * 10 + procs.rank),
             persistent_workers=False,
         )
@@ -419,8 +440,15 @@ def _resume(opt: _Optimisation, model: nn.Module, cfg: TrainConfig, ckpt_path: P
 
 
 def _train_epoch(
-    train_model: nn.Module, task: Task, batches: Iterator[Any], opt: _Optimisation, cfg: TrainConfig, plan: _Plan,
-    device: torch.device, procs: _Processes, epoch: int,
+    train_model: nn.Module,
+    task: Task,
+    batches: Iterator[Any],
+    opt: _Optimisation,
+    cfg: TrainConfig,
+    plan: _Plan,
+    device: torch.device,
+    procs: _Processes,
+    epoch: int,
 ) -> float:
     """One epoch of optimizer steps (accumulation micro-steps, DDP no_sync, clipping); returns the mean training loss."""
     train_model.train()
@@ -510,7 +538,19 @@ def _improved(entry: dict[str, Any], best: dict[str, Any] | None, cfg: TrainConf
     return _better(entry[cfg.monitor], best["value"] if best else None, cfg.monitor_mode)
 
 
-def _checkpoint(model, opt: _Optimisation, oof, improved: bool, history, best, cfg: TrainConfig, out: Path, procs: _Processes, epoch: int, seconds: float) -> None:
+def _checkpoint(
+    model,
+    opt: _Optimisation,
+    oof,
+    improved: bool,
+    history,
+    best,
+    cfg: TrainConfig,
+    out: Path,
+    procs: _Processes,
+    epoch: int,
+    seconds: float,
+) -> None:
     """Rank 0 writes the kept epoch's weights / OOF and an atomic checkpoint.pt holding every rank's RNG state."""
     rng_states: list[Any] = [_rng_state()]
     if procs.enabled:
@@ -521,16 +561,24 @@ def _checkpoint(model, opt: _Optimisation, oof, improved: bool, history, best, c
             _write_selected(model, oof, cfg, out)
         state = {
             "model": {k: v.detach().cpu() for k, v in unwrap(model).state_dict().items()},
-            "optimizer": opt.optimizer.state_dict(), "scheduler": opt.scheduler.state_dict(), "scaler": opt.scaler.state_dict(),
-            "epoch": epoch + 1, "history": history, "best": best, "rng": rng_states,
-            "seconds": seconds, "config": cfg.to_dict(),
+            "optimizer": opt.optimizer.state_dict(),
+            "scheduler": opt.scheduler.state_dict(),
+            "scaler": opt.scaler.state_dict(),
+            "epoch": epoch + 1,
+            "history": history,
+            "best": best,
+            "rng": rng_states,
+            "seconds": seconds,
+            "config": cfg.to_dict(),
         }
         ckpt_path = atomic_write(out / CHECKPOINT, lambda tmp: torch.save(state, tmp))
         logger.info("wrote checkpoint %s (epoch %d)", ckpt_path, epoch + 1)
     procs.barrier()
 
 
-def _final_outputs(model, history, best, cfg: TrainConfig, out: Path, device: torch.device, procs: _Processes, plan: _Plan) -> dict[str, Any]:
+def _final_outputs(
+    model, history, best, cfg: TrainConfig, out: Path, device: torch.device, procs: _Processes, plan: _Plan
+) -> dict[str, Any]:
     """history.csv, metrics.json and config.json of the run (rank 0); every rank returns metrics.json's dict."""
     result: dict[str, Any] = {}
     if procs.main:
@@ -538,11 +586,20 @@ def _final_outputs(model, history, best, cfg: TrainConfig, out: Path, device: to
             _write_selected(model, None, cfg, out)
         selected = next((h for h in history if best and h["epoch"] == best["epoch"]), history[-1] if history else {})
         result = {
-            "stage": cfg.stage, "fold": cfg.fold, "seed": cfg.seed, "save": cfg.save,
-            "monitor": cfg.monitor, "monitor_mode": cfg.monitor_mode, "epoch": selected.get("epoch", 0),
+            "stage": cfg.stage,
+            "fold": cfg.fold,
+            "seed": cfg.seed,
+            "save": cfg.save,
+            "monitor": cfg.monitor,
+            "monitor_mode": cfg.monitor_mode,
+            "epoch": selected.get("epoch", 0),
             "metrics": {k: v for k, v in selected.items() if k not in ("epoch", "lr", "seconds")},
-            "history": history, "n_train": plan.n_train, "n_valid": plan.n_valid, "seconds": history[-1]["seconds"] if history else 0.0,
-            "device": str(device), "world_size": procs.world_size,
+            "history": history,
+            "n_train": plan.n_train,
+            "n_valid": plan.n_valid,
+            "seconds": history[-1]["seconds"] if history else 0.0,
+            "device": str(device),
+            "world_size": procs.world_size,
         }
         hist_path = atomic_write(out / HISTORY, lambda tmp: pd.DataFrame(history).to_csv(tmp, index=False))
         logger.info("wrote history %s", hist_path)
