@@ -113,3 +113,20 @@ def test_spread_window_predictions_averages_overlaps() -> None:
 def test_cache_rejects_a_folder_that_is_not_a_cache(tmp_path: Path) -> None:
     with pytest.raises(FileNotFoundError, match="not a study cache"):
         StudyCache(tmp_path)
+
+
+def test_augmentation_follows_the_seeded_numpy_rng(tmp_path: Path) -> None:
+    """albumentations' own generator is reseeded from numpy's, so a run's seed fixes every augmentation."""
+    cache = make_cache(tmp_path, {"a": 40}, size=32)
+    volume = np.array(cache.volume("a"))
+    volume[:] = np.random.default_rng(1).integers(0, 255, volume.shape)  # texture, so a flip or shift shows
+    np.save(cache.root / "volumes" / "a.npy", volume)
+    cache = StudyCache(cache.root)
+    dataset = SequenceDataset(["a"], cache, {"a": np.zeros((40, 7), np.float32)}, seq_len=4, mode="train", augment=True)
+
+    def draw(seed: int) -> torch.Tensor:
+        np.random.seed(seed)
+        return torch.stack([dataset[0]["image"] for _ in range(6)])
+
+    assert torch.equal(draw(0), draw(0))
+    assert not torch.equal(draw(0), draw(1))

@@ -69,6 +69,17 @@ def _unit_range(pixels: torch.Tensor) -> torch.Tensor:
     return pixels.float().div_(127.5).sub_(1.0)
 
 
+def seeded(augment: A.Compose) -> A.Compose:
+    """The pipeline, reseeded from numpy's global RNG for one call.
+
+    albumentations draws from its own generator (seeded from the OS unless given a seed); reseeding
+    it from numpy's RNG, which the trainer seeds per run, per DataLoader worker and restores on
+    resume, makes every augmentation follow the run's seed.
+    """
+    augment.set_random_seed(int(np.random.randint(2**31)))
+    return augment
+
+
 def box_augmentation(image_size: int) -> A.Compose:
     """Mild geometric + intensity augmentation that keeps the box consistent with the image."""
     return A.Compose(
@@ -104,7 +115,7 @@ class BoxSliceDataset(Dataset):
         box = self.boxes[index] if has_box else np.zeros(4, np.float32)
         if self.augment is not None:
             boxes = [box.tolist()] if has_box else []
-            out = self.augment(image=image, bboxes=boxes, labels=[1] * len(boxes))
+            out = seeded(self.augment)(image=image, bboxes=boxes, labels=[1] * len(boxes))
             image = out["image"]
             if has_box and len(out["bboxes"]):
                 box = np.asarray(out["bboxes"][0], np.float32)
@@ -273,7 +284,7 @@ class SequenceDataset(Dataset):
             start = self._random_start(uid)
         images, mask = self.window(uid, start)
         if self.augment is not None:
-            out = self.augment(image=images[0], **{f"image{i}": images[i] for i in range(1, self.seq_len)})
+            out = seeded(self.augment)(image=images[0], **{f"image{i}": images[i] for i in range(1, self.seq_len)})
             images = np.stack([out["image"]] + [out[f"image{i}"] for i in range(1, self.seq_len)])
         item = {
             "image": torch.from_numpy(np.ascontiguousarray(images.transpose(0, 3, 1, 2))).float().div_(127.5).sub_(1.0),
