@@ -24,13 +24,10 @@ overrides = {}
 
 
 # %%
-try:
-    from rsna22_utils.core.notebooks import start_stage
-except ImportError:  # on Kaggle: the kit's utils dataset
-    import sys
+import sys
 
-    sys.path.insert(0, "/kaggle/input/rsna22-utils")
-    from rsna22_utils.core.notebooks import start_stage
+sys.path.insert(0, "/kaggle/input/rsna22-utils")  # on Kaggle the kit comes from its utils dataset
+from rsna22_utils.core.notebooks import start_stage
 
 session = start_stage("01_train_box", overrides, fold=fold, seed=seed)
 session.config
@@ -40,15 +37,12 @@ metrics = session.run()
 {k: v for k, v in metrics.items() if not isinstance(v, (list, dict))}
 
 # %%
-session.saved_config
-
-# %%
 from IPython.display import Image, display
 
 from rsna22_utils.cervical import qc
 from rsna22_utils.cervical.box import box_examples
+from rsna22_utils.cervical.qc import show_training_run
 
-out = session.out_dir
-display(Image(qc.plot_loss_curves({out.name: out / "history.csv"}, out / "loss.png")))
+show_training_run(session)  # the config the run saved (derived values included) and its loss curves
 images, predicted, true = box_examples(session.saved_config, n=8)
-display(Image(qc.draw_boxes_grid(images, predicted, true, out / "boxes.png")))
+display(Image(qc.draw_boxes_grid(images, predicted, true, session.out_dir / "boxes.png")))

@@ -22,13 +22,10 @@ overrides = {}
 
 
 # %%
-try:
-    from rsna22_utils.core.notebooks import start_stage
-except ImportError:  # on Kaggle: the kit's utils dataset
-    import sys
+import sys
 
-    sys.path.insert(0, "/kaggle/input/rsna22-utils")
-    from rsna22_utils.core.notebooks import start_stage
+sys.path.insert(0, "/kaggle/input/rsna22-utils")  # on Kaggle the kit comes from its utils dataset
+from rsna22_utils.core.notebooks import start_stage
 
 session = start_stage("02_infer_box", overrides)
 session.config

@@ -33,11 +33,8 @@ WHEELS = Path("/kaggle/input/rsna22-wheels/wheels")
 if WHEELS.is_dir():  # Kaggle, offline: the DICOM decoders from the wheels dataset
     wheels = [str(w) for w in sorted(WHEELS.glob("*.whl"))]
     subprocess.run([sys.executable, "-m", "pip", "install", "-q", "--no-index", "--find-links", str(WHEELS), *wheels], check=False)
-try:
-    from rsna22_utils.core.notebooks import start_stage
-except ImportError:  # on Kaggle: the kit's utils dataset
-    sys.path.insert(0, "/kaggle/input/rsna22-utils")
-    from rsna22_utils.core.notebooks import start_stage
+sys.path.insert(0, "/kaggle/input/rsna22-utils")  # on Kaggle the kit comes from its utils dataset
+from rsna22_utils.core.notebooks import start_stage
 
 session = start_stage("07_inference", overrides)
 session.config

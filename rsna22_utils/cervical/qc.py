@@ -13,6 +13,7 @@ import logging
 import re
 from collections.abc import Mapping, Sequence
 from pathlib import Path
+from typing import Any
 
 import matplotlib.pyplot as plt
 import numpy as np
@@ -366,3 +367,12 @@ def draw_boxes_grid(
     fig.suptitle(legend, fontsize=9)
     fig.tight_layout()
     return _save(fig, path, f"box grid of {n} image(s)")
+
+
+def show_training_run(session: Any) -> None:
+    """What a training stage's notebook shows after its run: the config the run saved and its loss curves."""
+    from IPython.display import Image, display
+
+    display(session.saved_config)
+    out = session.out_dir
+    display(Image(plot_loss_curves({out.name: out / "history.csv"}, out / "loss.png")))
