@@ -170,3 +170,21 @@ def test_the_submission_does_not_import_the_trainer() -> None:
         [sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, check=True, env={**os.environ, "PYTHONPATH": str(ROOT)}
     )
     assert out.stdout.strip() == "False"
+
+
+def test_a_training_stage_run_twice_gives_the_same_weights(tiny_pipeline: dict, tmp_path: Path) -> None:
+    """Every random number (initial weights, window choice, augmentation) follows the run's seed."""
+    import torch
+    from conftest import TINY_COMMON, TINY_STAGES, tiny_settings
+    from safetensors.torch import load_file
+
+    prepared = tiny_pipeline["work_dir"] / "00_prepare"
+    for stage in ("01_train_box", "03_train_vertebra"):
+        weights = []
+        for attempt in ("a", "b"):
+            settings = {**TINY_COMMON, **TINY_STAGES[stage], "work_dir": str(tmp_path / attempt), "prepared_dir": str(prepared)}
+            cfg = resolve_config(stage, tiny_settings(stage, settings))
+            execute(stage, cfg)
+            weights.append(load_file(str(Path(cfg.out_dir) / "model.safetensors")))
+        assert weights[0].keys() == weights[1].keys()
+        assert all(torch.equal(weights[0][k], weights[1][k]) for k in weights[0]), stage

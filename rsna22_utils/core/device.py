@@ -1,10 +1,12 @@
-"""Devices and mixed precision: one choice, used by training and inference alike."""
+"""Devices, mixed precision and random seeds: one choice each, used by training and inference alike."""
 
 from __future__ import annotations
 
 import contextlib
 import os
+import random
 
+import numpy as np
 import torch
 
 from rsna22_utils.core.config import ConfigError
@@ -41,3 +43,13 @@ def autocast(device: torch.device, enabled: bool = True) -> contextlib.AbstractC
     if dtype is None:
         return contextlib.nullcontext()
     return torch.autocast(device_type="cuda", dtype=dtype)
+
+
+def seed_everything(seed: int, deterministic: bool = True) -> None:
+    """Seed python, numpy and torch (all devices); make cuDNN deterministic so reruns match."""
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)
+    torch.cuda.manual_seed_all(seed)
+    torch.backends.cudnn.deterministic = deterministic
+    torch.backends.cudnn.benchmark = not deterministic

@@ -51,10 +51,14 @@ class Stage:
         return NOTEBOOKS_DIR / f"{self.name}.py"
 
     def run(self, cfg: Any) -> dict:
-        """Run the stage function on a resolved config."""
+        """Run the stage function on a resolved config, every random number generator seeded from the
+        run's seed first (networks are built before the trainer starts: their initial weights too)."""
+        from rsna22_utils.core.device import seed_everything
+
         module, _, name = self.function.partition(":")
         function: Callable[[Any], dict] = getattr(importlib.import_module(module), name)
         Path(cfg.out_dir).mkdir(parents=True, exist_ok=True)
+        seed_everything(getattr(cfg, "seed", 0))
         return function(cfg)
 
 

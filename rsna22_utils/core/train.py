@@ -38,7 +38,7 @@ from torch.utils.data import DataLoader, Dataset, Sampler
 from tqdm import tqdm  # text bars (not tqdm.auto): they stream through papermill to the runner's console
 
 from rsna22_utils.core.config import ConfigError, TrainConfig, config_diff, resolve_config, save_config
-from rsna22_utils.core.device import amp_dtype, resolve_device
+from rsna22_utils.core.device import amp_dtype, resolve_device, seed_everything
 from rsna22_utils.core.registry import CONFIG, WEIGHTS
 from rsna22_utils.core.runs import atomic_write, save_weights, unwrap
 
@@ -67,16 +67,6 @@ class Task(Protocol):
 
 
 # ----------------------------------------------------------------------------- small utilities
-
-
-def seed_everything(seed: int, deterministic: bool = True) -> None:
-    """Seed python, numpy and torch (all devices); make cuDNN deterministic so reruns match."""
-    random.seed(seed)
-    np.random.seed(seed % 2**32)
-    torch.manual_seed(seed)
-    torch.cuda.manual_seed_all(seed)
-    torch.backends.cudnn.deterministic = deterministic
-    torch.backends.cudnn.benchmark = not deterministic
 
 
 def _worker_init_fn(worker_id: int) -> None:
