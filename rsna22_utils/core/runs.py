@@ -6,8 +6,6 @@ Training and the submission load runs the same way, and neither needs the traine
 from __future__ import annotations
 
 import logging
-import os
-import tempfile
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -16,36 +14,11 @@ import torch
 from torch import nn
 
 from rsna22_utils.core.config import load_config
+from rsna22_utils.core.files import atomic_write
+from rsna22_utils.core.files import atomic_write_text as atomic_write_text  # re-exported (config.py)
 from rsna22_utils.core.registry import CONFIG, WEIGHTS
 
 logger = logging.getLogger(__name__)
-
-
-def _umask() -> int:
-    mask = os.umask(0)
-    os.umask(mask)
-    return mask
-
-
-def atomic_write(path: str | Path, write: Callable[[Path], None]) -> Path:
-    """Write through a temporary file in the same folder, then rename (never a half-written file)."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    os.close(fd)
-    try:
-        write(Path(tmp))
-        os.chmod(tmp, 0o666 & ~_umask())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-    return path
-
-
-def atomic_write_text(path: str | Path, text: str) -> Path:
-    """`atomic_write` of a text file."""
-    return atomic_write(path, lambda tmp: tmp.write_text(text))
 
 
 def unwrap(model: nn.Module) -> nn.Module:

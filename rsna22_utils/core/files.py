@@ -1,0 +1,51 @@
+"""Atomic file writes: a reader (or a crash) never sees a half-written file, and no temp file outlives an error.
+
+Kept free of heavy imports: scan and cache workers write through it without loading torch.
+"""
+
+from __future__ import annotations
+
+import os
+import tempfile
+from collections.abc import Callable
+from pathlib import Path
+
+TMP_SUFFIX = ".tmp"  # every temp file this module makes is `.<name>.<random>.tmp` beside its target
+
+
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
+def atomic_write(path: str | Path, write: Callable[[Path], None]) -> Path:
+    """Write through a temporary file in the same folder, then rename (never a half-written file).
+
+    The temp file is removed on any error (a full disk, an exception in `write`, Ctrl-C).
+    """
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=TMP_SUFFIX)
+    os.close(fd)
+    try:
+        write(Path(tmp))
+        os.chmod(tmp, 0o666 & ~_umask())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    return path
+
+
+def atomic_write_text(path: str | Path, text: str) -> Path:
+    """`atomic_write` of a text file."""
+    return atomic_write(path, lambda tmp: tmp.write_text(text))
+
+
+def remove_stale_temp_files(folder: str | Path, target_suffix: str) -> list[Path]:
+    """Delete `atomic_write` temp files of `*<target_suffix>` targets in `folder` (left by a killed process)."""
+    stale = sorted(Path(folder).glob(f".*{target_suffix}.*{TMP_SUFFIX}"))
+    for path in stale:
+        path.unlink(missing_ok=True)
+    return stale
