@@ -9,8 +9,9 @@ uint8, one channel per (center, width) window:
         volumes/<uid>.npy          uint8 (slices, image_size, image_size, n_windows), head -> feet
         slices/<uid>.parquet       the study's per-slice table (read_study order) + `slice_index`
 
-A study is complete when its .npy exists (it is written to a temp name and renamed last), so an
-interrupted build resumes where it stopped.
+A study is keyed by its folder name (as in the scan's table). It is complete when its .npy exists
+(written to a temp name and renamed last, the temp file removed on any error), so an interrupted
+build resumes where it stopped; a file that kills a worker process fails only its study.
 """
 
 from __future__ import annotations
@@ -18,7 +19,6 @@ from __future__ import annotations
 import json
 import logging
 import os
-from concurrent.futures import ProcessPoolExecutor, as_completed
 from dataclasses import asdict, dataclass, field
 from functools import lru_cache
 from pathlib import Path
@@ -27,7 +27,9 @@ from typing import Any
 import cv2
 import numpy as np
 import pandas as pd
-from tqdm import tqdm
+
+from rsna22_utils.core.files import atomic_write, remove_stale_temp_files
+from rsna22_utils.core.pool import run_tasks
 
 logger = logging.getLogger(__name__)
 
@@ -72,50 +74,73 @@ def encode_study(volume_hu: np.ndarray, spec: CacheSpec) -> np.ndarray:
     return out
 
 
-def _write_study(study_dir: Path, root: Path, spec: CacheSpec) -> str:
+def _write_study(study_dir: Path, root: Path, spec: CacheSpec, slices: pd.DataFrame | None = None) -> str:
     from rsna22_utils.core.dicom import read_study
 
-    volume, table = read_study(study_dir)
+    volume, table = read_study(study_dir, slices=slices)
     uid = study_dir.name
-    slices = table.reset_index(drop=True).copy()
-    slices["slice_index"] = np.arange(len(slices))
-    slices_path = root / "slices" / f"{uid}.parquet"
-    slices.to_parquet(slices_path.with_suffix(".tmp"), index=False)
-    os.replace(slices_path.with_suffix(".tmp"), slices_path)
-    volume_path = root / "volumes" / f"{uid}.npy"
-    tmp = volume_path.with_name(f"{uid}.tmp.npy")
-    np.save(tmp, encode_study(volume, spec))
-    os.replace(tmp, volume_path)
+    table = table.reset_index(drop=True).assign(slice_index=np.arange(len(table)))
+    encoded = encode_study(volume, spec)
+    atomic_write(root / "slices" / f"{uid}.parquet", lambda tmp: table.to_parquet(tmp, index=False))
+    atomic_write(root / "volumes" / f"{uid}.npy", lambda tmp: _save_npy(tmp, encoded))  # last: marks the study done
     return uid
 
 
-def build_cache(study_dirs: list[Path], cache_dir: Path, spec: CacheSpec, workers: int | None = None) -> tuple[Path, list[tuple[str, str]]]:
+def _save_npy(path: Path, array: np.ndarray) -> None:
+    with open(path, "wb") as f:  # a file object: np.save would append .npy to the temp name
+        np.save(f, array)
+
+
+def build_cache(
+    study_dirs: list[Path],
+    cache_dir: Path,
+    spec: CacheSpec,
+    workers: int | None = None,
+    slices: pd.DataFrame | None = None,
+) -> tuple[Path, list[tuple[str, str]]]:
     """Decode every study once into `cache_dir/<spec.name>/`; returns (cache root, failures).
 
     Studies already cached are skipped (resumable); a study that fails is reported as
-    (study folder, reason) and the others go on.
+    (study folder, reason), listed in `<root>/failures.csv`, and the others go on. `slices` (a scan
+    table, one row per slice keyed by StudyInstanceUID = folder name) makes each study decode
+    exactly the scan's files in the scan's order instead of reading its headers again; a study the
+    scan could not read is then a failure.
     """
     root = Path(cache_dir) / spec.name
     (root / "volumes").mkdir(parents=True, exist_ok=True)
     (root / "slices").mkdir(parents=True, exist_ok=True)
+    stale = remove_stale_temp_files(root / "volumes", ".npy") + remove_stale_temp_files(root / "slices", ".parquet")
+    stale += [*(root / "volumes").glob("*.tmp.npy"), *(root / "slices").glob("*.tmp")]  # temp names of older kits
+    for path in stale:
+        path.unlink(missing_ok=True)
+    if stale:
+        logger.info("removed %d temp files of an interrupted cache build in %s", len(stale), root)
     spec_path = root / "spec.json"
     if spec_path.exists():
         if CacheSpec(**json.loads(spec_path.read_text())) != spec:
             raise ValueError(f"{spec_path}: cache built with another spec; use another cache_dir")
     else:
         spec_path.write_text(json.dumps(asdict(spec)))
-    todo = [d for d in study_dirs if not (root / "volumes" / f"{Path(d).name}.npy").exists()]
+    todo = [Path(d) for d in study_dirs if not (root / "volumes" / f"{Path(d).name}.npy").exists()]
     logger.info("study cache %s: %d studies cached, %d to decode", root, len(study_dirs) - len(todo), len(todo))
     failures: list[tuple[str, str]] = []
-    if todo:
-        with ProcessPoolExecutor(max_workers=workers or os.cpu_count() or 1) as pool:
-            futures = {pool.submit(_write_study, Path(d), root, spec): Path(d) for d in todo}
-            for future in tqdm(as_completed(futures), total=len(futures), desc="cache studies", unit="study"):
-                try:
-                    future.result()
-                except Exception as error:  # reported, the build goes on
-                    failures.append((str(futures[future]), f"{type(error).__name__}: {error}"))
-                    logger.warning("could not cache %s: %s", futures[future], failures[-1][1])
+    tasks: list[tuple] = [(d, root, spec) for d in todo]
+    if slices is not None:
+        by_study = dict(iter(slices.groupby("StudyInstanceUID", sort=False)))
+        unscanned = [d for d in todo if d.name not in by_study]
+        for d in unscanned:
+            failures.append((str(d), "not in the scan's slice table (the scan could not read it)"))
+        tasks = [(d, root, spec, by_study[d.name]) for d in todo if d.name in by_study]
+    for index, _, error in run_tasks(_write_study, tasks, workers or os.cpu_count() or 1, desc="cache studies", unit="study"):
+        if error is not None:  # reported, the build goes on
+            failures.append((str(tasks[index][0]), f"{type(error).__name__}: {error}"))
+            logger.warning("could not cache %s: %s", tasks[index][0], failures[-1][1])
+    failures_path = root / "failures.csv"
+    if failures:
+        pd.DataFrame(failures, columns=["study", "reason"]).to_csv(failures_path, index=False)
+        logger.warning("%d of %d studies could not be cached; listed in %s", len(failures), len(study_dirs), failures_path)
+    elif failures_path.exists():
+        failures_path.unlink()
     logger.info("study cache ready in %s (%d failures)", root, len(failures))
     return root, failures
 
@@ -133,7 +158,11 @@ class StudyCache:
     @property
     def uids(self) -> list[str]:
         """Studies present in the cache, sorted."""
-        return sorted(p.name[: -len(".npy")] for p in (self.root / "volumes").glob("*.npy") if not p.name.endswith(".tmp.npy"))
+        return sorted(
+            p.name[: -len(".npy")]
+            for p in (self.root / "volumes").glob("*.npy")
+            if not p.name.startswith(".") and not p.name.endswith(".tmp.npy")
+        )
 
     def volume(self, uid: str) -> np.ndarray:
         """uint8 (slices, size, size, n_windows), memory-mapped (nothing is read until indexed)."""

@@ -1,19 +1,21 @@
 """Scan a competition folder: every study's DICOM headers into one table, one row per slice.
 
 Runs studies in parallel worker processes with a progress bar; a study that cannot be read is
-reported (study, file, reason) and the scan goes on with the others.
+reported (study, file, reason) and the scan goes on with the others, also when a file kills its
+worker process (`core.pool.run_tasks` reruns the tasks it took down and names that file).
 """
 
 from __future__ import annotations
 
 import logging
 import os
-from concurrent.futures import ProcessPoolExecutor, as_completed
 from dataclasses import dataclass
 from pathlib import Path
 
 import pandas as pd
-from tqdm import tqdm
+
+from rsna22_utils.core.files import atomic_write
+from rsna22_utils.core.pool import run_tasks
 
 logger = logging.getLogger(__name__)
 
@@ -54,6 +56,11 @@ def _scan_one(split: str, study_dir: Path) -> pd.DataFrame:
     return table
 
 
+def _label(task: tuple[str, Path]) -> str:
+    split, study_dir = task
+    return f"study {split}/{study_dir.name}"
+
+
 def _failure(split: str, study_dir: Path, error: BaseException) -> ScanFailure:
     file = getattr(error, "path", None) or getattr(error, "filename", None) or ""
     return ScanFailure(split, study_dir.name, Path(file).name if file else "", f"{type(error).__name__}: {error}")
@@ -71,16 +78,14 @@ def scan_competition(data_dir: Path, out: Path, workers: int | None = None) -> l
     workers = workers or os.cpu_count() or 1
     tables: list[pd.DataFrame] = []
     failures: list[ScanFailure] = []
-    with ProcessPoolExecutor(max_workers=workers) as pool:
-        futures = {pool.submit(_scan_one, split, study_dir): (split, study_dir) for split, study_dir in studies}
-        for future in tqdm(as_completed(futures), total=len(futures), desc="scan studies", unit="study"):
-            split, study_dir = futures[future]
-            try:
-                tables.append(future.result())
-            except Exception as error:  # every failure is reported, the scan goes on
-                failure = _failure(split, study_dir, error)
-                failures.append(failure)
-                logger.warning("skipped study %s/%s: %s %s", split, failure.study, failure.file, failure.reason)
+    for index, table, error in run_tasks(_scan_one, studies, workers, desc="scan studies", unit="study", label=_label):
+        if error is None:
+            tables.append(table)
+            continue
+        split, study_dir = studies[index]
+        failure = _failure(split, study_dir, error)
+        failures.append(failure)
+        logger.warning("skipped study %s/%s: %s %s", split, failure.study, failure.file, failure.reason)
 
     out.parent.mkdir(parents=True, exist_ok=True)
     failures_path = out.with_name(out.stem + ".failures.csv")
@@ -93,11 +98,9 @@ def scan_competition(data_dir: Path, out: Path, workers: int | None = None) -> l
         logger.error("no study could be read under %s; nothing written to %s", data_dir, out)
         return failures
     table = pd.concat(tables, ignore_index=True).sort_values(["split", "StudyInstanceUID", "slice_index"], kind="stable")
-    tmp = out.with_name(out.name + ".tmp")
     if out.suffix == ".parquet":
-        table.to_parquet(tmp, index=False)
+        atomic_write(out, lambda tmp: table.to_parquet(tmp, index=False))
     else:
-        table.to_csv(tmp, index=False)
-    os.replace(tmp, out)
+        atomic_write(out, lambda tmp: table.to_csv(tmp, index=False))
     logger.info("wrote %d slices of %d studies to %s", len(table), table["StudyInstanceUID"].nunique(), out)
     return failures
