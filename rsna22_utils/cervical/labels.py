@@ -278,11 +278,15 @@ class LabelFailure:
     reason: str
 
 
-def _study_labels(uid: str, nifti_path: Path, study_dir: Path) -> tuple[pd.DataFrame, pd.DataFrame]:
+def _study_labels(uid: str, nifti_path: Path, study_dir: Path, table: pd.DataFrame | None = None) -> tuple[pd.DataFrame, pd.DataFrame]:
     from rsna22_utils.cervical.segmentation import load_segmentation
     from rsna22_utils.core.dicom import read_slice_headers
 
-    table = read_slice_headers(study_dir)
+    if table is None:
+        table = read_slice_headers(study_dir)
+    elif table.empty:
+        raise ValueError(f"{study_dir}: not in the scan's slice table (the scan could not read it)")
+    table = table.reset_index(drop=True)
     seg = load_segmentation(nifti_path, table)
     numbers = table["slice_number"].to_numpy()
     return slice_boxes(seg, uid, numbers), vertebra_ratios(seg, uid, numbers)
@@ -299,6 +303,7 @@ def build_segmentation_labels(
     out_dir: str | Path,
     folds_df: pd.DataFrame | None = None,
     workers: int | None = None,
+    slices: pd.DataFrame | None = None,
 ) -> dict[str, Path]:
     """Slice boxes and vertebra ratios for every segmented train study -> parquet files in `out_dir`.
 
@@ -307,7 +312,8 @@ def build_segmentation_labels(
     writes `slice_boxes.parquet` and `vertebra_ratios.parquet`, both keyed by StudyInstanceUID,
     slice_number, slice_index (0-based head -> feet) with the study's `fold` from `folds_df`
     (-1 when `folds_df` is None or lacks the study). A study that fails is logged with its file
-    and reason, listed in `segmentation_labels.failures.csv`, and skipped.
+    and reason, listed in `segmentation_labels.failures.csv`, and skipped. `slices` (the scan's
+    table, keyed by folder name) aligns each study to the scan's slices instead of reading its headers again.
     Returns {"slice_boxes": path, "vertebra_ratios": path} (+ "failures" when any failed).
     """
     data_dir, out_dir = Path(data_dir), Path(out_dir)
@@ -332,6 +338,9 @@ def build_segmentation_labels(
         if unfolded:
             logger.warning("%d segmented studies have no fold (fold -1), e.g. %s", len(unfolded), unfolded[:3])
 
+    if slices is not None:
+        by_study = dict(iter(slices.groupby("StudyInstanceUID", sort=False)))
+        jobs = [(*job, by_study.get(job[0], slices.iloc[:0])) for job in jobs]
     workers = workers or min(4, os.cpu_count() or 1)
     results: dict[str, tuple[pd.DataFrame, pd.DataFrame]] = {}
     failures: list[LabelFailure] = []
@@ -345,15 +354,16 @@ def build_segmentation_labels(
         with ProcessPoolExecutor(max_workers=workers) as pool:
             futures = {pool.submit(_study_labels, *job): job for job in jobs}
             for future in tqdm(as_completed(futures), **progress):
-                uid, path, _ = futures[future]
+                uid, path = futures[future][:2]
                 try:
                     results[uid] = future.result()
                 except Exception as error:  # reported, the others go on
                     fail(uid, path, error)
     else:
-        for uid, path, study_dir in tqdm(jobs, **progress):
+        for job in tqdm(jobs, **progress):
+            uid, path = job[0], job[1]
             try:
-                results[uid] = _study_labels(uid, path, study_dir)
+                results[uid] = _study_labels(*job)
             except Exception as error:  # reported, the others go on
                 fail(uid, path, error)
 

@@ -75,7 +75,11 @@ def prepare(cfg: PrepareConfig) -> dict[str, Any]:
     data_dir, out = Path(cfg.data_dir), Path(cfg.out_dir)
     out.mkdir(parents=True, exist_ok=True)
     prepared = Prepared(out)
+    studies = [study_dir for _, study_dir in find_studies(data_dir)]
     scan_failures = scan_competition(data_dir, prepared.slices, workers=cfg.workers or None)
+    if len(scan_failures) == len(studies):
+        raise RuntimeError(f"{data_dir}: no study could be read; reasons in {prepared.slices.with_name('slices.failures.csv')}")
+    slices = prepared.read("slices")  # the one table (and study key = folder name) that labels and cache follow
 
     train = pd.read_csv(data_dir / "train.csv")
     folds = make_folds(train, n_folds=cfg.n_folds, seed=cfg.split_seed, fold_file=cfg.fold_file or None)
@@ -84,13 +88,21 @@ def prepare(cfg: PrepareConfig) -> dict[str, Any]:
 
     outputs: dict[str, Any] = {"slices": prepared.slices, "folds": prepared.folds, "scan_failures": len(scan_failures)}
     if (data_dir / "segmentations").is_dir():
-        outputs.update(build_segmentation_labels(data_dir, out, folds, workers=cfg.workers or None))
+        outputs.update(build_segmentation_labels(data_dir, out, folds, workers=cfg.workers or None, slices=slices))
     else:
         logger.warning("%s has no segmentations/: the box and vertebra stages will have no labels", data_dir)
 
-    studies = [study_dir for _, study_dir in find_studies(data_dir)]
-    cache_root, cache_failures = build_cache(studies, out / "cache", CacheSpec.of(cfg), workers=cfg.workers or None)
+    cache_root, cache_failures = build_cache(studies, out / "cache", CacheSpec.of(cfg), workers=cfg.workers or None, slices=slices)
     outputs.update(cache=cache_root, cache_failures=len(cache_failures))
+    if cache_failures:
+        logger.warning(
+            "00_prepare: %d of %d studies are not in the cache (%s), %d of them unreadable by the scan (%s); the stages go on without them",
+            len(cache_failures),
+            len(studies),
+            cache_root / "failures.csv",
+            len(scan_failures),
+            prepared.slices.with_name("slices.failures.csv"),
+        )
     (out / "prepare.json").write_text(json.dumps({k: str(v) for k, v in outputs.items()}, indent=2))
     return outputs
 
