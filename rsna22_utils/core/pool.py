@@ -5,11 +5,14 @@ with it, and `concurrent.futures` then fails every task still in the pool with B
 `run_tasks` keeps at most `workers` tasks in flight, so after a break only those are suspects; each
 suspect is rerun alone in a fresh process, which pins the death on one task and, through
 `note_item`, on the file that task was reading; the remaining tasks go on in a new pool.
+Workers log through a queue to this process, so their warnings reach its handlers (console, tqdm,
+a notebook, pytest) whatever the start method.
 """
 
 from __future__ import annotations
 
 import logging
+import logging.handlers
 import multiprocessing
 import os
 import signal
@@ -84,13 +87,41 @@ def die_with_parent(parent_pid: int) -> None:
     threading.Thread(target=watch, name="die-with-parent", daemon=True).start()
 
 
-def _init_worker(parent_pid: int) -> None:
+def _init_worker(parent_pid: int, log_queue: Any, log_level: int) -> None:
     die_with_parent(parent_pid)
+    root = logging.getLogger()
+    root.handlers = [logging.handlers.QueueHandler(log_queue)]  # not the parent's handlers a fork copied
+    root.setLevel(log_level)
 
 
-def _isolated_main(fn: Callable, task: tuple, send: Any, crumb: Any, parent_pid: int) -> None:
+class _Relay(logging.Handler):
+    """Hands a worker's log record to the logger of the same name here (its level was checked in the worker)."""
+
+    def emit(self, record: logging.LogRecord) -> None:
+        logging.getLogger(record.name).handle(record)
+
+
+class _WorkerLogs:
+    """A queue the workers log into and a thread that relays their records to this process's loggers."""
+
+    def __init__(self) -> None:
+        self.queue = multiprocessing.get_context().Queue()
+        self.listener = logging.handlers.QueueListener(self.queue, _Relay())
+        self.initargs = (os.getpid(), self.queue, logging.getLogger().getEffectiveLevel())
+
+    def __enter__(self) -> _WorkerLogs:
+        self.listener.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.listener.stop()  # relays what is still queued
+        self.queue.close()
+        self.queue.join_thread()
+
+
+def _isolated_main(fn: Callable, task: tuple, send: Any, crumb: Any, initargs: tuple) -> None:
     global _crumb
-    die_with_parent(parent_pid)
+    _init_worker(*initargs)
     _crumb = crumb
     try:
         message = (True, fn(*task))
@@ -105,10 +136,15 @@ def _isolated_main(fn: Callable, task: tuple, send: Any, crumb: Any, parent_pid:
 
 def run_isolated(fn: Callable, task: tuple, label: str) -> tuple[Any, BaseException | None]:
     """fn(*task) alone in a fresh process -> (result, None) or (None, error); a death is a `WorkerDied`."""
+    with _WorkerLogs() as logs:
+        return _run_isolated(fn, task, label, logs.initargs)
+
+
+def _run_isolated(fn: Callable, task: tuple, label: str, initargs: tuple) -> tuple[Any, BaseException | None]:
     context = multiprocessing.get_context()
     crumb = context.Array("c", _CRUMB_BYTES, lock=False)
     receive, send = context.Pipe(duplex=False)
-    process = context.Process(target=_isolated_main, args=(fn, task, send, crumb, os.getpid()), daemon=True)
+    process = context.Process(target=_isolated_main, args=(fn, task, send, crumb, initargs), daemon=True)
     process.start()
     send.close()
     try:
@@ -135,14 +171,14 @@ def run_tasks(
     An exception raised by fn comes back as that task's error. A worker that dies breaks only the
     tasks then in flight: each is rerun alone (`run_isolated`), the one that dies again gets a
     `WorkerDied` naming the file it was reading, and the remaining tasks go on in a fresh pool.
-    Workers end with this process. `label(task)` names a task in messages.
+    Workers end with this process and log through it. `label(task)` names a task in messages.
     """
     workers = max(1, int(workers))
     pending = deque(enumerate(tasks))
-    with tqdm(total=len(tasks), desc=desc, unit=unit) as bar:
+    with tqdm(total=len(tasks), desc=desc, unit=unit) as bar, _WorkerLogs() as logs:
         while pending:
             suspects: list[tuple[int, tuple]] = []
-            pool = ProcessPoolExecutor(max_workers=workers, initializer=_init_worker, initargs=(os.getpid(),))
+            pool = ProcessPoolExecutor(max_workers=workers, initializer=_init_worker, initargs=logs.initargs)
             in_flight: dict[Future, tuple[int, tuple]] = {}
             try:
                 while pending or in_flight:
@@ -170,7 +206,7 @@ def run_tasks(
             if suspects:
                 logger.warning("a %s worker process died; rerunning the %d tasks it took down one by one", desc, len(suspects))
             for index, task in sorted(suspects):
-                result, error = run_isolated(fn, task, label(task))
+                result, error = _run_isolated(fn, task, label(task), logs.initargs)
                 if isinstance(error, WorkerDied):
                     logger.error("%s: %s", label(task), error)
                 yield index, result, error
