@@ -13,7 +13,6 @@ from __future__ import annotations
 import logging
 import os
 from collections.abc import Iterable, Sequence
-from concurrent.futures import ProcessPoolExecutor, as_completed
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -22,6 +21,8 @@ import pandas as pd
 from tqdm import tqdm
 
 from rsna22_utils.cervical.anatomy import BOX_COLUMNS, CERVICAL, VERTEBRAE
+from rsna22_utils.core.files import atomic_write
+from rsna22_utils.core.pool import run_tasks
 
 logger = logging.getLogger(__name__)
 
@@ -293,9 +294,7 @@ def _study_labels(uid: str, nifti_path: Path, study_dir: Path, table: pd.DataFra
 
 
 def _write_parquet(table: pd.DataFrame, path: Path) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    table.to_parquet(tmp, index=False)
-    os.replace(tmp, path)
+    atomic_write(path, lambda tmp: table.to_parquet(tmp, index=False))
 
 
 def build_segmentation_labels(
@@ -349,18 +348,16 @@ def build_segmentation_labels(
         failures.append(LabelFailure(uid, str(path), f"{type(error).__name__}: {error}"))
         logger.warning("skipped segmented study %s (%s): %s: %s", uid, path, type(error).__name__, error)
 
-    progress = dict(total=len(jobs), desc="segmentation labels", unit="study")
-    if workers > 1 and len(jobs) > 1:
-        with ProcessPoolExecutor(max_workers=workers) as pool:
-            futures = {pool.submit(_study_labels, *job): job for job in jobs}
-            for future in tqdm(as_completed(futures), **progress):
-                uid, path = futures[future][:2]
-                try:
-                    results[uid] = future.result()
-                except Exception as error:  # reported, the others go on
-                    fail(uid, path, error)
+    progress = dict(desc="segmentation labels", unit="study")
+    if workers > 1 and len(jobs) > 1:  # workers that die with the parent; a dead one fails only its study
+        for index, result, error in run_tasks(_study_labels, jobs, workers, label=lambda job: f"study {job[0]}", **progress):
+            uid, path = jobs[index][:2]
+            if error is None:
+                results[uid] = result
+            else:  # reported, the others go on
+                fail(uid, path, error)
     else:
-        for job in tqdm(jobs, **progress):
+        for job in tqdm(jobs, total=len(jobs), **progress):
             uid, path = job[0], job[1]
             try:
                 results[uid] = _study_labels(*job)

@@ -28,7 +28,7 @@ import cv2
 import numpy as np
 import pandas as pd
 
-from rsna22_utils.core.files import atomic_write, remove_stale_temp_files
+from rsna22_utils.core.files import atomic_write, atomic_write_text, remove_stale_temp_files
 from rsna22_utils.core.pool import run_tasks
 
 logger = logging.getLogger(__name__)
@@ -120,7 +120,7 @@ def build_cache(
         if CacheSpec(**json.loads(spec_path.read_text())) != spec:
             raise ValueError(f"{spec_path}: cache built with another spec; use another cache_dir")
     else:
-        spec_path.write_text(json.dumps(asdict(spec)))
+        atomic_write_text(spec_path, json.dumps(asdict(spec)))
     todo = [Path(d) for d in study_dirs if not (root / "volumes" / f"{Path(d).name}.npy").exists()]
     logger.info("study cache %s: %d studies cached, %d to decode", root, len(study_dirs) - len(todo), len(todo))
     failures: list[tuple[str, str]] = []
