@@ -37,6 +37,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from rsna22_utils.core.files import atomic_write_text
+
 logger = logging.getLogger(__name__)
 
 PREPARE_STAGE = "00_prepare"  # the stage whose folder every later stage reads (prepared_dir)
@@ -330,8 +332,6 @@ def with_derived(cfg: Any, **values: Any) -> Any:
 
 def save_config(cfg: Any, path: str | Path) -> Path:
     """Write cfg as JSON (every field + "_class"), atomically; returns the path."""
-    from rsna22_utils.core.runs import atomic_write_text
-
     path = Path(path)
     payload = {"_class": type(cfg).__name__, **cfg.to_dict()}
     atomic_write_text(path, json.dumps(payload, indent=2) + "\n")

@@ -1,4 +1,4 @@
-"""Finished runs on disk: atomic writes, weights files, and loading a run (config + weights + model).
+"""Finished runs on disk: weights files, and loading a run (config + weights + model).
 
 Training and the submission load runs the same way, and neither needs the trainer for it.
 """
@@ -15,7 +15,6 @@ from torch import nn
 
 from rsna22_utils.core.config import load_config
 from rsna22_utils.core.files import atomic_write
-from rsna22_utils.core.files import atomic_write_text as atomic_write_text  # re-exported (config.py)
 from rsna22_utils.core.registry import CONFIG, WEIGHTS
 
 logger = logging.getLogger(__name__)

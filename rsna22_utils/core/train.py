@@ -39,8 +39,9 @@ from tqdm import tqdm  # text bars (not tqdm.auto): they stream through papermil
 
 from rsna22_utils.core.config import ConfigError, TrainConfig, config_diff, resolve_config, save_config
 from rsna22_utils.core.device import amp_dtype, resolve_device, seed_everything
+from rsna22_utils.core.files import atomic_write
 from rsna22_utils.core.registry import CONFIG, WEIGHTS
-from rsna22_utils.core.runs import atomic_write, save_weights, unwrap
+from rsna22_utils.core.runs import save_weights, unwrap
 
 logger = logging.getLogger(__name__)
 
