@@ -3,12 +3,26 @@
 from __future__ import annotations
 
 import copy
+import os
 from pathlib import Path
 
 import pytest
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 REALDATA = REPO_ROOT.parent / "shared" / "realdata"
+NO_NETWORK = Path(__file__).resolve().parent / "no_network"  # its sitecustomize refuses and logs connections
+
+
+def offline_env(tmp_path: Path, pythonpath: list[Path] | None = None) -> tuple[dict[str, str], Path]:
+    """Environment for a subprocess whose Python processes refuse (and log to the returned file) any network call.
+
+    `pythonpath` replaces the repo on PYTHONPATH (default: the repo); the guard folder always comes first.
+    """
+    log = tmp_path / "network-attempts.log"
+    paths = [NO_NETWORK, *(pythonpath if pythonpath is not None else [REPO_ROOT])]
+    env = {**os.environ, "RSNA22_NETWORK_LOG": str(log), "PYTHONPATH": os.pathsep.join(str(p) for p in paths)}
+    env.pop("NO_ALBUMENTATIONS_UPDATE", None)  # what the kit does about albumentations is under test
+    return env, log
 
 
 @pytest.fixture(scope="session")
