@@ -38,7 +38,9 @@ def _notebook(path: Path, source: str) -> Path:
 
 
 def _run(path: Path, stage: str = "05_train_fracture", fold: int = 0, seed: int = 42, auc: float = 0.9) -> Path:
-    run = path / "runs" / stage / f"fold{fold}-seed{seed}"
+    from rsna22_utils.core.registry import run_dir
+
+    run = run_dir(path / "runs", stage, fold, seed)
     run.mkdir(parents=True)
     (run / "model.safetensors").write_bytes(b"\x00" * 16)
     (run / "config.json").write_text(json.dumps({"backbone": "resnet18"}))
@@ -117,20 +119,38 @@ def test_build_utils_dataset(tmp_path):
     assert 'sys.path.insert(0, "/kaggle/input/rsna22-utils")' in (out / "README.md").read_text()
 
 
-def test_build_weights_dataset(tmp_path):
-    runs = [_run(tmp_path, fold=1, auc=0.8), _run(tmp_path, fold=0, auc=0.9), _run(tmp_path, stage="06_train_study", seed=7, auc=0.7)]
-    out = k.build_weights_dataset(runs, tmp_path / "w", _settings(), name_map={"06_train_study": "study"})
+def test_build_weights_dataset_ships_the_submission_stages_without_local_paths(tmp_path):
+    runs = [
+        _run(tmp_path, "01_train_box", fold=1, auc=0.8),
+        _run(tmp_path, "01_train_box", fold=0, auc=0.9),
+        _run(tmp_path, "03_train_vertebra", fold=0),  # inference never reads it
+        _run(tmp_path, "05_train_fracture", fold=0),
+        _run(tmp_path, "06_train_study", seed=7, auc=0.7),
+    ]
+    for run in runs:  # what a trainer writes: the machine's own paths
+        config = {"backbone": "resnet18", "work_dir": str(tmp_path / "runs"), "out_dir": str(run), "fracture_run": str(runs[3])}
+        (run / "config.json").write_text(json.dumps(config))
+    out = k.build_weights_dataset(tmp_path / "runs", tmp_path / "w", _settings())
     _check_meta(out)
     manifest = json.loads((out / "manifest.json").read_text())["runs"]
-    assert [(r["stage"], r["fold"], r["seed"], r["metrics"]["cv_auc"]) for r in manifest] == [
-        ("05_train_fracture", 0, 42, 0.9),
-        ("05_train_fracture", 1, 42, 0.8),
-        ("study", 0, 7, 0.7),
+    assert [(r["stage"], r["fold"], r["seed"], r["path"], r["metrics"]["cv_auc"]) for r in manifest] == [
+        ("01_train_box", 0, 42, "01_train_box/fold0-seed42", 0.9),
+        ("01_train_box", 1, 42, "01_train_box/fold1-seed42", 0.8),
+        ("06_train_study", 0, 7, "06_train_study/fold0-seed7", 0.7),
     ]
-    assert sorted(p.name for p in (out / "study" / "fold0-seed7").iterdir()) == ["config.json", "model.safetensors"]
-    (runs[0] / "metrics.json").unlink()
-    with pytest.raises(k.KaggleError, match=r"fold1-seed42: missing metrics.json"):
-        k.build_weights_dataset(runs, tmp_path / "w2", _settings())
+    assert sorted(p.name for p in out.iterdir() if p.is_dir()) == ["01_train_box", "06_train_study"] == k.submission_stages()
+    assert sorted(p.name for p in (out / "06_train_study" / "fold0-seed7").iterdir()) == ["config.json", "model.safetensors"]
+    for path in out.rglob("*.json"):
+        assert str(tmp_path) not in path.read_text(), path
+    config = json.loads((out / "06_train_study" / "fold0-seed7" / "config.json").read_text())
+    assert config == {"backbone": "resnet18", "work_dir": "runs", "out_dir": "", "fracture_run": ""}  # the stage's defaults
+
+    (runs[1] / "metrics.json").unlink()
+    with pytest.raises(k.KaggleError, match=r"fold0-seed42: missing metrics.json"):
+        k.build_weights_dataset(tmp_path / "runs", tmp_path / "w2", _settings())
+    shutil.rmtree(tmp_path / "runs" / "06_train_study")
+    with pytest.raises(k.KaggleError, match=r"06_train_study: no finished run"):
+        k.build_weights_dataset(tmp_path / "runs", tmp_path / "w2", _settings())
 
 
 def test_build_wheels_dataset_with_fake_downloader(tmp_path):
@@ -195,7 +215,9 @@ def test_importing_module_does_not_import_kaggle():
 
 def test_push_without_credentials_is_a_clear_error(tmp_path):
     pytest.importorskip("kagglesdk")
-    folder = k.build_weights_dataset([_run(tmp_path)], tmp_path / "w", _settings())
+    _run(tmp_path, "01_train_box")
+    _run(tmp_path, "06_train_study")
+    folder = k.build_weights_dataset(tmp_path / "runs", tmp_path / "w", _settings())
     env = {key: v for key, v in os.environ.items() if not key.startswith("KAGGLE_")}
     env.update(PYTHONPATH=str(ROOT), HOME=str(tmp_path), KAGGLE_CONFIG_DIR=str(tmp_path / "cfg"), XDG_CONFIG_HOME=str(tmp_path))
     code = f"from rsna22_utils.core import kaggle as k\nk.push_dataset({str(folder)!r}, 'm')"

@@ -207,3 +207,24 @@ def test_study_runs_from_before_the_evidence_still_load(tiny_pipeline: dict, tmp
     with pytest.raises(RuntimeError, match="evidence"):  # today's runs keep their evidence layers
         shutil.copy2(source / "config.json", old / "config.json")
         load_study_models(tmp_path, torch.device("cpu"))
+
+
+def test_weights_dataset_holds_what_the_submission_loads_and_loads(tiny_pipeline: dict, tmp_path: Path) -> None:
+    """Built from the tiny runs folder: only 01 and 06 runs, no local path in any file, and the ensemble loads from it."""
+    import torch
+
+    from rsna22_utils.cervical.submission import load_ensemble
+    from rsna22_utils.core.config import load_config
+    from rsna22_utils.core.kaggle import KaggleSettings, build_weights_dataset
+    from rsna22_utils.core.registry import finished_runs
+
+    work_dir = tiny_pipeline["work_dir"]
+    out = build_weights_dataset(work_dir, tmp_path / "weights", KaggleSettings(owner="kit-tester"))
+    assert sorted(p.name for p in out.iterdir() if p.is_dir()) == ["01_train_box", "06_train_study"]
+    for path in out.rglob("*.json"):
+        assert str(work_dir.parent) not in path.read_text(), path
+    for stage in ("01_train_box", "06_train_study"):
+        (shipped,) = finished_runs(out, stage)
+        assert load_config(shipped / "config.json").backbone == load_config(work_dir / stage / shipped.name / "config.json").backbone
+    ensemble = load_ensemble(out, torch.device("cpu"))
+    assert len(ensemble.box.models) == 1 and len(ensemble.study) == 1

@@ -2,7 +2,7 @@
 
 Three datasets carry the kit to Kaggle notebooks (which run without internet at inference):
   rsna22-utils   this package's source + notebooks, mounted at /kaggle/input/rsna22-utils
-  rsna22-weights trained runs (<stage>/fold<f>-seed<s>/model.safetensors + config.json + manifest.json)
+  rsna22-weights the runs the submission loads (<stage>/fold<f>-seed<s>/model.safetensors + config.json + manifest.json)
   rsna22-wheels  offline wheels of the DICOM decoders (pip install --no-index --find-links ...)
 Kernel metadata (`kernel-metadata/<stage>/kernel-metadata.json`) is generated from
 `KaggleSettings`, never edited by hand; the notebook is copied next to it at push time.
@@ -30,7 +30,7 @@ from pathlib import Path
 from typing import Any
 
 from rsna22_utils.core.paths import NOTEBOOKS_DIR, REPO_ROOT
-from rsna22_utils.core.registry import CONFIG, WEIGHTS, parse_run_name
+from rsna22_utils.core.registry import CONFIG, WEIGHTS, finished_runs, parse_run_name, run_dir
 
 logger = logging.getLogger(__name__)
 
@@ -271,55 +271,69 @@ def build_utils_dataset(out_dir: Path, settings: KaggleSettings, root: Path = RE
 RUN_FILES = (WEIGHTS, CONFIG, "metrics.json")
 
 
-def build_weights_dataset(
-    run_dirs: Sequence[Path],
-    out_dir: Path,
-    settings: KaggleSettings,
-    name_map: dict[str, str] | None = None,
-) -> Path:
-    """Write the weights dataset: `<stage>/fold<f>-seed<s>/{model.safetensors,config.json}` + manifest.json.
+def submission_stages() -> list[str]:
+    """The stages whose runs the submission loads (registry entries with `submission=True`)."""
+    from rsna22_utils.core.registry import stages
 
-    `run_dirs` are `runs/<stage>/fold<f>-seed<s>/` folders; `name_map` renames stages (e.g. a run
-    folder's stage name -> the name the inference notebook expects). The manifest lists every
-    run with its CV metrics so the inference notebook (and a reader) knows what it loads.
+    return [name for name, stage in stages().items() if stage.submission]
+
+
+def _is_local_path(value: Any) -> bool:
+    return isinstance(value, str) and (os.path.isabs(value) or value.startswith("~"))
+
+
+def portable_config(config: dict[str, Any], stage: str) -> dict[str, Any]:
+    """A run's config.json dict without the machine it was trained on: absolute paths become the stage's defaults.
+
+    Why: the submission rebuilds each network from its config alone, and `/home/me/runs/...` means
+    nothing on Kaggle (it only leaks the trainer's folders).
     """
-    if not run_dirs:
-        raise KaggleError("build_weights_dataset: no run folders given")
-    name_map = name_map or {}
-    out = _fresh_dir(out_dir)
-    runs = []
-    for run_dir in run_dirs:
-        run_dir = Path(run_dir)
-        missing = [f for f in RUN_FILES if not (run_dir / f).is_file()]
-        if missing:
-            raise KaggleError(f"run folder {run_dir}: missing {', '.join(missing)}")
-        fold_seed = parse_run_name(run_dir.name)
-        if fold_seed is None:
-            raise KaggleError(f"run folder {run_dir}: name must be fold<f>-seed<s>")
+    from rsna22_utils.core.registry import get_stage
+
+    defaults = {f.name: f.default for f in dataclasses.fields(get_stage(stage).config) if f.default is not dataclasses.MISSING}
+    return {key: (defaults.get(key, "") if _is_local_path(value) else value) for key, value in config.items()}
+
+
+def _ship_run(run: Path, stage: str, out: Path) -> dict[str, Any]:
+    """Copy one run's weights and portable config to `out/<stage>/<run>/`; its manifest entry."""
+    missing = [f for f in RUN_FILES if not (run / f).is_file()]
+    if missing:
+        raise KaggleError(f"run folder {run}: missing {', '.join(missing)}")
+    fold_seed = parse_run_name(run.name)
+    if fold_seed is None:
+        raise KaggleError(f"run folder {run}: name must be fold<f>-seed<s>")
+    try:
+        metrics = json.loads((run / "metrics.json").read_text())
+        config = json.loads((run / CONFIG).read_text())
+    except ValueError as exc:
+        raise KaggleError(f"{run}: metrics.json or {CONFIG} is not valid JSON: {exc}") from exc
+    dest = run_dir(out, stage, *fold_seed)
+    dest.mkdir(parents=True)
+    shutil.copy2(run / WEIGHTS, dest / WEIGHTS)
+    _write_json(dest / CONFIG, portable_config(config, stage))
+    return {"stage": stage, "fold": fold_seed[0], "seed": fold_seed[1], "path": dest.relative_to(out).as_posix(), "metrics": metrics}
+
+
+def build_weights_dataset(work_dir: Path, out_dir: Path, settings: KaggleSettings, stages: Sequence[str] | None = None) -> Path:
+    """Write the weights dataset from a runs folder: `<stage>/fold<f>-seed<s>/{model.safetensors,config.json}` + manifest.json.
+
+    Ships every finished run of the stages the submission loads (`submission_stages()`, or
+    `stages`), nothing else: the notebook reads no other run, and each costs upload and mount time.
+    Configs lose their local paths (`portable_config`); the manifest lists each run with its
+    metrics, so the notebook (and a reader) knows what it loads.
+    """
+    stages = list(stages) if stages is not None else submission_stages()
+    if not stages:
+        raise KaggleError("build_weights_dataset: no stage of the registry is marked submission=True")
+    found = {}
+    for stage in stages:
         try:
-            metrics = json.loads((run_dir / "metrics.json").read_text())
-        except ValueError as exc:
-            raise KaggleError(f"{run_dir / 'metrics.json'}: not valid JSON: {exc}") from exc
-        stage = name_map.get(run_dir.parent.name, run_dir.parent.name)
-        dest = out / stage / run_dir.name
-        if dest.exists():
-            raise KaggleError(f"run folder {run_dir}: two runs map to {stage}/{run_dir.name}")
-        dest.mkdir(parents=True)
-        for name in (WEIGHTS, CONFIG):
-            shutil.copy2(run_dir / name, dest / name)
-        runs.append(
-            {
-                "stage": stage,
-                "fold": fold_seed[0],
-                "seed": fold_seed[1],
-                "path": f"{stage}/{run_dir.name}",
-                "source": str(run_dir),
-                "metrics": metrics,
-            }
-        )
-    runs.sort(key=lambda r: (r["stage"], r["fold"], r["seed"]))
+            found[stage] = finished_runs(work_dir, stage)
+        except FileNotFoundError as exc:
+            raise KaggleError(f"weights dataset: {exc}") from None
+    out = _fresh_dir(out_dir)
+    runs = [_ship_run(run, stage, out) for stage, stage_runs in found.items() for run in stage_runs]
     _write_json(out / "manifest.json", {"runs": runs})
-    stages = sorted({r["stage"] for r in runs})
     meta = dataset_metadata(
         "weights",
         settings,
@@ -328,7 +342,8 @@ def build_weights_dataset(
         description="Trained runs (safetensors + config) for stages: " + ", ".join(stages) + ". See manifest.json.",
     )
     _write_json(out / "dataset-metadata.json", meta)
-    logger.info("wrote weights dataset %s (%d runs, stages %s)", out, len(runs), stages)
+    counts = ", ".join(f"{stage} {len(stage_runs)}" for stage, stage_runs in found.items())
+    logger.info("wrote weights dataset %s from %s: %d runs (%s)", out, work_dir, len(runs), counts)
     return out
 
 
@@ -600,8 +615,6 @@ def _cmd_build_dataset(args: argparse.Namespace) -> int:
     if args.name == "utils":
         build_utils_dataset(out, settings)
     elif args.name == "weights":
-        if not args.runs:
-            raise SystemExit("build-dataset weights: give the run folders with --runs runs/<stage>/fold*-seed*")
         build_weights_dataset(args.runs, out, settings)
     else:
         build_wheels_dataset(
@@ -665,7 +678,9 @@ def add_commands(subparsers: Any) -> None:
     p = sub.add_parser("build-dataset", help="write a dataset folder with dataset-metadata.json")
     p.add_argument("name", choices=("utils", "weights", "wheels"))
     p.add_argument("--out", type=Path, default=None, help="folder to (re)create (default: build/kaggle/NAME)")
-    p.add_argument("--runs", type=Path, nargs="*", default=None, help="weights: run folders runs/<stage>/fold<f>-seed<s>")
+    p.add_argument(
+        "--runs", type=Path, default=Path("runs"), help="weights: the runs folder (work_dir); ships the runs the submission loads"
+    )
     p.add_argument("--packages", nargs="*", default=None, help="wheels: packages to download")
     p.add_argument("--python-version", default="3.11", help="wheels: Python of the Kaggle image")
     p.add_argument("--platform", default="manylinux2014_x86_64", help="wheels: pip platform tag")
