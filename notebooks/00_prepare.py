@@ -25,9 +25,12 @@ overrides = {}
 
 
 # %%
+import os
 import sys
+from pathlib import Path
 
-sys.path.insert(0, "/kaggle/input/rsna22-utils")  # on Kaggle the kit comes from its utils dataset
+# on Kaggle the kit comes from its utils dataset, whatever its slug: the input folder holding rsna22_utils/
+sys.path[:0] = sorted(str(p.parent) for p in Path(os.environ.get("RSNA22_KIT_KAGGLE_INPUT", "/kaggle/input")).glob("*/rsna22_utils"))[:1]
 from rsna22_utils.core.notebooks import start_stage
 
 session = start_stage("00_prepare", overrides)

@@ -24,16 +24,20 @@
 overrides = {}
 
 # %%
+import os
 import subprocess
 import sys
 import time
 from pathlib import Path
 
-WHEELS = Path("/kaggle/input/rsna22-wheels/wheels")
+# on Kaggle the kit comes from its utils dataset, whatever its slug: the input folder holding rsna22_utils/
+sys.path[:0] = sorted(str(p.parent) for p in Path(os.environ.get("RSNA22_KIT_KAGGLE_INPUT", "/kaggle/input")).glob("*/rsna22_utils"))[:1]
+from rsna22_utils.core.kaggle import mount_path
+
+WHEELS = mount_path("wheels") / "wheels"
 if WHEELS.is_dir():  # Kaggle, offline: the DICOM decoders from the wheels dataset
     wheels = [str(w) for w in sorted(WHEELS.glob("*.whl"))]
     subprocess.run([sys.executable, "-m", "pip", "install", "-q", "--no-index", "--find-links", str(WHEELS), *wheels], check=False)
-sys.path.insert(0, "/kaggle/input/rsna22-utils")  # on Kaggle the kit comes from its utils dataset
 from rsna22_utils.core.notebooks import start_stage
 
 session = start_stage("07_inference", overrides)

@@ -117,6 +117,7 @@ def test_build_utils_dataset(tmp_path):
     assert not list(out.rglob("__pycache__")) and not list(out.rglob("*.pyc"))
     assert (out / "notebooks" / "07_inference.py").exists() and (out / "requirements.txt").read_text() == "numpy\n"
     assert 'sys.path.insert(0, "/kaggle/input/rsna22-utils")' in (out / "README.md").read_text()
+    assert k.load_settings(out / "kaggle-settings.json", owner="kit-tester") == _settings()  # the slugs travel with the kit
 
 
 def test_build_weights_dataset_ships_the_submission_stages_without_local_paths(tmp_path):
@@ -421,16 +422,30 @@ def test_workflows_pass_actionlint():
     assert proc.returncode == 0, proc.stdout + proc.stderr
 
 
-def test_kaggle_paths_in_config_and_notebooks_match_the_dataset_slugs():
-    """Where the inference notebook looks on Kaggle is where the datasets we push are mounted."""
-    from rsna22_utils.cervical.configs import KAGGLE_COMPETITION_DIR
-    from rsna22_utils.core.config import resolve_config
+NOTEBOOK_HEADER = 'sys.path[:0] = sorted(str(p.parent) for p in Path(os.environ.get("{env}", "{input}")).glob("*/rsna22_utils"))[:1]'
 
+
+def test_kaggle_paths_in_config_and_notebooks_come_from_the_dataset_slugs(tmp_path, monkeypatch):
+    """Where the notebooks look on Kaggle is where the datasets we push are mounted: the slugs of kaggle-settings.json."""
+    from rsna22_utils.core.config import resolve_config
+    from rsna22_utils.core.paths import KAGGLE_INPUT, KAGGLE_INPUT_ENV
+
+    monkeypatch.delenv(KAGGLE_INPUT_ENV, raising=False)
     settings = k.load_settings()
     cfg = resolve_config("07_inference")
-    assert cfg.weights_dir == f"/kaggle/input/{settings.dataset_slug('weights')}"
-    assert cfg.data_dir == KAGGLE_COMPETITION_DIR == f"/kaggle/input/{settings.competition}"
+    assert cfg.weights_dir == f"/kaggle/input/{settings.dataset_slug('weights')}" == str(k.mount_path("weights"))
+    assert cfg.data_dir == f"/kaggle/input/{settings.competition}"
+    assert k.mount_path("wheels") == Path(KAGGLE_INPUT) / settings.dataset_slug("wheels")
+    # renamed slugs (the settings the utils dataset carries) and another input folder carry through
+    renamed = tmp_path / "kaggle-settings.json"
+    renamed.write_text(json.dumps({"weights_dataset": "other-weights", "competition": "other-competition"}))
+    monkeypatch.setattr(k, "SETTINGS_FILE", renamed)
+    monkeypatch.setenv(KAGGLE_INPUT_ENV, str(tmp_path / "input"))
+    cfg = resolve_config("07_inference")
+    assert (cfg.weights_dir, cfg.data_dir) == (str(tmp_path / "input" / "other-weights"), str(tmp_path / "input" / "other-competition"))
+    # every notebook finds the utils dataset by its content, under the same input folder; none names a slug
+    header = NOTEBOOK_HEADER.format(env=KAGGLE_INPUT_ENV, input=KAGGLE_INPUT)
     for notebook in sorted((ROOT / "notebooks").glob("*.py")):
         text = notebook.read_text()
-        assert f'sys.path.insert(0, "/kaggle/input/{settings.dataset_slug("utils")}")' in text, notebook
-    assert f'"/kaggle/input/{settings.dataset_slug("wheels")}/wheels"' in (ROOT / "notebooks" / "07_inference.py").read_text()
+        assert header in text, notebook
+        assert text.count("/kaggle/input") == 1 and "rsna22-" not in text, notebook

@@ -15,10 +15,8 @@ from rsna22_utils.core.config import (
     TrainConfig,
     derived,
 )
-
-KAGGLE_COMPETITION_DIR = "/kaggle/input/rsna-2022-cervical-spine-fracture-detection"
-KAGGLE_WEIGHTS_DIR = "/kaggle/input/rsna22-weights"  # the weights dataset (kaggle-settings.json weights_dataset)
-KAGGLE_WORKING_DIR = "/kaggle/working"
+from rsna22_utils.core.kaggle import mount_path
+from rsna22_utils.core.paths import KAGGLE_WORKING
 
 
 def _bone_window() -> list[list[float]]:
@@ -223,10 +221,11 @@ class StudyTrainConfig(TrainConfig, CacheInput):
 class SubmissionConfig(StageConfig, Hardware, StudyBoxRule):
     """07_inference: the Kaggle submission notebook (offline, time-budgeted)."""
 
-    data_dir: str = KAGGLE_COMPETITION_DIR
-    weights_dir: str = KAGGLE_WEIGHTS_DIR  # model.safetensors + config.json of every run the submission loads
-    work_dir: str = KAGGLE_WORKING_DIR
-    out: str = f"{KAGGLE_WORKING_DIR}/submission.csv"
+    # where Kaggle mounts the competition and the weights dataset (slugs of kaggle-settings.json)
+    data_dir: str = field(default_factory=lambda: str(mount_path("competition")))
+    weights_dir: str = field(default_factory=lambda: str(mount_path("weights")))  # every run the submission loads
+    work_dir: str = KAGGLE_WORKING
+    out: str = f"{KAGGLE_WORKING}/submission.csv"
     time_budget_hours: float = 8.0  # stop refining and write the fallback rows before this
     tta_flip: bool = True
     box_batch_size: int = 128

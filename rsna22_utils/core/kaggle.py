@@ -1,7 +1,8 @@
 """Kaggle delivery: build the kit's datasets, generate kernel metadata, push both to Kaggle.
 
-Three datasets carry the kit to Kaggle notebooks (which run without internet at inference):
-  rsna22-utils   this package's source + notebooks, mounted at /kaggle/input/rsna22-utils
+Three datasets carry the kit to Kaggle notebooks (which run without internet at inference), each
+mounted at /kaggle/input/<slug> with the slugs of kaggle-settings.json (`mount_path`):
+  rsna22-utils   this package's source + notebooks + the kaggle-settings.json it was built with
   rsna22-weights the runs the submission loads (<stage>/fold<f>-seed<s>/model.safetensors + config.json + manifest.json)
   rsna22-wheels  offline wheels of the DICOM decoders (pip install --no-index --find-links ...)
 Kernel metadata (`kernel-metadata/<stage>/kernel-metadata.json`) is generated from
@@ -29,7 +30,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from rsna22_utils.core.paths import NOTEBOOKS_DIR, REPO_ROOT
+from rsna22_utils.core.paths import NOTEBOOKS_DIR, REPO_ROOT, kaggle_input_dir
 from rsna22_utils.core.registry import CONFIG, WEIGHTS, finished_runs, parse_run_name, run_dir
 
 logger = logging.getLogger(__name__)
@@ -93,6 +94,10 @@ class KaggleSettings:
             raise KaggleError(f"unknown dataset {name!r}; expected one of {sorted(slugs)}")
         return slugs[name]
 
+    def input_path(self, name: str) -> Path:
+        """Where Kaggle mounts `name` (utils, weights, wheels or competition) in a notebook: <input>/<slug>."""
+        return kaggle_input_dir() / (self.competition if name == "competition" else self.dataset_slug(name))
+
     def kernel_title(self, stage: str) -> str:
         """Kernel title of a notebook stage, e.g. 'RSNA22 kit 07 inference'."""
         return f"{self.title_prefix} {stage.replace('_', ' ')}"
@@ -141,6 +146,14 @@ def load_settings(path: Path | str | None = None, **overrides: Any) -> KaggleSet
         values["owner"] = os.environ["KAGGLE_USERNAME"]
     values.update({k: v for k, v in overrides.items() if v is not None})
     return KaggleSettings(**values)
+
+
+def mount_path(name: str) -> Path:
+    """Where a notebook finds `name` (utils, weights, wheels, competition) on Kaggle, from this kit's settings.
+
+    In the utils dataset the settings file is the one it was built with, so renamed slugs carry through.
+    """
+    return load_settings().input_path(name)
 
 
 # --------------------------------------------------------------------------------------------
@@ -234,9 +247,10 @@ Built from the repository with `python -m rsna22_utils kaggle build-dataset util
 
 
 def build_utils_dataset(out_dir: Path, settings: KaggleSettings, root: Path = REPO_ROOT) -> Path:
-    """Write the utils dataset folder: package source, notebooks/*.py, requirements.txt, README.
+    """Write the utils dataset folder: package source, notebooks/*.py, requirements.txt, kaggle-settings.json, README.
 
-    Why: Kaggle inference notebooks run offline, so the kit travels as a dataset added to sys.path.
+    Why: Kaggle inference notebooks run offline, so the kit travels as a dataset added to sys.path;
+    the settings it was built with travel too, so its notebooks find the other datasets by their slugs.
     """
     out = _fresh_dir(out_dir)
     package = root / "rsna22_utils"
@@ -250,6 +264,7 @@ def build_utils_dataset(out_dir: Path, settings: KaggleSettings, root: Path = RE
         shutil.copy2(nb, out / "notebooks" / nb.name)
     if (root / "requirements.txt").exists():
         shutil.copy2(root / "requirements.txt", out / "requirements.txt")
+    _write_json(out / SETTINGS_FILE.name, {"$comment": "the settings this dataset was built with", **dataclasses.asdict(settings)})
     slug = settings.dataset_slug("utils")
     title = f"{settings.title_prefix} utils"
     (out / "README.md").write_text(
