@@ -25,21 +25,21 @@ overrides = {}
 
 # %%
 import os
-import subprocess
 import sys
 import time
 from pathlib import Path
 
 # on Kaggle the kit comes from its utils dataset, whatever its slug: the input folder holding rsna22_utils/
 sys.path[:0] = sorted(str(p.parent) for p in Path(os.environ.get("RSNA22_KIT_KAGGLE_INPUT", "/kaggle/input")).glob("*/rsna22_utils"))[:1]
+from rsna22_utils import setup_logging
 from rsna22_utils.core.kaggle import mount_path
-
-WHEELS = mount_path("wheels") / "wheels"
-if WHEELS.is_dir():  # Kaggle, offline: the DICOM decoders from the wheels dataset
-    wheels = [str(w) for w in sorted(WHEELS.glob("*.whl"))]
-    subprocess.run([sys.executable, "-m", "pip", "install", "-q", "--no-index", "--find-links", str(WHEELS), *wheels], check=False)
 from rsna22_utils.core.notebooks import start_stage
+from rsna22_utils.core.wheels import install_wheels
 
+setup_logging()
+# offline: the DICOM decoders of the wheels dataset, one wheel at a time (before anything imports a decoder);
+# a decoder the test set needs and still lacks stops the run before the first study
+install_wheels(mount_path("wheels") / "wheels")
 session = start_stage("07_inference", overrides)
 session.config
 

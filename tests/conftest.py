@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+import base64
 import copy
+import hashlib
 import os
+import zipfile
 from pathlib import Path
 
 import pytest
@@ -37,6 +40,30 @@ def realdata() -> Path:
 def rsna_real(realdata: Path) -> Path:
     """The real RSNA 2022 folder (csv/, train_images/, test_images/)."""
     return realdata / "rsna2022"
+
+
+def make_wheel(folder: Path, name: str, version: str = "1.0", requires: tuple[str, ...] = ()) -> Path:
+    """A minimal pure-Python wheel (module `name` with `VERSION`) that pip installs offline; `requires` -> Requires-Dist."""
+    module = name.replace("-", "_")
+    dist_info = f"{module}-{version}.dist-info"
+    files = {
+        f"{module}/__init__.py": f"VERSION = {version!r}\n",
+        f"{dist_info}/METADATA": "".join(
+            [f"Metadata-Version: 2.1\nName: {name}\nVersion: {version}\n", *(f"Requires-Dist: {r}\n" for r in requires)]
+        ),
+        f"{dist_info}/WHEEL": "Wheel-Version: 1.0\nGenerator: rsna22-kit-tests\nRoot-Is-Purelib: true\nTag: py3-none-any\n",
+    }
+    record = []
+    for path, text in files.items():
+        digest = base64.urlsafe_b64encode(hashlib.sha256(text.encode()).digest()).rstrip(b"=").decode()
+        record.append(f"{path},sha256={digest},{len(text.encode())}")
+    files[f"{dist_info}/RECORD"] = "\n".join([*record, f"{dist_info}/RECORD,,"]) + "\n"
+    folder.mkdir(parents=True, exist_ok=True)
+    wheel = folder / f"{module}-{version}-py3-none-any.whl"
+    with zipfile.ZipFile(wheel, "w") as archive:
+        for path, text in files.items():
+            archive.writestr(path, text)
+    return wheel
 
 
 # Tiny settings for every training stage: enough to produce real weights and outputs in seconds.

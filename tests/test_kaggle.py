@@ -15,8 +15,10 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
 import pytest
+from conftest import make_wheel
 
 from rsna22_utils.core import kaggle as k
+from rsna22_utils.core.wheels import KaggleImage, check_wheels, install_wheels, load_image
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -154,27 +156,74 @@ def test_build_weights_dataset_ships_the_submission_stages_without_local_paths(t
         k.build_weights_dataset(tmp_path / "runs", tmp_path / "w2", _settings())
 
 
-def test_build_wheels_dataset_with_fake_downloader(tmp_path):
+IMAGE = KaggleImage(python="3.10", packages={"numpy": "1.26.4"}, source="test image")
+
+
+def test_build_wheels_dataset_resolves_against_the_kaggle_image(tmp_path):
     calls = []
 
-    def fake_pip(cmd: list[str]) -> None:
-        calls.append(cmd)
+    def fake_pip(cmd: list[str]) -> None:  # what pip download leaves: the packages, their dependencies (numpy too)
+        calls.append((cmd, Path(cmd[cmd.index("--constraint") + 1]).read_text()))
         dest = Path(cmd[cmd.index("-d") + 1])
-        for pkg in cmd[cmd.index("--no-deps") + 1 :]:
-            (dest / f"{pkg.replace('-', '_')}-1.0-cp311-cp311-manylinux2014_x86_64.whl").write_bytes(b"PK")
+        make_wheel(dest, "dicomsdl")
+        make_wheel(dest, "pyjpegls", requires=("numpy>=1.20", "pytest; extra == 'tests'", "tomli; python_version < '3.9'"))
+        make_wheel(dest, "numpy", "1.26.4")
 
-    out = k.build_wheels_dataset(
-        tmp_path / "wh", _settings(), packages=("dicomsdl", "pyjpegls"), python_version="3.10", downloader=fake_pip
-    )
-    (cmd,) = calls
-    assert cmd[1:4] == ["-m", "pip", "download"] and "--only-binary=:all:" in cmd
+    out = k.build_wheels_dataset(tmp_path / "wh", _settings(), packages=("dicomsdl", "pyjpegls"), image=IMAGE, downloader=fake_pip)
+    ((cmd, constraints),) = calls
+    assert cmd[1:4] == ["-m", "pip", "download"] and "--only-binary=:all:" in cmd and "--no-deps" not in cmd
     assert cmd[cmd.index("--python-version") + 1] == "3.10" and cmd[cmd.index("--platform") + 1] == "manylinux2014_x86_64"
-    assert sorted(p.name.split("-")[0] for p in (out / "wheels").glob("*.whl")) == ["dicomsdl", "pyjpegls"]
-    assert "pip install --no-index --find-links /kaggle/input/rsna22-wheels/wheels dicomsdl pyjpegls" in (out / "install.sh").read_text()
+    assert constraints == "numpy==1.26.4\n" and cmd[-2:] == ["dicomsdl", "pyjpegls"]
+    assert sorted(p.name.split("-")[0] for p in (out / "wheels").glob("*.whl")) == ["dicomsdl", "pyjpegls"]  # the image's numpy stays
+    install = (out / "install.sh").read_text()
+    assert 'pip install --no-index --find-links "$here/wheels" "$wheel"' in install and "for wheel in" in install
     meta = _check_meta(out)
-    assert "dicomsdl-1.0" in meta["description"]
+    assert "dicomsdl-1.0" in meta["description"] and "numpy 1.26.4" in meta["description"]
+
+    def numpy2_pip(cmd: list[str]) -> None:  # a decoder built for numpy 2: refused at build time, not on Kaggle
+        make_wheel(Path(cmd[cmd.index("-d") + 1]), "pyjpegls", "1.5.1", requires=("numpy>=2.0",))
+
+    with pytest.raises(
+        k.KaggleError, match=r"pyjpegls-1.5.1-py3-none-any.whl needs numpy>=2.0, but the image \(test image\) has numpy 1.26.4"
+    ):
+        k.build_wheels_dataset(tmp_path / "wh2", _settings(), image=IMAGE, downloader=numpy2_pip)
     with pytest.raises(k.KaggleError, match="no wheels"):
-        k.build_wheels_dataset(tmp_path / "wh2", _settings(), downloader=lambda cmd: None)
+        k.build_wheels_dataset(tmp_path / "wh3", _settings(), image=IMAGE, downloader=lambda cmd: None)
+
+
+def test_check_wheels_names_every_unmet_requirement(tmp_path):
+    make_wheel(tmp_path, "pylibjpeg-libjpeg", "2.3.0", requires=("numpy>=2.0", "pylibjpeg>=2.0"))
+    make_wheel(tmp_path, "pylibjpeg", "1.4.0")
+    assert check_wheels(tmp_path, IMAGE) == [
+        "pylibjpeg_libjpeg-2.3.0-py3-none-any.whl needs numpy>=2.0, but the image (test image) has numpy 1.26.4",
+        "pylibjpeg_libjpeg-2.3.0-py3-none-any.whl needs pylibjpeg>=2.0, but the wheels hold pylibjpeg 1.4.0",
+    ]
+
+
+def test_committed_kaggle_image_pins_python_and_numpy(tmp_path):
+    image = load_image()
+    assert image.python.startswith("3.") and image.packages["numpy"].startswith("1.26")
+    (tmp_path / "image.txt").write_text("numpy==1.26.4\n")
+    with pytest.raises(ValueError, match=r"image.txt: needs a `python==3.X` line"):
+        load_image(tmp_path / "image.txt")
+    (tmp_path / "image.txt").write_text("python==3.11\nnumpy>=1.26\n")
+    with pytest.raises(ValueError, match=r"image.txt:2: expected `name==version`"):
+        load_image(tmp_path / "image.txt")
+
+
+def test_install_wheels_one_at_a_time_offline(tmp_path, caplog):
+    """pip refuses a whole install when one wheel does not fit; one call per wheel installs the others."""
+    wheels = tmp_path / "wheels"
+    make_wheel(wheels, "alpha-decoder")
+    make_wheel(wheels, "beta-decoder", requires=("numpy>=99",))  # cannot fit any image
+    make_wheel(wheels, "gamma-decoder")
+    with caplog.at_level("INFO", logger="rsna22_utils.core.wheels"):
+        results = install_wheels(wheels, target=tmp_path / "site")
+    assert results["alpha_decoder-1.0-py3-none-any.whl"] == results["gamma_decoder-1.0-py3-none-any.whl"] == "installed"
+    assert "numpy>=99" in results["beta_decoder-1.0-py3-none-any.whl"]
+    assert (tmp_path / "site" / "alpha_decoder" / "__init__.py").is_file() and (tmp_path / "site" / "gamma_decoder").is_dir()
+    assert any("2 installed, 1 failed (beta_decoder-1.0-py3-none-any.whl)" in r.getMessage() for r in caplog.records)
+    assert install_wheels(tmp_path / "absent") == {}  # no wheels dataset: a warning; the pre-flight checks the decoders
 
 
 # ---------------------------------------------------------------- kernel metadata

@@ -4,7 +4,7 @@ Three datasets carry the kit to Kaggle notebooks (which run without internet at 
 mounted at /kaggle/input/<slug> with the slugs of kaggle-settings.json (`mount_path`):
   rsna22-utils   this package's source + notebooks + the kaggle-settings.json it was built with
   rsna22-weights the runs the submission loads (<stage>/fold<f>-seed<s>/model.safetensors + config.json + manifest.json)
-  rsna22-wheels  offline wheels of the DICOM decoders (pip install --no-index --find-links ...)
+  rsna22-wheels  offline wheels of the DICOM decoders that fit the Kaggle image (core.wheels, kaggle-image.txt)
 Kernel metadata (`kernel-metadata/<stage>/kernel-metadata.json`) is generated from
 `KaggleSettings`, never edited by hand; the notebook is copied next to it at push time.
 
@@ -25,6 +25,7 @@ import re
 import shutil
 import subprocess
 import sys
+import tempfile
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -32,6 +33,7 @@ from typing import Any
 
 from rsna22_utils.core.paths import NOTEBOOKS_DIR, REPO_ROOT, kaggle_input_dir
 from rsna22_utils.core.registry import CONFIG, WEIGHTS, finished_runs, parse_run_name, run_dir
+from rsna22_utils.core.wheels import IMAGE_FILE, PLATFORM, KaggleImage, check_wheels, load_image, wheel_name_version
 
 logger = logging.getLogger(__name__)
 
@@ -236,10 +238,12 @@ import rsna22_utils
 ```
 
 Decoders that the Kaggle image lacks (dicomsdl, pylibjpeg plugins, gdcm, pyjpegls) come from the
-wheels dataset:
+wheels dataset, one wheel at a time (a wheel that does not fit the image cannot block the others):
 
-```
-!pip install --no-index --find-links /kaggle/input/{wheels_slug}/wheels {packages}
+```python
+from rsna22_utils.core.kaggle import mount_path
+from rsna22_utils.core.wheels import install_wheels
+install_wheels(mount_path("wheels") / "wheels")
 ```
 
 Built from the repository with `python -m rsna22_utils kaggle build-dataset utils`.
@@ -267,9 +271,7 @@ def build_utils_dataset(out_dir: Path, settings: KaggleSettings, root: Path = RE
     _write_json(out / SETTINGS_FILE.name, {"$comment": "the settings this dataset was built with", **dataclasses.asdict(settings)})
     slug = settings.dataset_slug("utils")
     title = f"{settings.title_prefix} utils"
-    (out / "README.md").write_text(
-        UTILS_README.format(title=title, slug=slug, wheels_slug=settings.dataset_slug("wheels"), packages=" ".join(DEFAULT_WHEEL_PACKAGES))
-    )
+    (out / "README.md").write_text(UTILS_README.format(title=title, slug=slug))
     meta = dataset_metadata(
         "utils",
         settings,
@@ -377,59 +379,69 @@ def build_wheels_dataset(
     out_dir: Path,
     settings: KaggleSettings,
     packages: Sequence[str] = DEFAULT_WHEEL_PACKAGES,
-    python_version: str = "3.11",
-    platform: str = "manylinux2014_x86_64",
-    no_deps: bool = True,
+    image: KaggleImage | None = None,
+    platform: str = PLATFORM,
     downloader: Downloader | None = _pip_download,
 ) -> Path:
-    """Write the wheels dataset: `wheels/*.whl` for the Kaggle image's Python + an install.sh.
+    """Write the wheels dataset: `wheels/*.whl` that install on the Kaggle image, + an install.sh.
 
     Why: the inference kernel has no internet, so decoders missing from the Kaggle image are
-    installed offline. `downloader` receives the `pip download` argv (inject a fake in tests;
-    None skips downloading and only writes metadata + install.sh). With `no_deps` (default)
-    dependencies the image already has (numpy) are not downloaded.
+    installed offline, and a wheel built for numpy 2 does not install next to the image's numpy
+    1.26. pip resolves `packages` and their dependencies for the image's Python under its pinned
+    versions (`image`, default `kaggle-image.txt`); wheels of packages the image already has are
+    dropped, and every remaining wheel's requirements are checked against the pins (`check_wheels`).
+    `downloader` receives the `pip download` argv (inject a fake in tests; None skips downloading
+    and only writes metadata + install.sh).
     """
+    image = image or load_image()
     out = _fresh_dir(out_dir)
     wheels = out / "wheels"
     wheels.mkdir()
-    cmd = [
-        sys.executable,
-        "-m",
-        "pip",
-        "download",
-        "--only-binary=:all:",
-        "--python-version",
-        python_version,
-        "--platform",
-        platform,
-        "--disable-pip-version-check",
-        "-d",
-        str(wheels),
-    ]
-    if no_deps:
-        cmd.append("--no-deps")
-    cmd += list(packages)
-    if downloader is not None:
-        downloader(cmd)
+    with tempfile.TemporaryDirectory() as tmp:
+        constraints = Path(tmp) / "kaggle-image-constraints.txt"
+        constraints.write_text("".join(f"{name}=={version}\n" for name, version in sorted(image.packages.items())))
+        cmd = [sys.executable, "-m", "pip", "download", "--only-binary=:all:", "--python-version", image.python]
+        cmd += ["--platform", platform, "--implementation", "cp", "--disable-pip-version-check", "-d", str(wheels)]
+        cmd += ["--constraint", str(constraints), *packages]
+        if downloader is not None:
+            downloader(cmd)
+    for wheel in sorted(wheels.glob("*.whl")):  # dependencies the image has (numpy): its own build stays
+        if wheel_name_version(wheel)[0] in image.packages:
+            wheel.unlink()
+            logger.info("dropped %s: the Kaggle image has %s", wheel.name, wheel_name_version(wheel)[0])
     found = sorted(p.name for p in wheels.glob("*.whl"))
     if downloader is not None and not found:
         raise KaggleError(f"{wheels}: no wheels were downloaded for {list(packages)}")
-    slug = settings.dataset_slug("wheels")
-    install = f"pip install --no-index --find-links /kaggle/input/{slug}/wheels {' '.join(packages)}"
-    (out / "install.sh").write_text(
-        f"#!/usr/bin/env bash\n# Offline install on Kaggle (add the {slug} dataset first)\nset -euo pipefail\n{install}\n"
-    )
+    problems = check_wheels(wheels, image)
+    if problems:
+        raise KaggleError(f"{wheels}: wheels that would not install on the Kaggle image:\n  " + "\n  ".join(problems))
+    (out / "install.sh").write_text(INSTALL_SH.format(slug=settings.dataset_slug("wheels")))
     (out / "install.sh").chmod(0o755)
     meta = dataset_metadata(
         "wheels",
         settings,
         title=f"{settings.title_prefix} wheels",
-        subtitle=f"Offline wheels (Python {python_version}) for DICOM decoding",
-        description=(f"Wheels for {platform}, Python {python_version}: {', '.join(found) or '(none)'}.\n\nIn a notebook: `!{install}`"),
+        subtitle=f"Offline wheels (Python {image.python}) for DICOM decoding",
+        description=(
+            f"Wheels for {platform}, Python {image.python}, resolved against {', '.join(f'{n} {v}' for n, v in image.packages.items())}:"
+            f" {', '.join(found) or '(none)'}.\n\nIn a notebook: `!bash /kaggle/input/{settings.dataset_slug('wheels')}/install.sh`"
+        ),
     )
     _write_json(out / "dataset-metadata.json", meta)
-    logger.info("wrote wheels dataset %s (%d wheels)", out, len(found))
+    logger.info("wrote wheels dataset %s (%d wheels for Python %s, checked against %s)", out, len(found), image.python, image.source)
     return out
+
+
+INSTALL_SH = """#!/usr/bin/env bash
+# Offline install on Kaggle (add the {slug} dataset first): each wheel on its own, so a wheel that
+# does not fit the image cannot block the others (what rsna22_utils.core.wheels.install_wheels does).
+here="$(cd "$(dirname "${{BASH_SOURCE[0]}}")" && pwd)"
+status=0
+for wheel in "$here"/wheels/*.whl; do
+  pip install --no-index --find-links "$here/wheels" "$wheel" || {{ echo "not installed: $wheel" >&2; status=1; }}
+done
+exit $status
+"""
 
 
 # --------------------------------------------------------------------------------------------
@@ -632,13 +644,11 @@ def _cmd_build_dataset(args: argparse.Namespace) -> int:
     elif args.name == "weights":
         build_weights_dataset(args.runs, out, settings)
     else:
-        build_wheels_dataset(
-            out,
-            settings,
-            packages=args.packages or DEFAULT_WHEEL_PACKAGES,
-            python_version=args.python_version,
-            platform=args.platform,
-        )
+        try:
+            image = load_image(args.image)
+        except ValueError as exc:
+            raise KaggleError(str(exc)) from None
+        build_wheels_dataset(out, settings, packages=args.packages or DEFAULT_WHEEL_PACKAGES, image=image, platform=args.platform)
     print(out)
     return 0
 
@@ -697,8 +707,10 @@ def add_commands(subparsers: Any) -> None:
         "--runs", type=Path, default=Path("runs"), help="weights: the runs folder (work_dir); ships the runs the submission loads"
     )
     p.add_argument("--packages", nargs="*", default=None, help="wheels: packages to download")
-    p.add_argument("--python-version", default="3.11", help="wheels: Python of the Kaggle image")
-    p.add_argument("--platform", default="manylinux2014_x86_64", help="wheels: pip platform tag")
+    p.add_argument(
+        "--image", type=Path, default=IMAGE_FILE, help=f"wheels: the Kaggle image's Python and package versions ({IMAGE_FILE.name})"
+    )
+    p.add_argument("--platform", default=PLATFORM, help="wheels: pip platform tag")
     common(p)
     p.set_defaults(func=_guard(_cmd_build_dataset))
 
