@@ -88,20 +88,44 @@ def test_placeholder_test_csv_without_folders_is_all_prior(tiny_pipeline: dict, 
     assert np.allclose(written["fractured"], 146 / 2019)
 
 
-def test_time_budget_drops_to_fewer_models_then_prior() -> None:
-    now = [0.0]
-    budget = TimeBudget(budget_s=100.0, n_studies=10, clock=lambda: now[0])
-    assert budget.decide(0) == "full"
-    now[0] = 30.0
-    budget.record("full", 30.0)
-    assert budget.decide(1) == "reduced"  # 30 + 9 x 30 > 100
-    now[0] = 35.0
-    budget.record("reduced", 5.0)
-    assert budget.decide(2) == "reduced"  # 35 + 8 x 5 <= 100
-    now[0] = 60.0
-    budget.record("reduced", 25.0)
-    assert budget.decide(3) == "prior"  # 60 + 7 x 15 > 100
-    assert TimeBudget(1.0, 3, clock=lambda: 5.0, start=0.0).decide(0) == "prior"
+class Clock:
+    """A clock the test moves: `budget.decide` / `record` as a run would call them."""
+
+    def __init__(self) -> None:
+        self.now = 0.0
+
+    def study(self, budget: TimeBudget, done: int, seconds: float) -> str:
+        mode = budget.decide(done)
+        if mode != "prior":
+            self.now += seconds
+            budget.record(mode, seconds)
+        return mode
+
+
+def test_time_budget_ignores_the_start_up_study() -> None:
+    """A first study that pays worker start-up (50 of 100 s) would project 10 x 50 s; the steady state fits in full."""
+    clock = Clock()
+    budget = TimeBudget(budget_s=100.0, n_studies=10, clock=lambda: clock.now)
+    assert [clock.study(budget, done, 50.0 if done == 0 else 4.0) for done in range(10)] == ["full"] * 10
+
+
+def test_time_budget_goes_reduced_back_to_full_and_prior_last() -> None:
+    clock = Clock()
+    budget = TimeBudget(budget_s=100.0, n_studies=10, clock=lambda: clock.now)
+    assert clock.study(budget, 0, 30.0) == "full"  # start-up: not timed
+    assert clock.study(budget, 1, 5.0) == "full"  # nothing timed yet
+    assert clock.study(budget, 2, 25.0) == "full"  # 8 x 5 s fit in 65 s
+    assert clock.study(budget, 3, 2.0) == "reduced"  # 7 x 15 s (median) > 40 s left
+    assert [clock.study(budget, done, 2.0) for done in range(4, 8)] == ["reduced"] * 4
+    assert clock.study(budget, 8, 15.0) == "full"  # 2 x 15 s fit in the 30 s left: back to full
+    assert clock.study(budget, 9, 15.0) == "full"
+    assert len(budget.times["reduced"]) == 5 and budget.per_study("full") == 15.0
+
+    clock = Clock()
+    budget = TimeBudget(budget_s=100.0, n_studies=10, clock=lambda: clock.now)
+    modes = [clock.study(budget, done, 30.0) for done in range(10)]  # reduced is no faster: 10 s left < 30 s
+    assert modes == ["full", "full", "reduced"] + ["prior"] * 7
+    assert TimeBudget(1.0, 3, clock=lambda: 5.0, start=0.0).decide(0) == "prior"  # no time at all
 
 
 def test_tiny_budget_still_writes_every_row(tiny_pipeline: dict, tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:

@@ -253,44 +253,63 @@ def predict_study(ensemble: Ensemble, study: DecodedStudy, cfg: SubmissionConfig
 
 
 class TimeBudget:
-    """Decides, before each study, whether to run the full ensemble, the reduced one, or the prior.
+    """Chooses, before each study, the full ensemble, the reduced one, or the prior, from what the rest would cost.
 
-    projected = elapsed + remaining x mean seconds per study (the mean over the studies run in the
-    current mode). Over budget in full mode -> reduced mode (one box + one study model, no TTA);
-    over budget in reduced mode (after at least one reduced study), or elapsed past the budget -> prior.
+    Seconds per study in a mode are the median over steady-state studies of that mode: the first
+    `warmup` studies of the run (worker start-up, first-call warm-up) are left out, so one slow
+    start cannot lock the run into reduced mode. Re-evaluated before every study, so the run goes
+    back to full mode when time allows again:
+
+    full     when every remaining study fits in full (or no steady-state full study was timed yet);
+    reduced  otherwise (one box + one study model, no flip TTA), while one more reduced study fits;
+    prior    the last resort, for the studies left once not even one reduced study fits.
     """
 
-    def __init__(self, budget_s: float, n_studies: int, clock: Callable[[], float] = time.perf_counter, start: float | None = None) -> None:
-        self.budget_s, self.n_studies, self.clock = budget_s, n_studies, clock
+    def __init__(
+        self,
+        budget_s: float,
+        n_studies: int,
+        clock: Callable[[], float] = time.perf_counter,
+        start: float | None = None,
+        warmup: int = 1,
+    ) -> None:
+        self.budget_s, self.n_studies, self.clock, self.warmup = budget_s, n_studies, clock, warmup
         self.start = clock() if start is None else start
         self.mode = "full"
         self.times: dict[str, list[float]] = {"full": [], "reduced": []}
+        self.recorded = 0
 
     def elapsed(self) -> float:
         return self.clock() - self.start
 
-    def projected(self, done: int) -> float:
-        times = self.times[self.mode]
-        return self.elapsed() + (self.n_studies - done) * (float(np.mean(times)) if times else 0.0)
+    def per_study(self, mode: str) -> float | None:
+        """Median steady-state seconds of one study in `mode`; None before any was timed."""
+        times = self.times[mode]
+        return float(np.median(times)) if times else None
 
     def decide(self, done: int) -> str:
-        """The mode for study number `done` (0-based); logs each switch once."""
-        if self.mode != "prior" and self.elapsed() > self.budget_s:
-            self._switch("prior", f"elapsed {self.elapsed():.0f} s is past the budget of {self.budget_s:.0f} s")
-        elif self.mode == "full" and self.projected(done) > self.budget_s:
-            self._switch("reduced", f"projected {self.projected(done):.0f} s > budget {self.budget_s:.0f} s")
-        elif self.mode == "reduced" and self.times["reduced"] and self.projected(done) > self.budget_s:
-            self._switch("prior", f"projected {self.projected(done):.0f} s with the reduced ensemble > budget {self.budget_s:.0f} s")
-        return self.mode
+        """The mode for study number `done` (0-based); logs each change with its reason."""
+        left, remaining = self.budget_s - self.elapsed(), self.n_studies - done
+        full, reduced = self.per_study("full"), self.per_study("reduced")
+        if left <= 0:
+            mode, why = "prior", f"elapsed {self.elapsed():.0f} s is past the budget of {self.budget_s:.0f} s"
+        elif full is None or remaining * full <= left:
+            mode, why = "full", f"{remaining} studies x {full or 0:.1f} s fit in the {left:.0f} s left"
+        elif reduced is None or reduced <= left:
+            mode, why = "reduced", f"{remaining} studies x {full:.1f} s in full > {left:.0f} s left"
+        else:
+            mode, why = "prior", f"{left:.0f} s left, less than one reduced study ({reduced:.1f} s)"
+        if mode != self.mode:
+            what = {"full": "every model + flip TTA", "reduced": "one box model + one study model, no flip TTA"}
+            logger.warning("time budget: %s -> %s from study %d on", why, what.get(mode, "the train prevalence"), done + 1)
+            self.mode = mode
+        return mode
 
     def record(self, mode: str, seconds: float) -> None:
-        if mode in self.times:
+        """The wall seconds one study took in `mode` (decode wait included: what the budget pays)."""
+        self.recorded += 1
+        if mode in self.times and self.recorded > self.warmup:
             self.times[mode].append(seconds)
-
-    def _switch(self, mode: str, why: str) -> None:
-        self.mode = mode
-        what = {"reduced": "one box model + one study model, no flip TTA", "prior": "the train prevalence"}[mode]
-        logger.warning("time budget: %s -> %s for the remaining studies", why, what)
 
 
 # --------------------------------------------------------------------------- submission
