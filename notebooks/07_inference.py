@@ -16,8 +16,11 @@
 # Every test study is decoded (dicomsdl) and windowed by background workers while the models run:
 # all box models → study box and C1–C7 slice range → box crops, 3 slices per image → every study
 # model (frozen stage-05 CNN + study head), mean of probabilities (+ horizontal flip).
-# A study that cannot be read gets the train prevalence; a run that would pass the time budget
-# drops to one model, then to the prior, so a `submission.csv` with every row is always written.
+# Before the first study the run fails loudly, with one message, when a decoder the test studies
+# need, the weights dataset, a model, or the self-test (every model on a synthetic study of real
+# size) fails. After that a study that cannot be read gets the train prevalence, unless more than
+# `max_failed_fraction` of the studies fail; the time budget picks full / one model / the prior
+# before each study. The last line sums up: studies in full / reduced / prior, and why.
 # Locally: `python -m rsna22_utils predict --data-dir D --weights runs --out submission.csv`
 
 # %% tags=["parameters"]
@@ -46,8 +49,5 @@ session.config
 # %%
 started = time.perf_counter()
 submission = session.run()
-print(
-    f"{len(submission)} rows -> {session.config.out} in {time.perf_counter() - started:.1f} s; "
-    f"{submission.attrs['predicted']} studies predicted, {len(submission.attrs['fallbacks'])} prior"
-)
+print(f"{len(submission)} rows -> {session.config.out} in {time.perf_counter() - started:.1f} s; {submission.attrs['summary']}")
 submission.head(16)

@@ -3,7 +3,10 @@
 from __future__ import annotations
 
 import logging
+import os
 import shutil
+import subprocess
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -11,7 +14,7 @@ import pandas as pd
 import pytest
 
 from rsna22_utils.cervical.metric import TARGETS, score, solution_from_labels
-from rsna22_utils.cervical.submission import TimeBudget, predict_submission, train_prevalence
+from rsna22_utils.cervical.submission import SetupError, TimeBudget, TooManyFailures, predict_submission, train_prevalence
 from rsna22_utils.core.config import resolve_config
 
 
@@ -48,6 +51,7 @@ def test_submission_rows_values_and_score(tiny_pipeline: dict, tmp_path: Path) -
     assert list(written["row_id"]) == list(test["row_id"])
     assert ((written["fractured"] > 0) & (written["fractured"] < 1)).all()
     assert submission.attrs["predicted"] == test["StudyInstanceUID"].nunique() and not submission.attrs["fallbacks"]
+    assert submission.attrs["summary"].startswith("3 studies: 3 full, 0 reduced, 0 prior; 0 failed of 0 allowed; self-test")
     # model outputs, not the prior: a study's 8 values differ from the prevalences
     prior = train_prevalence(data_dir)
     assert not _prior_rows(written, test, test["StudyInstanceUID"].iloc[0], prior)
@@ -64,7 +68,7 @@ def test_corrupt_study_gets_prior_and_others_predicted(tiny_pipeline: dict, tmp_
     dicom.write_bytes(dicom.read_bytes()[:300])  # truncated file
     out = tmp_path / "submission.csv"
     with caplog.at_level(logging.WARNING, logger="rsna22_utils.cervical.submission"):
-        submission = predict_submission(_config(data_dir, tiny_pipeline["work_dir"], out, num_workers=1))
+        submission = predict_submission(_config(data_dir, tiny_pipeline["work_dir"], out, num_workers=1, max_failed_fraction=0.5))
     written = pd.read_csv(out)
     assert list(written["row_id"]) == list(test["row_id"])
     assert set(submission.attrs["fallbacks"]) == {bad}
@@ -72,6 +76,23 @@ def test_corrupt_study_gets_prior_and_others_predicted(tiny_pipeline: dict, tmp_
     assert _prior_rows(written, test, bad, train_prevalence(data_dir))
     warnings = [r.getMessage() for r in caplog.records if bad in r.getMessage()]
     assert len(warnings) == 1 and dicom.name in warnings[0], warnings
+    assert "2 full, 0 reduced, 1 prior (1 unreadable (e.g. " in submission.attrs["summary"]
+    assert "1 failed of 1 allowed" in submission.attrs["summary"]
+
+
+def test_failures_past_max_failed_fraction_fail_the_run(tiny_pipeline: dict, tmp_path: Path) -> None:
+    """Two of three studies unreadable with max_failed_fraction 0.5 (one allowed), or all three with 1.0: no submission of priors."""
+    data_dir = _copy_competition(tiny_pipeline["data_dir"], tmp_path / "competition")
+    test = pd.read_csv(data_dir / "test.csv")
+    for uid in test["StudyInstanceUID"].unique():
+        dicom = sorted((data_dir / "test_images" / uid).glob("*.dcm"))[2]
+        dicom.write_bytes(dicom.read_bytes()[:300])
+    out = tmp_path / "submission.csv"
+    with pytest.raises(TooManyFailures, match=r"2 of 3 test studies failed \(max_failed_fraction 0.5 allows 1\)"):
+        predict_submission(_config(data_dir, tiny_pipeline["work_dir"], out, num_workers=0, max_failed_fraction=0.5))
+    with pytest.raises(TooManyFailures, match=r"3 of 3 test studies failed \(max_failed_fraction 1.0 allows 2\)"):
+        predict_submission(_config(data_dir, tiny_pipeline["work_dir"], out, num_workers=0, max_failed_fraction=1.0))
+    assert not out.exists()
 
 
 def test_placeholder_test_csv_without_folders_is_all_prior(tiny_pipeline: dict, tmp_path: Path) -> None:
@@ -82,10 +103,97 @@ def test_placeholder_test_csv_without_folders_is_all_prior(tiny_pipeline: dict, 
     test = pd.DataFrame({"row_id": [f"{u}_C1" for u in uids], "StudyInstanceUID": uids, "prediction_type": "C1"})
     test.to_csv(data_dir / "test.csv", index=False)
     out = tmp_path / "submission.csv"
-    predict_submission(_config(data_dir, tiny_pipeline["work_dir"], out))  # no train.csv: the real prevalences
+    submission = predict_submission(_config(data_dir, tiny_pipeline["work_dir"], out))  # no train.csv: the real prevalences
     written = pd.read_csv(out)
     assert list(written["row_id"]) == list(test["row_id"])
     assert np.allclose(written["fractured"], 146 / 2019)
+    assert submission.attrs["summary"].startswith("3 studies: 0 full, 0 reduced, 3 prior (3 placeholder test.csv (e.g. ")
+    assert "self-test 0.0 s" not in submission.attrs["summary"]  # the models ran, on a synthetic study
+    (data_dir / "test_images" / uids[0]).mkdir()  # one study has a folder: the two without are failures, not a placeholder
+    with pytest.raises(TooManyFailures, match="no study folder"):
+        predict_submission(_config(data_dir, tiny_pipeline["work_dir"], out))
+
+
+def _placeholder(tmp_path: Path) -> Path:
+    """Kaggle's public competition folder: a 3-study test.csv, no images."""
+    data_dir = tmp_path / "competition"
+    (data_dir / "test_images").mkdir(parents=True)
+    uids = ["1.2.826.0.1.3680043.10197", "1.2.826.0.1.3680043.10454", "1.2.826.0.1.3680043.10690"]
+    pd.DataFrame({"row_id": [f"{u}_C1" for u in uids], "StudyInstanceUID": uids, "prediction_type": "C1"}).to_csv(
+        data_dir / "test.csv", index=False
+    )
+    return data_dir
+
+
+def _weights_missing_a_stage(tiny: dict, tmp_path: Path) -> Path:
+    shutil.copytree(tiny["work_dir"] / "01_train_box", tmp_path / "weights" / "01_train_box")
+    return tmp_path / "weights"
+
+
+def _weights_truncated(tiny: dict, tmp_path: Path) -> Path:
+    weights = tmp_path / "weights"
+    for stage in ("01_train_box", "06_train_study"):
+        shutil.copytree(tiny["work_dir"] / stage, weights / stage)
+    model = weights / "06_train_study" / "fold0-seed0" / "model.safetensors"
+    model.write_bytes(model.read_bytes()[:1000])
+    return weights
+
+
+@pytest.mark.parametrize(
+    "weights, error",
+    [
+        (lambda tiny, tmp: tmp / "no-weights-dataset", r"no-weights-dataset: weights folder not found; on Kaggle add the weights dataset"),
+        (_weights_missing_a_stage, r"cannot load the submission's models: FileNotFoundError: .*06_train_study: no finished run"),
+        (_weights_truncated, r"cannot load the submission's models: RuntimeError: .*model.safetensors: cannot read weights"),
+    ],
+    ids=["no weights dataset", "no 06_train_study run", "broken weights file"],
+)
+def test_setup_errors_fail_the_run_even_on_the_placeholder(tiny_pipeline: dict, tmp_path: Path, weights, error: str) -> None:
+    """Kaggle's 3-study placeholder (no images) used to hide these behind priors and exit status 0."""
+    out = tmp_path / "submission.csv"
+    with pytest.raises(SetupError, match=error):
+        predict_submission(_config(_placeholder(tmp_path), weights(tiny_pipeline, tmp_path), out))
+    assert not out.exists()
+
+
+def test_a_model_that_fails_on_a_real_sized_study_fails_the_self_test(
+    tiny_pipeline: dict, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import rsna22_utils.cervical.submission as submission
+
+    seen = []
+
+    def crop_too_small(ensemble, study, cfg, flip):  # what a model that only worked at training size would do
+        seen.append((study.volumes[ensemble.box.spec.name].shape, study.slices[["rows", "cols"]].iloc[0].tolist(), flip))
+        raise RuntimeError("Input size (1x1) is smaller than the kernel")
+
+    monkeypatch.setattr(submission, "predict_study", crop_too_small)
+    with pytest.raises(SetupError, match=r"self-test: .* fails on a \(300, 512, 512\) study: RuntimeError: Input size"):
+        predict_submission(_config(_placeholder(tmp_path), tiny_pipeline["work_dir"], tmp_path / "submission.csv"))
+    assert seen == [((300, 48, 48, 1), [512, 512], True)]  # every model, flip TTA, the models' own input size
+
+
+def test_a_missing_decoder_fails_before_the_first_study(tiny_pipeline: dict, tmp_path: Path) -> None:
+    """No dicomsdl, no JPEG Lossless plugin for pydicom (a wheel that did not install): one clear error, exit status 2."""
+    out = tmp_path / "submission.csv"
+    blocked = ["dicomsdl", "pylibjpeg", "libjpeg", "gdcm"]
+    code = (
+        "import sys, runpy\n"
+        f"for name in {blocked!r}:\n"
+        "    sys.modules[name] = None  # import fails, as for a package that is not installed\n"
+        "sys.argv = ['rsna22_utils'] + sys.argv[1:]\n"
+        "runpy.run_module('rsna22_utils', run_name='__main__')\n"
+    )
+    args = ["predict", "--data-dir", str(tiny_pipeline["data_dir"]), "--weights", str(tiny_pipeline["work_dir"]), "--out", str(out)]
+    env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[1])}
+    proc = subprocess.run([sys.executable, "-c", code, *args, "-p", "device=cpu"], capture_output=True, text=True, env=env, timeout=600)
+    assert proc.returncode == 2, proc.stderr[-3000:]
+    error = proc.stderr.strip().splitlines()
+    error = "\n".join(error[next(i for i, line in enumerate(error) if line.startswith("error: ")) :])
+    assert "no auto decoder for the test studies' transfer syntaxes" in error, error
+    assert "JPEG Lossless SV1 1.2.840.10008.1.2.4.70 (1 studies, e.g. " in error and "dicomsdl does not import" in error
+    assert "pydicom lacks a plugin: gdcm - requires gdcm" in error and "self-test" not in proc.stderr  # checked first
+    assert not out.exists()
 
 
 class Clock:
@@ -156,6 +264,7 @@ def test_notebook_writes_submission_under_papermill(tiny_pipeline: dict, tmp_pat
         "out": str(out),
         "device": "cpu",
         "num_workers": 1,
+        "max_failed_fraction": 0.5,
     }
     summary = run_stage("07_inference", overrides=overrides, work_dir=tmp_path / "runs")
     assert summary.ok, summary.failed

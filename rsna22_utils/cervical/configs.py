@@ -231,6 +231,16 @@ class SubmissionConfig(StageConfig, Hardware, StudyBoxRule):
     box_batch_size: int = 128
     sequence_batch_size: int = 4
     dicom_backend: str = "auto"  # auto (dicomsdl, pydicom fallback per file) | dicomsdl | pydicom
+    # more failed test studies (unreadable, unpredictable, no folder) than this fraction, or all of them,
+    # fail the run instead of submitting priors; fewer get the prior each
+    max_failed_fraction: float = 0.05
 
     def _check(self) -> list[str]:
-        return [f"time_budget_hours must be > 0, got {self.time_budget_hours}"] if self.time_budget_hours <= 0 else []
+        out = []
+        if self.time_budget_hours <= 0:
+            out.append(f"time_budget_hours must be > 0, got {self.time_budget_hours}")
+        if not 0.0 <= self.max_failed_fraction <= 1.0:
+            out.append(f"max_failed_fraction must be in [0, 1], got {self.max_failed_fraction}")
+        if self.dicom_backend not in ("auto", "dicomsdl", "pydicom"):
+            out.append(f"dicom_backend must be auto, dicomsdl or pydicom, got {self.dicom_backend!r}")
+        return out

@@ -17,16 +17,25 @@ For every study of `test.csv`, in the order of the file:
 The weights folder has the layout of a local `runs/` folder (`<stage>/fold<f>-seed<s>/{model.safetensors,
 config.json}`), so `--weights runs` works locally and the weights dataset works on Kaggle.
 
-The submission never fails: a study that cannot be read or predicted gets the train prevalence
-(one warning line naming the study and the reason); when the run projects past
-`time_budget_hours` it drops to one box + one study model without TTA for the remaining studies,
-and if that still does not fit, the remaining studies get the prior.
+Before the first study, a pre-flight (`preflight`) fails the run with one SetupError when anything
+the loop needs is missing: a decoder for a transfer syntax of the test studies, the weights folder,
+a box or study run, or a model that does not run (every model, flip TTA included, on a synthetic
+study of a real study's size). Kaggle's public test.csv, whose 3 studies have no images, still
+loads and self-tests the models before its rows get the prior.
+
+After that the submission degrades per study: a study that cannot be read or predicted gets the
+train prevalence (one warning line naming the study and the reason), unless more studies fail than
+`max_failed_fraction` allows (or all do): then TooManyFailures fails the run rather than submit
+priors. The time budget (`TimeBudget`) picks, before each study, the full ensemble, one box + one
+study model without TTA, or, as the last resort, the prior. The log ends with a summary: studies
+in full / reduced / prior, and why.
 """
 
 from __future__ import annotations
 
 import argparse
 import logging
+import sys
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
@@ -312,6 +321,179 @@ class TimeBudget:
             self.times[mode].append(seconds)
 
 
+# --------------------------------------------------------------------------- pre-flight
+
+#: The self-test study: a typical test study, ~300 slices of 512 x 512 (the models see it at their own sizes).
+SELF_TEST_SHAPE = (300, 512, 512)
+#: Kaggle's public test.csv (the interactive editor, the save run) lists 3 studies and ships no images for them.
+KAGGLE_PLACEHOLDER_STUDIES = 3
+
+
+class SubmissionError(RuntimeError):
+    """The submission must not be written: the Kaggle run fails instead of submitting priors."""
+
+
+class SetupError(SubmissionError):
+    """Weights, models, decoders or the self-test failed before the first study (the message says which and why)."""
+
+
+class TooManyFailures(SubmissionError):
+    """More test studies failed than `max_failed_fraction` allows (or every study did)."""
+
+
+def load_models(cfg: SubmissionConfig) -> Ensemble:
+    """Every box and study model of `cfg.weights_dir`, or a SetupError that names the folder and what is missing."""
+    weights = Path(cfg.weights_dir)
+    if not weights.is_dir():
+        raise SetupError(
+            f"{weights}: weights folder not found; on Kaggle add the weights dataset (weights_dataset of kaggle-settings.json) "
+            "to the notebook, locally pass --weights runs"
+        )
+    try:
+        return load_ensemble(weights, resolve_device(cfg.device))
+    except Exception as error:  # missing runs, a config or weights file that does not load, no CUDA
+        raise SetupError(f"{weights}: cannot load the submission's models: {type(error).__name__}: {error}") from error
+
+
+def check_test_decoders(images_dir: Path, uids: list[str], backend: str) -> dict[str, int]:
+    """Transfer syntax -> studies, from the first file of each test study; SetupError when one has no decoder here.
+
+    A study whose first file cannot be read is left to fail on its own (a per-study fallback).
+    """
+    from rsna22_utils.core.decoders import decoder_problems, transfer_syntax
+    from rsna22_utils.core.dicom import TRANSFER_SYNTAX_NAMES
+
+    studies: dict[str, list[str]] = {}
+    for uid in uids:
+        first = min((images_dir / uid).glob("*.dcm"), default=None)
+        try:
+            syntax = transfer_syntax(first) if first is not None else None
+        except Exception:  # that study's own failure, reported when it is decoded
+            syntax = None
+        if syntax:
+            studies.setdefault(syntax, []).append(uid)
+    problems = decoder_problems(studies, backend)
+    if problems:
+        lines = [
+            f"{TRANSFER_SYNTAX_NAMES.get(syntax, 'unknown')} {syntax} ({len(studies[syntax])} studies, e.g. {studies[syntax][0]}): {why}"
+            for syntax, why in problems.items()
+        ]
+        raise SetupError(
+            f"{images_dir}: no {backend} decoder for the test studies' transfer syntaxes:\n  "
+            + "\n  ".join(lines)
+            + "\n  install the decoders (the wheels dataset: see the wheel installs logged above) or set dicom_backend"
+        )
+    found = ", ".join(f"{TRANSFER_SYNTAX_NAMES.get(syntax, syntax)} x{len(group)}" for syntax, group in sorted(studies.items()))
+    logger.info("decoders: %s reads every transfer syntax of the test studies (%s)", backend, found or "no study")
+    return {syntax: len(group) for syntax, group in studies.items()}
+
+
+def self_test_study(shape: tuple[int, int, int] = SELF_TEST_SHAPE) -> tuple[np.ndarray, pd.DataFrame]:
+    """A synthetic HU volume of a real study's size (air, a neck, a vertebral body) and its slice table."""
+    n, rows, cols = shape
+    y, x = np.mgrid[:rows, :cols]
+    y, x = y / rows, x / cols
+    hu = np.full((rows, cols), -1000, np.int16)
+    hu[((x - 0.5) / 0.38) ** 2 + ((y - 0.5) / 0.3) ** 2 <= 1] = 40
+    hu[((x - 0.5) / 0.06) ** 2 + ((y - 0.55) / 0.06) ** 2 <= 1] = 700
+    slices = pd.DataFrame({"StudyInstanceUID": "self-test", "slice_number": np.arange(1, n + 1), "rows": rows, "cols": cols})
+    return np.broadcast_to(hu, shape), slices.assign(slice_index=np.arange(n))
+
+
+def self_test(ensemble: Ensemble, cfg: SubmissionConfig) -> float:
+    """Every model (with flip TTA when set) once on `self_test_study`: the seconds, or a SetupError with the reason.
+
+    Why: a run that only meets its models at the first test study submits priors when they fail
+    (Kaggle's public test.csv has no images at all); this fails the run before the loop instead.
+    """
+    started = time.perf_counter()
+    try:
+        volume, slices = self_test_study()
+        study = DecodedStudy("self-test", {spec.name: encode_study(volume, spec) for spec in ensemble.specs}, slices)
+        probabilities = np.asarray(predict_study(ensemble, study, cfg, flip=cfg.tta_flip))
+    except Exception as error:
+        raise SetupError(
+            f"self-test: the ensemble of {cfg.weights_dir} fails on a {SELF_TEST_SHAPE} study: {type(error).__name__}: {error}"
+        ) from error
+    if probabilities.shape != (len(TARGETS),) or not np.all((probabilities >= 0) & (probabilities <= 1)):
+        raise SetupError(f"self-test: the ensemble of {cfg.weights_dir} gave {probabilities!r}, not {len(TARGETS)} probabilities")
+    seconds = time.perf_counter() - started
+    logger.info(
+        "self-test: %d box + %d study models on a %s study in %.1f s",
+        len(ensemble.box.models),
+        len(ensemble.study),
+        SELF_TEST_SHAPE,
+        seconds,
+    )
+    return seconds
+
+
+def preflight(cfg: SubmissionConfig, images_dir: Path, uids: list[str]) -> tuple[Ensemble, float]:
+    """What must work before the first study, else one SetupError: decoders for the test set, every model, a self-test.
+
+    Returns the ensemble and the self-test's seconds.
+    """
+    check_test_decoders(images_dir, uids, cfg.dicom_backend)
+    ensemble = load_models(cfg)
+    return ensemble, self_test(ensemble, cfg)
+
+
+# --------------------------------------------------------------------------- outcomes
+
+
+@dataclass
+class StudyOutcome:
+    """What one test study got: full / reduced predictions, or the prior and why."""
+
+    mode: str  # full | reduced | prior
+    reason: str = ""  # the kind of fallback: unreadable, prediction failed, no study folder, time budget, placeholder test.csv
+    detail: str = ""  # the message of this study's fallback
+    failed: bool = False  # counts against max_failed_fraction
+
+
+@dataclass
+class RunReport:
+    """Every test study's outcome; fails the run as soon as more studies failed than allowed."""
+
+    n_studies: int
+    max_failed_fraction: float
+    outcomes: dict[str, StudyOutcome] = field(default_factory=dict)
+    self_test_s: float = 0.0
+
+    @property
+    def max_failures(self) -> int:
+        """Failed studies the run tolerates: a fraction of test.csv's, never all of them."""
+        return min(int(self.max_failed_fraction * self.n_studies), max(self.n_studies - 1, 0))
+
+    @property
+    def failures(self) -> int:
+        return sum(o.failed for o in self.outcomes.values())
+
+    def add(self, uid: str, outcome: StudyOutcome) -> None:
+        """Record one study (a fallback is logged); raise TooManyFailures once failures pass `max_failures`."""
+        self.outcomes[uid] = outcome
+        if outcome.failed:
+            logger.warning("study %s: %s -> prior", uid, outcome.detail)
+        if self.failures > self.max_failures:
+            raise TooManyFailures(
+                f"{self.failures} of {self.n_studies} test studies failed (max_failed_fraction {self.max_failed_fraction} allows "
+                f"{self.max_failures}), last {uid}: {outcome.detail}; no submission of priors is written. {self.summary()}"
+            )
+
+    def summary(self) -> str:
+        """One line: studies in full / reduced / prior, the prior's reasons with an example each, the failures."""
+        modes = [o.mode for o in self.outcomes.values()]
+        reasons: dict[str, list[tuple[str, StudyOutcome]]] = {}
+        for uid, outcome in self.outcomes.items():
+            if outcome.mode == "prior":
+                reasons.setdefault(outcome.reason, []).append((uid, outcome))
+        why = "; ".join(f"{len(group)} {reason} (e.g. {group[0][0]}: {group[0][1].detail[:120]})" for reason, group in reasons.items())
+        return (
+            f"{self.n_studies} studies: {modes.count('full')} full, {modes.count('reduced')} reduced, {modes.count('prior')} prior"
+            f"{f' ({why})' if why else ''}; {self.failures} failed of {self.max_failures} allowed; self-test {self.self_test_s:.1f} s"
+        )
+
+
 # --------------------------------------------------------------------------- submission
 
 
@@ -372,11 +554,52 @@ def iter_studies(
             yield decode_study(uid, images_dir / uid, specs, backend)
 
 
+def predict_studies(
+    ensemble: Ensemble, uids: list[str], images_dir: Path, cfg: SubmissionConfig, budget: TimeBudget, report: RunReport
+) -> dict[str, np.ndarray]:
+    """Every study of `uids` in the mode the budget picks; a study that fails gets the prior (in `report`), the others go on."""
+    predictions: dict[str, np.ndarray] = {}
+    reduced = ensemble.reduced()
+    bar = tqdm(total=len(uids), desc="test studies", unit="study")
+    studies = iter_studies(uids, images_dir, ensemble.specs, cfg.num_workers, cfg.dicom_backend)
+    t_last = time.perf_counter()
+    try:
+        for done, study in enumerate(studies):
+            mode = budget.decide(done)
+            if mode == "prior":
+                break
+            if study.error is not None:
+                report.add(study.uid, StudyOutcome("prior", "unreadable", study.error, failed=True))
+            else:
+                try:
+                    model = ensemble if mode == "full" else reduced
+                    predictions[study.uid] = predict_study(model, study, cfg, flip=cfg.tta_flip and mode == "full")
+                    outcome = StudyOutcome(mode)
+                except Exception as error:  # this study gets the prior, the others go on
+                    detail = str(error).strip().splitlines()[0] if str(error).strip() else ""
+                    outcome = StudyOutcome("prior", "prediction failed", f"{type(error).__name__}: {detail}", failed=True)
+                report.add(study.uid, outcome)
+            now = time.perf_counter()
+            budget.record(mode, now - t_last)  # includes waiting for the decode: what the budget pays
+            t_last = now
+            bar.update(1)
+    finally:
+        studies.close()
+        bar.close()
+    skipped = [uid for uid in uids if uid not in report.outcomes]
+    for uid in skipped:
+        report.add(uid, StudyOutcome("prior", "time budget", "time budget"))
+    if skipped:
+        logger.warning("time budget: %d studies get the prior", len(skipped))
+    return predictions
+
+
 def predict_submission(cfg: Any) -> pd.DataFrame:
     """Write `cfg.out` (row_id, fractured) for every row of `cfg.data_dir/test.csv`, in order; returns it.
 
-    Never fails for a study: unreadable / unpredictable studies and studies past the time budget
-    get the train prevalence. Only a missing or malformed test.csv raises.
+    Fails loudly on setup (SetupError: weights, models, decoders, the self-test) and when more
+    studies fail than `max_failed_fraction` allows (TooManyFailures); otherwise a study that cannot
+    be read or predicted, or that the time budget leaves out, gets the train prevalence.
     """
     started = time.perf_counter()
     data_dir = Path(cfg.data_dir)
@@ -386,67 +609,39 @@ def predict_submission(cfg: Any) -> pd.DataFrame:
     images_dir = data_dir / "test_images"
     logger.info("07_inference: %d test studies (%d rows) from %s, weights %s", len(uids), len(test), data_dir, cfg.weights_dir)
 
-    predictions: dict[str, np.ndarray] = {}
-    fallbacks: dict[str, str] = {}
+    report = RunReport(len(uids), cfg.max_failed_fraction)
     present = [uid for uid in uids if (images_dir / uid).is_dir()]
+    placeholder = not present and len(uids) <= KAGGLE_PLACEHOLDER_STUDIES
+    if placeholder:
+        logger.warning(
+            "%s: none of test.csv's %d studies has images: Kaggle's public placeholder test.csv; the self-test below runs the "
+            "models on a synthetic study, and these rows get the prior",
+            images_dir,
+            len(uids),
+        )
     for uid in uids:
         if uid not in present:
-            fallbacks[uid] = f"no study folder {images_dir / uid}"
-            logger.warning("study %s: %s -> prior", uid, fallbacks[uid])
-    ensemble = None
-    if present:
-        try:
-            ensemble = load_ensemble(cfg.weights_dir, resolve_device(cfg.device))
-        except Exception as error:  # a submission of priors beats none
-            logger.error(
-                "cannot load the models from %s (%s: %s): every study gets the prior", cfg.weights_dir, type(error).__name__, error
+            missing = f"no study folder {images_dir / uid}"
+            report.add(
+                uid,
+                StudyOutcome("prior", "placeholder test.csv", missing)
+                if placeholder
+                else StudyOutcome("prior", "no study folder", missing, failed=True),
             )
-            fallbacks.update({uid: "models not loaded" for uid in present})
-    if ensemble is not None:
-        budget = TimeBudget(cfg.time_budget_hours * 3600.0, len(present), start=started)
-        reduced = ensemble.reduced()
-        bar = tqdm(total=len(present), desc="test studies", unit="study")
-        studies = iter_studies(present, images_dir, ensemble.specs, cfg.num_workers, cfg.dicom_backend)
-        t_last = time.perf_counter()
-        for done, study in enumerate(studies):
-            mode = budget.decide(done)
-            if mode == "prior":
-                studies.close()
-                break
-            try:
-                if study.error is not None:
-                    raise RuntimeError(study.error)
-                model = ensemble if mode == "full" else reduced
-                predictions[study.uid] = predict_study(model, study, cfg, flip=cfg.tta_flip and mode == "full")
-            except Exception as error:  # this study gets the prior, the others go on
-                fallbacks[study.uid] = str(error).splitlines()[0] if str(error) else type(error).__name__
-                logger.warning("study %s: %s -> prior", study.uid, fallbacks[study.uid])
-            now = time.perf_counter()
-            budget.record(mode, now - t_last)  # includes waiting for the decode: what the budget pays
-            t_last = now
-            bar.update(1)
-        bar.close()
-        skipped = [uid for uid in present if uid not in predictions and uid not in fallbacks]
-        for uid in skipped:
-            fallbacks[uid] = "time budget"
-        if skipped:
-            logger.warning("time budget: %d studies get the prior", len(skipped))
+    ensemble, report.self_test_s = preflight(cfg, images_dir, present)
 
+    budget = TimeBudget(cfg.time_budget_hours * 3600.0, len(present), start=started)
+    predictions = predict_studies(ensemble, present, images_dir, cfg, budget, report)
     submission = submission_rows(test, predictions, prior)
     out = Path(cfg.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     submission.to_csv(out, index=False)
     seconds = time.perf_counter() - started
-    logger.info(
-        "submission of %d rows written to %s in %.1f s: %d studies predicted, %d prior (%s)",
-        len(submission),
-        out,
-        seconds,
-        len(predictions),
-        len(fallbacks),
-        ", ".join(sorted(set(fallbacks.values())))[:200] or "none",
-    )
-    submission.attrs.update(predicted=len(predictions), fallbacks=fallbacks, seconds=seconds)
+    summary = report.summary()
+    logger.info("submission of %d rows written to %s in %.1f s; %s", len(submission), out, seconds, summary)
+    fallbacks = {uid: o.detail for uid, o in report.outcomes.items() if o.mode == "prior"}
+    modes = {uid: o.mode for uid, o in report.outcomes.items()}
+    submission.attrs.update(predicted=len(predictions), fallbacks=fallbacks, modes=modes, summary=summary, seconds=seconds)
     return submission
 
 
@@ -461,6 +656,10 @@ def run_cli(args: argparse.Namespace) -> int:
     for key, value in (("data_dir", args.data_dir), ("weights_dir", args.weights), ("out", args.out)):
         if value is not None:
             overrides[key] = str(value)
-    submission = predict_submission(resolve_config("07_inference", overrides))
+    try:
+        submission = predict_submission(resolve_config("07_inference", overrides))
+    except SubmissionError as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 2
     print(submission.head(8).to_string(index=False))
     return 0

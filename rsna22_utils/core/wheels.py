@@ -151,13 +151,13 @@ def install_wheels(wheels_dir: Path | str, target: Path | str | None = None) -> 
 
     One call per wheel so that a wheel that does not fit the image cannot block the others.
     Failures are logged, not raised: the submission's pre-flight raises when a decoder the test set
-    needs is still missing. A missing folder is a warning (the image may have every decoder).
+    needs is still missing. A missing or empty folder installs nothing (the image may have every decoder).
     `target` installs into that folder instead of the environment (tests).
     """
     wheels_dir = Path(wheels_dir)
     wheels = sorted(wheels_dir.glob("*.whl"))
-    if not wheels:
-        logger.warning("%s: no wheels (is the wheels dataset attached?); the DICOM decoders must come from the image", wheels_dir)
+    if not wheels:  # not on Kaggle, or the dataset is not attached: the pre-flight says whether decoders are missing
+        logger.info("%s: no wheels to install; the DICOM decoders must come from this environment", wheels_dir)
         return {}
     results: dict[str, str] = {}
     for wheel in wheels:
