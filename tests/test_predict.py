@@ -276,6 +276,52 @@ def test_notebook_writes_submission_under_papermill(tiny_pipeline: dict, tmp_pat
     assert (tmp_path / "runs" / "07_inference" / "07_inference.ipynb").is_file()
 
 
+def test_notebook_on_kaggle_with_every_slug_renamed_and_the_network_cut(tiny_pipeline: dict, tmp_path: Path) -> None:
+    """07_inference.ipynb as Kaggle runs it: every slug renamed in the settings the utils dataset carries, the kit only from
+    the utils dataset (nothing of the repo on the path), the network cut (unshare -rn where allowed, a socket guard always)."""
+    import json
+
+    from conftest import make_wheel, network_namespace, offline_env
+
+    from rsna22_utils.core.kaggle import KaggleSettings, build_utils_dataset, build_weights_dataset
+    from rsna22_utils.core.paths import KAGGLE_INPUT_ENV, NOTEBOOKS_DIR
+    from rsna22_utils.core.runner import default_kernel_name
+
+    slugs = {"utils_dataset": "renamed-kit-code", "weights_dataset": "renamed-kit-models", "wheels_dataset": "renamed-kit-decoders"}
+    settings = KaggleSettings(owner="kit-tester", competition="renamed-competition", **slugs)
+    mount = tmp_path / "input"  # what Kaggle mounts at /kaggle/input
+    build_utils_dataset(mount / "renamed-kit-code", settings)
+    build_weights_dataset(tiny_pipeline["work_dir"], mount / "renamed-kit-models", settings)
+    _copy_competition(tiny_pipeline["data_dir"], mount / "renamed-competition")
+    make_wheel(mount / "renamed-kit-decoders" / "wheels", "kit-probe-decoder")
+    out = tmp_path / "working" / "submission.csv"
+    overrides = {"out": str(out), "work_dir": str(out.parent), "device": "cpu", "num_workers": 1}
+    env, attempts = offline_env(tmp_path, pythonpath=[])
+    env.update({KAGGLE_INPUT_ENV: str(mount), "PIP_TARGET": str(tmp_path / "site")})  # the probe wheel installs there
+    executed = tmp_path / "executed.ipynb"
+    cmd = [sys.executable, "-m", "papermill", str(NOTEBOOKS_DIR / "07_inference.ipynb"), str(executed)]
+    cmd += ["-k", default_kernel_name(), "--cwd", str(tmp_path), "-y", json.dumps({"overrides": overrides})]
+    proc = subprocess.run([*network_namespace(), *cmd], env=env, capture_output=True, text=True, timeout=900)
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    assert not attempts.exists(), attempts.read_text()  # no process tried to reach the network
+
+    test = pd.read_csv(tiny_pipeline["data_dir"] / "test.csv")
+    written = pd.read_csv(out)
+    assert list(written["row_id"]) == list(test["row_id"])
+    labels = pd.read_csv(tiny_pipeline["data_dir"] / "_synthetic" / "test_labels.csv")
+    assert np.isfinite(score(solution_from_labels(labels), written))
+    assert not _prior_rows(written, test, test["StudyInstanceUID"].iloc[0], train_prevalence(tiny_pipeline["data_dir"]))
+    outputs = "".join(  # streams (logs, prints) and displayed values (the config) of every cell
+        "".join(part) if isinstance(part, list) else part
+        for cell in json.loads(executed.read_text())["cells"]
+        for output in cell.get("outputs", [])
+        for part in (output.get("text", ""), output.get("data", {}).get("text/plain", ""))
+    )
+    assert "3 studies: 3 full, 0 reduced, 0 prior" in outputs  # the run's summary
+    assert str(mount / "renamed-kit-models") in outputs and str(mount / "renamed-competition") in outputs
+    assert (tmp_path / "site" / "kit_probe_decoder").is_dir()  # the wheels came from the renamed wheels dataset
+
+
 def test_prevalence_constants_match_targets() -> None:
     from rsna22_utils.cervical.submission import TRAIN_PREVALENCE
 
