@@ -31,7 +31,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from rsna22_utils.core.paths import NOTEBOOKS_DIR, REPO_ROOT, kaggle_input_dir
+from rsna22_utils.core.paths import KAGGLE_INPUT, NOTEBOOKS_DIR, REPO_ROOT, kaggle_input_dir
 from rsna22_utils.core.registry import CONFIG, WEIGHTS, finished_runs, parse_run_name, run_dir
 from rsna22_utils.core.wheels import IMAGE_FILE, PLATFORM, KaggleImage, check_wheels, load_image, wheel_name_version
 
@@ -233,7 +233,7 @@ that run without internet. Add this dataset to a notebook, then:
 
 ```python
 import sys
-sys.path.insert(0, "/kaggle/input/{slug}")
+sys.path.insert(0, "{input}/{slug}")
 import rsna22_utils
 ```
 
@@ -271,7 +271,7 @@ def build_utils_dataset(out_dir: Path, settings: KaggleSettings, root: Path = RE
     _write_json(out / SETTINGS_FILE.name, {"$comment": "the settings this dataset was built with", **dataclasses.asdict(settings)})
     slug = settings.dataset_slug("utils")
     title = f"{settings.title_prefix} utils"
-    (out / "README.md").write_text(UTILS_README.format(title=title, slug=slug))
+    (out / "README.md").write_text(UTILS_README.format(title=title, slug=slug, input=KAGGLE_INPUT))
     meta = dataset_metadata(
         "utils",
         settings,
@@ -424,7 +424,7 @@ def build_wheels_dataset(
         subtitle=f"Offline wheels (Python {image.python}) for DICOM decoding",
         description=(
             f"Wheels for {platform}, Python {image.python}, resolved against {', '.join(f'{n} {v}' for n, v in image.packages.items())}:"
-            f" {', '.join(found) or '(none)'}.\n\nIn a notebook: `!bash /kaggle/input/{settings.dataset_slug('wheels')}/install.sh`"
+            f" {', '.join(found) or '(none)'}.\n\nIn a notebook: `!bash {KAGGLE_INPUT}/{settings.dataset_slug('wheels')}/install.sh`"
         ),
     )
     _write_json(out / "dataset-metadata.json", meta)
