@@ -470,3 +470,39 @@ def alive(pid: int) -> bool:
     except (FileNotFoundError, ProcessLookupError):
         return False
     return state != "Z"
+
+
+def test_read_study_leaves_out_unreadable_slices_up_to_max_dropped(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    from rsna22_utils.cervical.synth import generate_competition
+
+    generate_competition(tmp_path / "c", n_studies=1, n_test_studies=1, image_size=32, median_slices=30, seed=3, workers=1)
+    study = sorted((tmp_path / "c" / "test_images").iterdir())[0]
+    files = sorted(study.glob("*.dcm"), key=lambda p: int(p.stem))
+    whole = read_study(study)
+    for bad in files[4:6]:
+        bad.write_bytes(bad.read_bytes()[:-100])  # truncated pixel frames
+    with pytest.raises(DicomReadError, match="truncated file"):
+        read_study(study)  # by default a study is all of its slices or an error
+    with caplog.at_level(logging.WARNING, logger="rsna22_utils.core.dicom"):
+        partial = read_study(study, max_dropped=0.1)
+    assert len(partial.dropped) == 2 and {Path(e.path).name for e in partial.dropped} == {files[4].name, files[5].name}
+    assert len(partial.slices) == len(whole.slices) - 2 and partial.volume.shape[0] == whole.volume.shape[0] - 2
+    kept = whole.slices["path"].isin(partial.slices["path"]).to_numpy()
+    np.testing.assert_array_equal(partial.volume, whole.volume[kept])  # the rest, in the same order, same HU
+    assert [r.getMessage() for r in caplog.records if "left out" in r.getMessage()][0].count("2 of") == 1
+    one = 1.5 / len(files)  # one unreadable slice allowed, not two
+    with pytest.raises(DicomReadError, match=rf"2 of {len(files)} slices unreadable \(at most {one:.0%} may be left out\): truncated"):
+        read_study(study, max_dropped=one)
+
+
+@pytest.mark.parametrize("syntax", ["1.2.840.10008.1.2.4.57", "1.2.840.10008.1.2.4.70", "1.2.840.10008.1.2.5"])
+@pytest.mark.parametrize("backend", ["auto", "pydicom"])
+def test_truncated_compressed_pixel_data_is_named_as_such(tmp_path: Path, syntax: str, backend: str) -> None:
+    """pydicom reads encapsulated pixel data cut short as an empty dataset (and a warning): not a missing position."""
+    path = tmp_path / "1.dcm"
+    write_dicom_slice(
+        path, hu_image(), transfer_syntax=syntax, study_uid=STUDY, series_uid=SERIES, sop_uid=f"{SERIES}.1", instance_number=1, z=0.0
+    )
+    path.write_bytes(path.read_bytes()[:-40])
+    with pytest.raises(DicomReadError, match="truncated file"):
+        read_slice(path, backend)

@@ -407,3 +407,26 @@ def test_weights_dataset_holds_what_the_submission_loads_and_loads(tiny_pipeline
         assert load_config(shipped / "config.json").backbone == load_config(work_dir / stage / shipped.name / "config.json").backbone
     ensemble = load_ensemble(out, torch.device("cpu"))
     assert len(ensemble.box.models) == 1 and len(ensemble.study) == 1
+
+
+def test_a_study_with_a_truncated_slice_is_predicted_from_the_rest(
+    tiny_pipeline: dict, tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    data_dir = _copy_competition(tiny_pipeline["data_dir"], tmp_path / "competition")
+    test = pd.read_csv(data_dir / "test.csv")
+    partial = test["StudyInstanceUID"].iloc[0]
+    dicom = sorted((data_dir / "test_images" / partial).glob("*.dcm"))[3]
+    dicom.write_bytes(dicom.read_bytes()[:-200])  # a truncated pixel frame; the header is intact
+    with caplog.at_level(logging.WARNING, logger="rsna22_utils.core.dicom"):
+        submission = predict_submission(_config(data_dir, tiny_pipeline["work_dir"], tmp_path / "a.csv", num_workers=0))
+    assert submission.attrs["predicted"] == test["StudyInstanceUID"].nunique() and not submission.attrs["fallbacks"]
+    assert not _prior_rows(pd.read_csv(tmp_path / "a.csv"), test, partial, train_prevalence(data_dir))
+    assert f"3 full, 0 reduced, 1 of them from part of their slices (e.g. {partial}: 1 of " in submission.attrs["summary"]
+    assert f"{dicom.name}: truncated file" in submission.attrs["summary"]
+    warnings = [r.getMessage() for r in caplog.records if partial in r.getMessage()]
+    assert len(warnings) == 1 and "1 of" in warnings[0] and dicom.name in warnings[0], warnings
+    # allowed no unreadable slice, the study gets the prior, with the real reason
+    strict = predict_submission(
+        _config(data_dir, tiny_pipeline["work_dir"], tmp_path / "b.csv", num_workers=0, max_dropped_slices=0.0, max_failed_fraction=0.5)
+    )
+    assert set(strict.attrs["fallbacks"]) == {partial} and "truncated file" in strict.attrs["fallbacks"][partial]

@@ -230,6 +230,7 @@ class SubmissionConfig(StageConfig, Hardware, StudyBoxRule):
     tta_flip: bool = True
     box_batch_size: int = 128
     sequence_batch_size: int = 4
+    max_dropped_slices: float = 0.1  # a study with up to this fraction of unreadable slices is predicted from the rest
     dicom_backend: str = "auto"  # auto (dicomsdl, pydicom fallback per file) | dicomsdl | pydicom
     # more failed test studies (unreadable, unpredictable, no folder) than this fraction, or all of them,
     # fail the run instead of submitting priors; fewer get the prior each
@@ -241,6 +242,8 @@ class SubmissionConfig(StageConfig, Hardware, StudyBoxRule):
             out.append(f"time_budget_hours must be > 0, got {self.time_budget_hours}")
         if not 0.0 <= self.max_failed_fraction <= 1.0:
             out.append(f"max_failed_fraction must be in [0, 1], got {self.max_failed_fraction}")
+        if not 0.0 <= self.max_dropped_slices < 1.0:
+            out.append(f"max_dropped_slices must be in [0, 1), got {self.max_dropped_slices}")
         if self.dicom_backend not in ("auto", "dicomsdl", "pydicom"):
             out.append(f"dicom_backend must be auto, dicomsdl or pydicom, got {self.dicom_backend!r}")
         return out

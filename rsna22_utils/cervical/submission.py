@@ -162,10 +162,12 @@ class DecodedStudy:
     error: str | None = None
     decode_s: float = 0.0
     encode_s: float = 0.0
+    dropped: str = ""  # unreadable slices left out: "k of n (first file: reason)"
 
 
-def decode_study(uid: str, study_dir: Path, specs: list[CacheSpec], backend: str = "auto") -> DecodedStudy:
-    """Decode + encode one study; any failure comes back in `.error` (never raised)."""
+def decode_study(uid: str, study_dir: Path, specs: list[CacheSpec], backend: str = "auto", max_dropped: float = 0.0) -> DecodedStudy:
+    """Decode + encode one study, leaving out up to `max_dropped` (a fraction) unreadable slices;
+    any failure comes back in `.error` (never raised)."""
     result = DecodedStudy(uid)
     try:
         from rsna22_utils.core.dicom import read_study
@@ -173,7 +175,13 @@ def decode_study(uid: str, study_dir: Path, specs: list[CacheSpec], backend: str
         if not study_dir.is_dir():
             raise FileNotFoundError(f"no study folder {study_dir}")
         t0 = time.perf_counter()
-        volume, table = read_study(study_dir, backend=backend)
+        study = read_study(study_dir, backend=backend, max_dropped=max_dropped)
+        volume, table = study
+        if study.dropped:
+            first = study.dropped[0]
+            result.dropped = (
+                f"{len(study.dropped)} of {len(table) + len(study.dropped)} slices unreadable ({Path(first.path).name}: {first.reason})"
+            )
         t1 = time.perf_counter()
         result.volumes = {spec.name: encode_study(volume, spec) for spec in specs}
         result.slices = table.reset_index(drop=True).assign(slice_index=np.arange(len(table)))
@@ -186,15 +194,16 @@ def decode_study(uid: str, study_dir: Path, specs: list[CacheSpec], backend: str
 class TestStudies(Dataset):
     """One item = one decoded, encoded test study (used with batch_size=None, so workers prefetch studies)."""
 
-    def __init__(self, uids: list[str], images_dir: Path, specs: list[CacheSpec], backend: str = "auto") -> None:
+    def __init__(self, uids: list[str], images_dir: Path, specs: list[CacheSpec], backend: str = "auto", max_dropped: float = 0.0) -> None:
         self.uids, self.images_dir, self.specs, self.backend = list(uids), Path(images_dir), list(specs), backend
+        self.max_dropped = max_dropped
 
     def __len__(self) -> int:
         return len(self.uids)
 
     def __getitem__(self, index: int) -> DecodedStudy:
         uid = self.uids[index]
-        return decode_study(uid, self.images_dir / uid, self.specs, self.backend)
+        return decode_study(uid, self.images_dir / uid, self.specs, self.backend, self.max_dropped)
 
 
 def _keep(item: DecodedStudy) -> DecodedStudy:
@@ -449,6 +458,7 @@ class StudyOutcome:
     reason: str = ""  # the kind of fallback: unreadable, prediction failed, no study folder, time budget, placeholder test.csv
     detail: str = ""  # the message of this study's fallback
     failed: bool = False  # counts against max_failed_fraction
+    partial: bool = False  # predicted from the readable slices only (detail says which were left out)
 
 
 @dataclass
@@ -488,8 +498,10 @@ class RunReport:
             if outcome.mode == "prior":
                 reasons.setdefault(outcome.reason, []).append((uid, outcome))
         why = "; ".join(f"{len(group)} {reason} (e.g. {group[0][0]}: {group[0][1].detail[:120]})" for reason, group in reasons.items())
+        partial = [(uid, o) for uid, o in self.outcomes.items() if o.partial]
+        some = f", {len(partial)} of them from part of their slices (e.g. {partial[0][0]}: {partial[0][1].detail[:120]})" if partial else ""
         return (
-            f"{self.n_studies} studies: {modes.count('full')} full, {modes.count('reduced')} reduced, {modes.count('prior')} prior"
+            f"{self.n_studies} studies: {modes.count('full')} full, {modes.count('reduced')} reduced{some}, {modes.count('prior')} prior"
             f"{f' ({why})' if why else ''}; {self.failures} failed of {self.max_failures} allowed; self-test {self.self_test_s:.1f} s"
         )
 
@@ -536,12 +548,12 @@ def submission_rows(test: pd.DataFrame, predictions: dict[str, np.ndarray], prio
 
 
 def iter_studies(
-    uids: list[str], images_dir: Path, specs: list[CacheSpec], num_workers: int, backend: str = "auto"
+    uids: list[str], images_dir: Path, specs: list[CacheSpec], num_workers: int, backend: str = "auto", max_dropped: float = 0.0
 ) -> Iterator[DecodedStudy]:
     """Decoded studies in `uids` order; a loader that breaks down goes on decoding in this process."""
     done = 0
     try:
-        for item in study_loader(TestStudies(uids, images_dir, specs, backend), num_workers):
+        for item in study_loader(TestStudies(uids, images_dir, specs, backend, max_dropped), num_workers):
             done += 1
             yield item
     except GeneratorExit:
@@ -551,7 +563,7 @@ def iter_studies(
             "study loader failed after %d studies (%s: %s); decoding the rest in the main process", done, type(error).__name__, error
         )
         for uid in uids[done:]:
-            yield decode_study(uid, images_dir / uid, specs, backend)
+            yield decode_study(uid, images_dir / uid, specs, backend, max_dropped)
 
 
 def predict_studies(
@@ -561,7 +573,7 @@ def predict_studies(
     predictions: dict[str, np.ndarray] = {}
     reduced = ensemble.reduced()
     bar = tqdm(total=len(uids), desc="test studies", unit="study")
-    studies = iter_studies(uids, images_dir, ensemble.specs, cfg.num_workers, cfg.dicom_backend)
+    studies = iter_studies(uids, images_dir, ensemble.specs, cfg.num_workers, cfg.dicom_backend, cfg.max_dropped_slices)
     t_last = time.perf_counter()
     try:
         for done, study in enumerate(studies):
@@ -574,7 +586,7 @@ def predict_studies(
                 try:
                     model = ensemble if mode == "full" else reduced
                     predictions[study.uid] = predict_study(model, study, cfg, flip=cfg.tta_flip and mode == "full")
-                    outcome = StudyOutcome(mode)
+                    outcome = StudyOutcome(mode, detail=study.dropped, partial=bool(study.dropped))
                 except Exception as error:  # this study gets the prior, the others go on
                     detail = str(error).strip().splitlines()[0] if str(error).strip() else ""
                     outcome = StudyOutcome("prior", "prediction failed", f"{type(error).__name__}: {detail}", failed=True)

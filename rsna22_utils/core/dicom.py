@@ -26,6 +26,7 @@ import os
 import sys
 import tempfile
 import threading
+import warnings
 from collections.abc import Iterable, Iterator, Sequence
 from contextlib import contextmanager
 from functools import lru_cache
@@ -98,11 +99,24 @@ class DicomReadError(ValueError):
         return type(self), (self.path, self.reason)
 
 
-class Study(NamedTuple):
-    """`read_study` result: unpacks as `volume, slices = read_study(...)`."""
+class Study(tuple):
+    """`read_study` result, the pair (volume, slices): unpacks as `volume, slices = read_study(...)`;
+    `.dropped` holds the unreadable slices left out (read_study's `max_dropped`)."""
 
-    volume: np.ndarray  # int16 HU (slices, rows, cols), head -> feet
-    slices: pd.DataFrame  # one row per slice, row i describes volume[i]
+    def __new__(cls, volume: np.ndarray, slices: pd.DataFrame, dropped: Sequence[DicomReadError] = ()) -> Study:
+        study = super().__new__(cls, (volume, slices))
+        study.dropped = tuple(dropped)
+        return study
+
+    @property
+    def volume(self) -> np.ndarray:
+        """int16 HU (slices, rows, cols), head -> feet."""
+        return self[0]
+
+    @property
+    def slices(self) -> pd.DataFrame:
+        """One row per slice; row i describes volume[i]."""
+        return self[1]
 
 
 class _Pixels(NamedTuple):
@@ -374,16 +388,34 @@ def _as_stored(value: int, info: _Pixels) -> int:
 # backends: each returns (header row, pixel info, stored array); stored arrays are never rescaled
 
 
+@contextmanager
+def _quiet(name: str) -> Iterator[None]:
+    """Silence a library's logger for one call: what it reports comes back as this module's one error."""
+    library = logging.getLogger(name)
+    level = library.level
+    library.setLevel(logging.ERROR)
+    try:
+        yield
+    finally:
+        library.setLevel(level)
+
+
 def _read_pydicom(path: Path, pixels: bool = True, strict: bool = True) -> tuple[dict, _Pixels | None, np.ndarray | None]:
     import pydicom
     from pydicom.errors import InvalidDicomError
 
     try:
-        ds = pydicom.dcmread(path, stop_before_pixels=not pixels)
+        with warnings.catch_warnings(record=True) as caught, _quiet("pydicom"):
+            warnings.simplefilter("always")
+            ds = pydicom.dcmread(path, stop_before_pixels=not pixels)
     except InvalidDicomError as e:
         raise DicomReadError(path, f"not a DICOM file ({e})") from None
     except Exception as e:  # truncated / corrupt header
         raise DicomReadError(path, f"unreadable DICOM header: {type(e).__name__}: {e}") from None
+    # encapsulated (compressed) pixel data cut short: pydicom warns and returns an empty dataset
+    cut = [str(w.message) for w in caught if "End of file reached" in str(w.message)]
+    if cut:
+        raise DicomReadError(path, f"truncated file: the compressed pixel data ends early ({cut[0].split(' found in file')[0]})")
     meta = getattr(ds, "file_meta", None)
     syntax = str(meta.get("TransferSyntaxUID", "")) if meta is not None else ""
     get = lambda keyword: ds.get(keyword)
@@ -757,14 +789,16 @@ def read_slice_headers(study_dir: str | Path, backend: str = "auto") -> pd.DataF
     return _unique_z(_sort_head_to_feet(table), study_dir)
 
 
-def read_study(study_dir: str | Path, backend: str = "auto", slices: pd.DataFrame | None = None) -> Study:
+def read_study(study_dir: str | Path, backend: str = "auto", slices: pd.DataFrame | None = None, max_dropped: float = 0.0) -> Study:
     """Decode one study folder -> (int16 HU volume (slices, rows, cols) head -> feet, per-slice table).
 
     Headers are read first to order the slices and preallocate the volume (or `slices`, the study's
     rows of a `scan` table, is used as read: its files, in its order, so the scan and the cache
     agree and warn once); each slice is then decoded straight into its place. `backend`: "auto"
     (dicomsdl, pydicom fallback per file), "dicomsdl" or "pydicom". Slices of different shapes
-    raise DicomReadError naming the file.
+    raise DicomReadError naming the file. A slice whose pixels cannot be decoded raises too, unless
+    `max_dropped` (a fraction of the study's slices) allows leaving it out: the study is then the
+    rest, with one warning that names the first bad file and its reason.
     """
     study_dir = Path(study_dir)
     table = read_slice_headers(study_dir, backend=backend) if slices is None else _given_slices(slices, study_dir)
@@ -776,12 +810,35 @@ def read_study(study_dir: str | Path, backend: str = "auto", slices: pd.DataFram
             odd["path"], f"slice shape ({odd['rows']}, {odd['cols']}) differs from the study's first slice {first} in {study_dir}"
         )
     volume = np.empty((len(table), int(table.at[0, "rows"]), int(table.at[0, "cols"])), dtype=np.int16)
+    dropped: list[DicomReadError] = []
+    keep = np.ones(len(table), bool)
     for i, path in enumerate(table["path"]):
         path = Path(path)
-        _, info, stored = _read(path, backend)
-        _to_hu(path, stored, info, out=volume[i])
+        try:
+            _, info, stored = _read(path, backend)
+            _to_hu(path, stored, info, out=volume[i])
+        except DicomReadError as error:
+            if len(dropped) + 1 > max_dropped * len(table):
+                if dropped:
+                    raise DicomReadError(
+                        path,
+                        f"{len(dropped) + 1} of {len(table)} slices unreadable (at most {max_dropped:.0%} may be left out): {error.reason}",
+                    ) from error
+                raise
+            dropped.append(error)
+            keep[i] = False
+    if dropped:
+        volume, table = volume[keep], table[keep].reset_index(drop=True)
+        logger.warning(
+            "%s: %d of %d slices unreadable, left out (e.g. %s: %s)",
+            study_dir,
+            len(dropped),
+            len(keep),
+            Path(dropped[0].path).name,
+            dropped[0].reason,
+        )
     logger.debug("read %s: %d slices %s", study_dir, len(table), volume.shape[1:])
-    return Study(volume, table)
+    return Study(volume, table, tuple(dropped))
 
 
 def _given_slices(slices: pd.DataFrame, study_dir: Path) -> pd.DataFrame:
