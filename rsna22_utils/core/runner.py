@@ -240,6 +240,27 @@ def _label(spec: _RunSpec) -> str:
 KERNEL_TQDM_MININTERVAL = 5.0  # seconds between progress-bar redraws inside papermill kernels
 
 
+@contextlib.contextmanager
+def _kernel_sockets() -> Iterator[dict[str, Any]]:
+    """papermill (nbclient) kwargs: the kernel talks over unix sockets in a private folder, not TCP ports.
+
+    With TCP, jupyter_client picks "free" ports by binding port 0 and closing the socket again, and
+    the kernel binds them only later; its LocalPortCache guards that gap within one process only, so a
+    kernel started at the same time by another process (the per-GPU children of `devices=`) can take a
+    port first, and the loser dies with "Address already in use" ("Kernel died before replying to
+    kernel_info"). Sockets in a fresh folder of our own cannot collide.
+    """
+    if os.name == "nt":  # no ipc transport there
+        yield {}
+        return
+    import tempfile
+
+    from traitlets.config import Config
+
+    with tempfile.TemporaryDirectory(prefix="rsna22-kernel-") as folder:
+        yield {"config": Config({"KernelManager": {"transport": "ipc", "ip": os.path.join(folder, "kernel")}})}
+
+
 def _execute_notebook(spec: _RunSpec, source: Path, kernel_name: str, timeout: float | None) -> RunResult:
     """Run one notebook with papermill; never raises, the failure is in the result.
 
@@ -260,7 +281,7 @@ def _execute_notebook(spec: _RunSpec, source: Path, kernel_name: str, timeout: f
         # bars redraw at most every few seconds: the executed notebook keeps every redraw (tqdm's
         # default is 0.1 s); TQDM_MININTERVAL set by the user wins
         bar_interval = None if "TQDM_MININTERVAL" in os.environ else str(KERNEL_TQDM_MININTERVAL)
-        with _environ(PYTHONPATH=_pythonpath(), TQDM_MININTERVAL=bar_interval):
+        with _environ(PYTHONPATH=_pythonpath(), TQDM_MININTERVAL=bar_interval), _kernel_sockets() as sockets:
             papermill.execute_notebook(
                 str(source),
                 str(executed),
@@ -271,6 +292,7 @@ def _execute_notebook(spec: _RunSpec, source: Path, kernel_name: str, timeout: f
                 stdout_file=sys.stdout,
                 stderr_file=sys.stderr,
                 execution_timeout=timeout,
+                **sockets,
             )
     except Exception as error:  # any failure of one run must not stop the others
         result.seconds = time.perf_counter() - start

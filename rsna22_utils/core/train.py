@@ -18,6 +18,7 @@ micro-steps), gathers the OOF rows on rank 0 and writes files from rank 0 only.
 from __future__ import annotations
 
 import contextlib
+import importlib
 import json
 import logging
 import math
@@ -160,6 +161,12 @@ def _init_distributed(device: torch.device) -> _Processes:
         backend = "nccl" if device.type == "cuda" else "gloo"
         if device.type == "cuda":
             torch.cuda.set_device(device)
+        # Before init: torch.distributed.nn.functional binds `group=group.WORLD` as default arguments when
+        # first imported (DDP's constructor imports it). Imported after init, those defaults keep the WORLD
+        # group alive past destroy_process_group, so gloo's worker threads are never joined and may drop the
+        # last collective's tensors during interpreter shutdown: SIGABRT ("terminate called without an
+        # active exception") after all outputs were written.
+        importlib.import_module("torch.distributed.nn")  # (a plain `import torch...` here would make `torch` local)
         dist.init_process_group(backend=backend)
         owns = True
     return _Processes(dist.get_world_size(), dist.get_rank(), int(os.environ.get("LOCAL_RANK", 0)), owns)
