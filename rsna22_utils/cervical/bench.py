@@ -18,6 +18,7 @@ from pathlib import Path
 import pandas as pd
 from tqdm.auto import tqdm
 
+from rsna22_utils.cervical.anatomy import BOX_COLUMNS
 from rsna22_utils.core.dicom import TRANSFER_SYNTAX_NAMES, DicomReadError, read_slice
 from rsna22_utils.core.paths import REPO_ROOT
 
@@ -189,7 +190,7 @@ def bench_epoch(
     table = cache.all_slices()
     if max_slices:
         table = table.iloc[:: max(1, len(table) // max_slices)].reset_index(drop=True)
-    for column in ("has_box", "x0", "y0", "x1", "y1"):
+    for column in ("has_box", *BOX_COLUMNS):
         table[column] = 0.0
     table["has_box"] = 1.0
     table[["x1", "y1"]] = table[["cols", "rows"]].to_numpy() / 2

@@ -20,6 +20,7 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
+from rsna22_utils.cervical.anatomy import BOX_COLUMNS
 from rsna22_utils.core.registry import run_dir, run_dirs
 
 logger = logging.getLogger(__name__)
@@ -284,7 +285,7 @@ def _study_figure(work_dir: Path, report_dir: Path, oof: pd.DataFrame, labels: p
     boxes = pd.read_csv(work_dir / "02_infer_box" / "study_boxes.csv").set_index("StudyInstanceUID")
     rows = int(cache.slices(uid)["rows"].iloc[0])
     scale = volume.shape[1] / rows
-    box = tuple(float(v) * scale for v in boxes.loc[uid, ["x0", "y0", "x1", "y1"]])
+    box = tuple(float(v) * scale for v in boxes.loc[uid, BOX_COLUMNS])
     slice_labels = pd.read_parquet(work_dir / "04_infer_vertebra" / "slice_labels.parquet")
     preds = slice_labels[slice_labels["StudyInstanceUID"] == uid].sort_values("slice_index")
     preds = preds[[c for c in preds.columns if c.endswith(("_pred", "_frac"))]].reset_index(drop=True)

@@ -14,6 +14,7 @@ from torch import nn
 from torch.utils.data import DataLoader
 from tqdm import tqdm
 
+from rsna22_utils.cervical.anatomy import BOX_COLUMNS
 from rsna22_utils.cervical.configs import StudyTrainConfig
 from rsna22_utils.cervical.data import SequenceDataset
 from rsna22_utils.cervical.models import fit_length
@@ -85,7 +86,7 @@ class StudyImages:
 def study_images(cfg: StudyTrainConfig, cache: Any, uid: str, study_box: dict[str, float]) -> StudyImages:
     """The windows of one study (box crops inside its slice range) as a study model of config `cfg` sees them."""
     first, last = int(study_box["slnum_from"]), int(study_box["slnum_to"])
-    box = tuple(study_box[c] for c in ("x0", "y0", "x1", "y1"))
+    box = tuple(study_box[c] for c in BOX_COLUMNS)
     dataset = study_windows([uid], cache, {uid: (first, last)}, {uid: box}, cfg)
     items = [dataset[i] for i in range(len(dataset))]
     images, masks = torch.stack([it["image"] for it in items]), torch.stack([it["mask"] for it in items])
