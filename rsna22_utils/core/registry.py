@@ -7,8 +7,8 @@ Importing this module imports no competition and no torch: a stage names its fun
 
 Run folders (the only place that knows their names):
 
-    {work_dir}/{stage}/                       a stage that runs once (00, 02, 04, 07)
-    {work_dir}/{stage}/fold{f}-seed{s}/       one run of a per-fold stage (01, 03, 05, 06)
+    {work_dir}/{stage}/                       a stage that runs once
+    {work_dir}/{stage}/fold{f}-seed{s}/       one run of a per-fold stage (fold -1 and any seed allowed)
 """
 
 from __future__ import annotations
@@ -37,7 +37,7 @@ class Stage:
 
     name: str  # also the notebook's name (notebooks/{name}.py) and the folder under work_dir
     config: type  # the stage's config dataclass (core.config groups)
-    function: str  # "module:function" taking the resolved config, returning a dict of results
+    function: str  # "module:function" taking the resolved config, returning its results (a dict of metrics, a table)
     per_fold: bool = False  # one run per fold x seed, else one run
     trains: bool = False  # writes weights (its runs can be loaded with core.runs.load_run)
     submission: bool = False  # the Kaggle submission loads this stage's runs (they go in the weights dataset)
@@ -50,13 +50,13 @@ class Stage:
     def notebook(self) -> Path:
         return NOTEBOOKS_DIR / f"{self.name}.py"
 
-    def run(self, cfg: Any) -> dict:
+    def run(self, cfg: Any) -> Any:
         """Run the stage function on a resolved config, every random number generator seeded from the
         run's seed first (networks are built before the trainer starts: their initial weights too)."""
         from rsna22_utils.core.device import seed_everything
 
         module, _, name = self.function.partition(":")
-        function: Callable[[Any], dict] = getattr(importlib.import_module(module), name)
+        function: Callable[[Any], Any] = getattr(importlib.import_module(module), name)
         Path(cfg.out_dir).mkdir(parents=True, exist_ok=True)
         seed_everything(getattr(cfg, "seed", 0))
         return function(cfg)
