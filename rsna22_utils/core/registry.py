@@ -8,7 +8,7 @@ Importing this module imports no competition and no torch: a stage names its fun
 Run folders (the only place that knows their names):
 
     {work_dir}/{stage}/                       a stage that runs once
-    {work_dir}/{stage}/fold{f}-seed{s}/       one run of a per-fold stage (fold -1 and any seed allowed)
+    {work_dir}/{stage}/fold{f}-seed{s}/       one run of a per-fold stage
 """
 
 from __future__ import annotations
