@@ -10,7 +10,7 @@ from dataclasses import dataclass, field
 from rsna22_utils.core.config import (
     Backbone,
     Hardware,
-    Prepared,
+    PreparedInput,
     StageConfig,
     TrainConfig,
     derived,
@@ -134,7 +134,7 @@ class BoxTrainConfig(TrainConfig, Backbone, CacheInput):
 
 
 @dataclass
-class BoxInferConfig(StageConfig, Prepared, Hardware, StudyBoxRule):
+class BoxInferConfig(StageConfig, PreparedInput, Hardware, StudyBoxRule):
     """02_infer_box: every box run on every slice -> one box + slice range per study."""
 
     data_dir: str = "data/competition"  # read for the synthetic generator's truth (box_eval.csv), when present
@@ -152,7 +152,7 @@ class VertebraTrainConfig(TrainConfig, Backbone, CacheInput, SequenceShape, Sequ
 
 
 @dataclass
-class VertebraInferConfig(StageConfig, Prepared, Hardware):
+class VertebraInferConfig(StageConfig, PreparedInput, Hardware):
     """04_infer_vertebra: every vertebra run over overlapping windows -> per-slice predictions and fracture labels."""
 
     infer_stride: int = 48  # slices between consecutive windows (overlaps are averaged)

@@ -82,7 +82,7 @@ class StageConfig:
 
 
 @dataclass
-class Prepared:
+class PreparedInput:
     """Stages that read what 00_prepare wrote."""
 
     prepared_dir: str = ""  # "" -> {work_dir}/00_prepare
@@ -183,7 +183,7 @@ class Backbone:
 
 
 @dataclass
-class TrainConfig(StageConfig, Prepared, FoldSeed, Hardware, Optimisation, Checkpointing):
+class TrainConfig(StageConfig, PreparedInput, FoldSeed, Hardware, Optimisation, Checkpointing):
     """What the trainer (`core.train.fit`) reads; every training stage's config is one of these."""
 
 
