@@ -123,8 +123,9 @@ def train_study(cfg: StudyTrainConfig) -> dict:
     if cfg.save_embeddings:
         Path(cfg.out_dir).mkdir(parents=True, exist_ok=True)
         np.savez_compressed(Path(cfg.out_dir) / "embeddings.npz", **embeddings)
-    train_uids = [u for u in uids if int(folds.set_index("StudyInstanceUID").loc[u, "fold"]) != cfg.fold]
-    valid_uids = [u for u in uids if u not in set(train_uids)]
+    fold_of = folds.set_index("StudyInstanceUID")["fold"]
+    train_uids = [u for u in uids if int(fold_of[u]) != cfg.fold]
+    valid_uids = [u for u in uids if int(fold_of[u]) == cfg.fold]
     train = StudyEmbeddings(train_uids, embeddings, folds, cfg.max_len)
     valid = StudyEmbeddings(valid_uids, embeddings, folds, cfg.max_len)
     model = study_model(cfg, sequence_model.cpu())
