@@ -95,14 +95,15 @@ def test_a_new_stage_is_one_entry_one_config_one_function_one_notebook(toy_stage
     assert check_pairs(notebooks) == [] and check_thin(notebooks) == []
     summary = run_stage("99_toy", folds=[0, 1], seeds=[0], overrides={"greeting": "hey"}, work_dir=work_dir, notebooks_dir=notebooks)
     assert summary.ok and len(summary.completed) == 2, summary
-    assert [parse_run_name(p.name) for p in run_dirs(work_dir, "99_toy", require="greeting.txt")] == [(0, 0), (1, 0)]
+    assert [parse_run_name(p.name) for p in run_dirs(work_dir, "99_toy", require="greeting.txt")] == [("", 0, 0), ("", 1, 0)]
     assert (work_dir / "99_toy" / "fold0-seed0" / "greeting.txt").read_text() == "hey from fold 0 seed 0"
 
 
 def test_run_folder_layout() -> None:
     assert run_dir("w", "05_train_fracture", 2, 7) == Path("w/05_train_fracture/fold2-seed7")
     assert run_dir("w", "04_infer_vertebra") == Path("w/04_infer_vertebra")
-    assert parse_run_name("fold3-seed11") == (3, 11) and parse_run_name("fold-1-seed0") == (-1, 0) and parse_run_name("x") is None
+    assert parse_run_name("fold3-seed11") == ("", 3, 11) and parse_run_name("fold-1-seed0") == ("", -1, 0) and parse_run_name("x") is None
+    assert parse_run_name("04F-fold-1-seed2") == ("04F", -1, 2) and parse_run_name("a-b-fold0-seed0") is None
     with pytest.raises(ValueError, match="per fold"):
         run_dir("w", "01_train_box")
 

@@ -63,8 +63,9 @@ class StageConfig:
     """Every stage: its name and where runs are written."""
 
     stage: str = ""
+    profile: str = ""  # the profile whose settings this config starts from ("" = the config class's defaults)
     work_dir: str = "runs"  # every stage writes under {work_dir}/{stage}
-    out_dir: str = ""  # "" -> registry.run_dir(work_dir, stage, fold, seed)
+    out_dir: str = ""  # "" -> registry.run_dir(work_dir, stage, fold, seed, variant)
 
     def to_dict(self) -> dict[str, Any]:
         """Plain JSON-able dict of every field."""
@@ -90,19 +91,31 @@ class PreparedInput:
 
 @dataclass
 class FoldSeed:
-    """Stages that run once per fold x seed."""
+    """Stages that run once per fold x seed (and per variant, when a profile names several)."""
 
-    fold: int = 0
+    fold: int = 0  # the validation fold; -1 = a full-data run (trains on every fold, validates on none)
     seed: int = 0
     n_folds: int = 5
+    variant: str = ""  # which of the profile's models of this stage ("" = the stage's only one)
 
     def _check(self) -> list[str]:
+        from rsna22_utils.core.registry import FULL_DATA_FOLD, VARIANT_NAME
+
         out = []
         if self.n_folds < 2:
             out.append(f"n_folds must be >= 2, got {self.n_folds}")
-        if not 0 <= self.fold < self.n_folds:
-            out.append(f"fold must be in [0, n_folds={self.n_folds}), got {self.fold}")
+        if not (0 <= self.fold < self.n_folds or self.fold == FULL_DATA_FOLD):
+            out.append(f"fold must be in [0, n_folds={self.n_folds}) or {FULL_DATA_FOLD} (full data), got {self.fold}")
+        if not VARIANT_NAME.match(self.variant):
+            out.append(f"variant {self.variant!r}: use letters, digits and _ only")
         return out
+
+    @property
+    def full_data(self) -> bool:
+        """A fold -1 run: every fold trains, none validates, the last epoch is kept."""
+        from rsna22_utils.core.registry import FULL_DATA_FOLD
+
+        return self.fold == FULL_DATA_FOLD
 
 
 @dataclass
@@ -292,7 +305,10 @@ def _unknown_key_error(key: str, cls: type, stage: str) -> ConfigError:
 def resolve_config(stage: str, overrides: Mapping[str, Any] | None = None, *, saved: bool = False) -> Any:
     """Stage name + overrides -> the stage's typed, validated config (out_dir / prepared_dir derived when empty).
 
-    `saved=True` reads back a run's config.json: derived fields are accepted there.
+    With `profile=NAME` among the overrides, the profile's settings for the stage (and for
+    `variant`, when given) come first and the other overrides on top. `saved=True` reads back a
+    run's config.json: every value is already there (the profile is not applied again) and
+    derived fields are accepted.
     """
     from rsna22_utils.core.registry import get_stage, run_dir
 
@@ -304,6 +320,10 @@ def resolve_config(stage: str, overrides: Mapping[str, Any] | None = None, *, sa
     given_stage = values.pop("stage", stage)
     if given_stage != stage:
         raise ConfigError(f"override stage={given_stage!r} contradicts the requested stage {stage!r}")
+    if values.get("profile") and not saved:
+        from rsna22_utils.core.profiles import profile_settings
+
+        values = {**profile_settings(str(values["profile"]), stage, str(values.get("variant", ""))), **values}
     kwargs: dict[str, Any] = {}
     for key, value in values.items():
         if key not in types:
@@ -313,7 +333,7 @@ def resolve_config(stage: str, overrides: Mapping[str, Any] | None = None, *, sa
         kwargs[key] = _coerce(value, types[key], key)
     cfg = cls(stage=stage, **kwargs)
     if not cfg.out_dir:
-        cfg.out_dir = str(run_dir(cfg.work_dir, stage, getattr(cfg, "fold", None), getattr(cfg, "seed", None)))
+        cfg.out_dir = str(run_dir(cfg.work_dir, stage, getattr(cfg, "fold", None), getattr(cfg, "seed", None), getattr(cfg, "variant", "")))
     if hasattr(cfg, "prepared_dir") and not cfg.prepared_dir:
         cfg.prepared_dir = str(Path(cfg.work_dir) / PREPARE_STAGE)
     cfg.validate()

@@ -316,19 +316,20 @@ def _ship_run(run: Path, stage: str, out: Path) -> dict[str, Any]:
     missing = [f for f in RUN_FILES if not (run / f).is_file()]
     if missing:
         raise KaggleError(f"run folder {run}: missing {', '.join(missing)}")
-    fold_seed = parse_run_name(run.name)
-    if fold_seed is None:
-        raise KaggleError(f"run folder {run}: name must be fold<f>-seed<s>")
+    key = parse_run_name(run.name)
+    if key is None:
+        raise KaggleError(f"run folder {run}: name must be [<variant>-]fold<f>-seed<s>")
     try:
         metrics = json.loads((run / "metrics.json").read_text())
         config = json.loads((run / CONFIG).read_text())
     except ValueError as exc:
         raise KaggleError(f"{run}: metrics.json or {CONFIG} is not valid JSON: {exc}") from exc
-    dest = run_dir(out, stage, *fold_seed)
+    dest = run_dir(out, stage, key.fold, key.seed, key.variant)
     dest.mkdir(parents=True)
     shutil.copy2(run / WEIGHTS, dest / WEIGHTS)
     _write_json(dest / CONFIG, portable_config(config, stage))
-    return {"stage": stage, "fold": fold_seed[0], "seed": fold_seed[1], "path": dest.relative_to(out).as_posix(), "metrics": metrics}
+    entry = {"stage": stage, "variant": key.variant, "fold": key.fold, "seed": key.seed}
+    return {**entry, "path": dest.relative_to(out).as_posix(), "metrics": metrics}
 
 
 def build_weights_dataset(work_dir: Path, out_dir: Path, settings: KaggleSettings, stages: Sequence[str] | None = None) -> Path:

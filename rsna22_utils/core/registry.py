@@ -9,6 +9,10 @@ Run folders (the only place that knows their names):
 
     {work_dir}/{stage}/                       a stage that runs once
     {work_dir}/{stage}/fold{f}-seed{s}/       one run of a per-fold stage
+    {work_dir}/{stage}/{variant}-fold{f}-seed{s}/   one run of a named variant of it (a profile's
+                                              several models for one stage, e.g. two backbones)
+
+Fold -1 is a full-data run: it trains on every fold and validates on none.
 """
 
 from __future__ import annotations
@@ -19,7 +23,7 @@ import re
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 from rsna22_utils.core.paths import NOTEBOOKS_DIR
 
@@ -28,7 +32,9 @@ COMPETITION = os.environ.get("RSNA22_KIT_COMPETITION", "rsna22_utils.cervical")
 
 WEIGHTS = "model.safetensors"
 CONFIG = "config.json"
-_RUN_NAME = re.compile(r"^fold(-?\d+)-seed(\d+)$")
+_RUN_NAME = re.compile(r"^(?:(?P<variant>[A-Za-z0-9_]+)-)?fold(?P<fold>-?\d+)-seed(?P<seed>\d+)$")
+VARIANT_NAME = re.compile(r"^[A-Za-z0-9_]*$")  # "" is the stage's one unnamed variant
+FULL_DATA_FOLD = -1  # trains on every fold, no validation set
 
 
 @dataclass(frozen=True)
@@ -106,37 +112,56 @@ def stage_dir(work_dir: str | Path, stage: str) -> Path:
     return Path(work_dir) / stage
 
 
-def run_name(fold: int, seed: int) -> str:
-    return f"fold{int(fold)}-seed{int(seed)}"
+class RunKey(NamedTuple):
+    """Which run of a per-fold stage a folder holds (sorts by variant, then fold, then seed)."""
+
+    variant: str
+    fold: int
+    seed: int
 
 
-def parse_run_name(name: str) -> tuple[int, int] | None:
-    """(fold, seed) of a run folder name, None for anything else."""
+def run_name(fold: int, seed: int, variant: str = "") -> str:
+    if not VARIANT_NAME.match(variant):
+        raise ValueError(f"variant name {variant!r}: use letters, digits and _ only")
+    return f"{variant + '-' if variant else ''}fold{int(fold)}-seed{int(seed)}"
+
+
+def parse_run_name(name: str) -> RunKey | None:
+    """(variant, fold, seed) of a run folder name, None for anything else."""
     match = _RUN_NAME.match(name)
-    return (int(match.group(1)), int(match.group(2))) if match else None
+    if not match:
+        return None
+    return RunKey(match.group("variant") or "", int(match.group("fold")), int(match.group("seed")))
 
 
-def run_dir(work_dir: str | Path, stage: str, fold: int | None = None, seed: int | None = None) -> Path:
-    """Where one run of `stage` writes: a fold x seed folder for per-fold stages, the stage folder otherwise."""
+def run_dir(work_dir: str | Path, stage: str, fold: int | None = None, seed: int | None = None, variant: str = "") -> Path:
+    """Where one run of `stage` writes: a (variant-)fold x seed folder for per-fold stages, the stage folder otherwise."""
     base = stage_dir(work_dir, stage)
     if get_stage(stage).per_fold:
         if fold is None or seed is None:
             raise ValueError(f"stage {stage!r} runs per fold x seed: give both")
-        return base / run_name(fold, seed)
+        return base / run_name(fold, seed, variant)
     return base
 
 
 def run_dirs(work_dir: str | Path, stage: str, require: str | None = None) -> list[Path]:
-    """The fold x seed run folders of a stage (holding `require` when given), sorted by (fold, seed)."""
+    """The run folders of a per-fold stage (holding `require` when given), sorted by (variant, fold, seed)."""
     base = stage_dir(work_dir, stage)
-    found = [p for p in base.glob("fold*-seed*") if p.is_dir() and parse_run_name(p.name)]
+    found = [p for p in base.glob("*fold*-seed*") if p.is_dir() and parse_run_name(p.name)]
     if require:
         found = [p for p in found if (p / require).is_file()]
     return sorted(found, key=lambda p: parse_run_name(p.name))
 
 
+def out_of_fold(runs: list[Path], fold: int) -> list[Path]:
+    """The runs that did not train on `fold`: cross-validation runs of other folds (a full-data run,
+    fold -1, trained on every fold and serves the test set only)."""
+    keys = {run: parse_run_name(run.name) for run in runs}
+    return [run for run, key in keys.items() if key is not None and key.fold not in (fold, FULL_DATA_FOLD)]
+
+
 def finished_runs(work_dir: str | Path, stage: str) -> list[Path]:
-    """Run folders that hold final weights and their config, sorted (fold, then seed); an error when none does."""
+    """Run folders that hold final weights and their config, sorted (variant, fold, seed); an error when none does."""
     runs = run_dirs(work_dir, stage, require=WEIGHTS)
     missing = [r for r in runs if not (r / CONFIG).is_file()]
     if missing:
