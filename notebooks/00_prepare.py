@@ -21,6 +21,7 @@
 # `python -m rsna22_utils run 00_prepare -p data_dir=... -p image_size=256`
 
 # %% tags=["parameters"]
+profile = ""  # a profile of settings, e.g. "original" (the 3rd place) or "demo"
 overrides = {}
 
 
@@ -33,7 +34,7 @@ from pathlib import Path
 sys.path[:0] = sorted(str(p.parent) for p in Path(os.environ.get("RSNA22_KIT_KAGGLE_INPUT", "/kaggle/input")).glob("*/rsna22_utils"))[:1]
 from rsna22_utils.core.notebooks import start_stage
 
-session = start_stage("00_prepare", overrides)
+session = start_stage("00_prepare", overrides, profile=profile)
 session.config
 
 # %%

@@ -18,7 +18,9 @@
 # All folds and seeds: `python -m rsna22_utils run 03_train_vertebra --folds 0 1 2 3 4 --seeds 0 1 2`
 
 # %% tags=["parameters"]
-fold = 0
+profile = ""  # a profile of settings and sweeps, e.g. "original" (the 3rd place) or "demo"
+variant = ""  # which of the profile's models of this stage, when it has several
+fold = 0  # -1 = full data (no validation)
 seed = 0
 overrides = {}
 
@@ -32,7 +34,7 @@ from pathlib import Path
 sys.path[:0] = sorted(str(p.parent) for p in Path(os.environ.get("RSNA22_KIT_KAGGLE_INPUT", "/kaggle/input")).glob("*/rsna22_utils"))[:1]
 from rsna22_utils.core.notebooks import start_stage
 
-session = start_stage("03_train_vertebra", overrides, fold=fold, seed=seed)
+session = start_stage("03_train_vertebra", overrides, profile=profile, variant=variant, fold=fold, seed=seed)
 session.config
 
 # %%

@@ -18,6 +18,7 @@
 # approximate per-slice fracture labels `C1_frac..C7_frac` (`slice_labels.parquet`).
 
 # %% tags=["parameters"]
+profile = ""  # a profile of settings, e.g. "original" (the 3rd place) or "demo"
 overrides = {}
 
 
@@ -30,7 +31,7 @@ from pathlib import Path
 sys.path[:0] = sorted(str(p.parent) for p in Path(os.environ.get("RSNA22_KIT_KAGGLE_INPUT", "/kaggle/input")).glob("*/rsna22_utils"))[:1]
 from rsna22_utils.core.notebooks import start_stage
 
-session = start_stage("04_infer_vertebra", overrides)
+session = start_stage("04_infer_vertebra", overrides, profile=profile)
 session.config
 
 # %%

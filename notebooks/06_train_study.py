@@ -20,7 +20,9 @@
 # All folds and seeds: `python -m rsna22_utils run 06_train_study --folds 0 1 2 3 4 --seeds 0 1 2`
 
 # %% tags=["parameters"]
-fold = 0
+profile = ""  # a profile of settings and sweeps, e.g. "original" (the 3rd place) or "demo"
+variant = ""  # which of the profile's models of this stage, when it has several
+fold = 0  # -1 = full data (no validation)
 seed = 0
 overrides = {}
 
@@ -34,7 +36,7 @@ from pathlib import Path
 sys.path[:0] = sorted(str(p.parent) for p in Path(os.environ.get("RSNA22_KIT_KAGGLE_INPUT", "/kaggle/input")).glob("*/rsna22_utils"))[:1]
 from rsna22_utils.core.notebooks import start_stage
 
-session = start_stage("06_train_study", overrides, fold=fold, seed=seed)
+session = start_stage("06_train_study", overrides, profile=profile, variant=variant, fold=fold, seed=seed)
 session.config
 
 # %%

@@ -24,6 +24,7 @@
 # Locally: `python -m rsna22_utils predict --data-dir D --weights runs --out submission.csv`
 
 # %% tags=["parameters"]
+profile = ""  # a profile of settings, e.g. "original" (the 3rd place) or "demo"
 overrides = {}
 
 # %%
@@ -43,7 +44,7 @@ setup_logging()
 # offline: the DICOM decoders of the wheels dataset, one wheel at a time (before anything imports a decoder);
 # a decoder the test set needs and still lacks stops the run before the first study
 install_wheels(mount_path("wheels") / "wheels")
-session = start_stage("07_inference", overrides)
+session = start_stage("07_inference", overrides, profile=profile)
 session.config
 
 # %%

@@ -62,6 +62,7 @@ def _parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("train", help="run one stage with a config (torchrun-compatible): train STAGE -p key=value ...")
     p.add_argument("stage", help="stage name, e.g. 01_train_box (also the infer stages and 00_prepare)")
+    p.add_argument("--profile", default=None, help="start from a profile's settings (original, demo); -p values apply on top")
     p.add_argument("-p", "--param", dest="params", action="append", default=[], metavar="KEY=VALUE", help="config override (repeatable)")
     p.set_defaults(func=_train)
 
@@ -69,6 +70,7 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--data-dir", type=Path, default=None, help="competition folder with test.csv, test_images/ (default: Kaggle's)")
     p.add_argument("--weights", type=Path, default=None, help="weights folder <stage>/fold<f>-seed<s>/, e.g. runs (default: Kaggle's)")
     p.add_argument("--out", type=Path, default=None, help="submission.csv to write (default: /kaggle/working/submission.csv)")
+    p.add_argument("--profile", default=None, help="start from a profile's 07_inference settings (original, demo)")
     p.add_argument("-p", "--param", dest="params", action="append", default=[], metavar="KEY=VALUE", help="07_inference config override")
 
     p = sub.add_parser("bench-inference", help="per-study seconds of decode / preprocessing / models + projection to the test set")
@@ -93,7 +95,12 @@ def _parser() -> argparse.ArgumentParser:
 
 
 # Imported when the parser is built, so they must import their heavy dependencies lazily.
-COMMAND_MODULES: tuple[str, ...] = ("rsna22_utils.core.kaggle", "rsna22_utils.core.runner", "rsna22_utils.core.notebooks")
+COMMAND_MODULES: tuple[str, ...] = (
+    "rsna22_utils.core.kaggle",
+    "rsna22_utils.core.runner",
+    "rsna22_utils.core.notebooks",
+    "rsna22_utils.core.profiles",
+)
 
 
 def _train(args: argparse.Namespace) -> int:
@@ -102,7 +109,10 @@ def _train(args: argparse.Namespace) -> int:
     from rsna22_utils.core.config import parse_overrides, resolve_config
     from rsna22_utils.core.registry import execute
 
-    cfg = resolve_config(args.stage, parse_overrides(args.params))
+    overrides = parse_overrides(args.params)
+    if args.profile:
+        overrides["profile"] = args.profile
+    cfg = resolve_config(args.stage, overrides)
     metrics = execute(args.stage, cfg)
     summary = {k: v for k, v in metrics.items() if isinstance(v, (int, float, str))}
     if int(os.environ.get("RANK", "0")) == 0:  # under torchrun every rank gets here; one line is enough

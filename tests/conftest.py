@@ -94,6 +94,9 @@ TINY_STAGES = {
 }
 
 
+TINY_FOLDS = {"01_train_box": [0, 1], "03_train_vertebra": [0, 1]}  # every fold: out-of-fold boxes and pseudo-labels
+
+
 def tiny_settings(stage: str, values: dict) -> dict:
     """`values` restricted to the settings `stage` has (the shared ones apply only where they exist)."""
     from rsna22_utils.core.config import settable_fields
@@ -108,7 +111,8 @@ def tiny_pipeline(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
     """A synthetic competition (8 train + 3 test studies, 48 px) through stages 00-06 with tiny settings, once.
 
     Returns {"data_dir", "work_dir", "config_changes"}; work_dir holds `<stage>/fold0-seed0/` runs like a
-    real `runs/` folder (usable as the inference weights folder), and a 07_inference submission;
+    real `runs/` folder (01 and 03 also `fold1-seed0/`: 02 and 04 predict each study out of fold; usable
+    as the inference weights folder), and a 07_inference submission;
     config_changes maps every stage to what running it changed in the config it was given (nothing).
     Tests must not write into either folder.
     """
@@ -123,8 +127,9 @@ def tiny_pipeline(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
     submission = {"weights_dir": str(work_dir), "out": str(work_dir / "07_inference" / "submission.csv")}
     changes = {}
     for stage, overrides in {**TINY_STAGES, "07_inference": submission}.items():
-        cfg = resolve_config(stage, tiny_settings(stage, {**common, **overrides, "fold": 0, "seed": 0}))
-        given = copy.deepcopy(cfg)
-        execute(stage, cfg)
-        changes[stage] = config_diff(given, cfg)
+        for fold in TINY_FOLDS.get(stage, [0]):
+            cfg = resolve_config(stage, tiny_settings(stage, {**common, **overrides, "fold": fold, "seed": 0}))
+            given = copy.deepcopy(cfg)
+            execute(stage, cfg)
+            changes[stage] = {**changes.get(stage, {}), **config_diff(given, cfg)}
     return {"data_dir": data_dir, "work_dir": work_dir, "config_changes": changes}

@@ -9,31 +9,37 @@ from pathlib import Path
 import pandas as pd
 import pytest
 
-from rsna22_utils.cervical.demo import DEMO_PROFILE, demo_folds, demo_overrides, parse_demo_overrides, write_report
+from rsna22_utils.cervical.demo import DEMO_PROFILE, demo_overrides, parse_demo_overrides, write_report
 from rsna22_utils.cervical.metric import TARGETS
 from rsna22_utils.cervical.submission import predict_submission
 from rsna22_utils.core.config import ConfigError, resolve_config
 from rsna22_utils.core.registry import stages
 
 
-def test_demo_profile_covers_every_stage_with_valid_settings() -> None:
-    assert list(DEMO_PROFILE) == list(stages())
-    for stage, entry in stages().items():  # every per-fold stage says which folds the demo trains
-        assert (demo_folds(stage, 3) is not None) == entry.per_fold
-    for stage in DEMO_PROFILE:
-        resolve_config(stage, demo_overrides(stage, COMMON))  # raises on a misspelt or invalid setting
-    assert demo_overrides("05_train_fracture", COMMON)["init_encoder_from"] == "w/03_train_vertebra/fold0-seed0"
+def test_demo_profile_sets_every_stage_and_trains_every_fold() -> None:
+    from rsna22_utils.core.profiles import load_profile
+
+    profile = load_profile(DEMO_PROFILE)
+    assert list(profile.stages) == [s for s in stages() if s not in ("02_infer_box", "04_infer_vertebra")]
+    for stage, entry in stages().items():
+        cfg = resolve_config(stage, demo_overrides(stage, COMMON))  # raises on a misspelt or invalid setting
+        assert cfg.profile == "demo" and getattr(cfg, "num_workers", 0) == 0
+        if entry.per_fold:  # out-of-fold boxes and pseudo-labels need a run of every fold
+            (variant,) = profile.variants(stage)
+            assert variant.folds == [0, 1, 2] and cfg.n_folds == 3
+    assert resolve_config("05_train_fracture", demo_overrides("05_train_fracture", COMMON)).init_encoder_from == "vertebra"
 
 
-COMMON = {"data_dir": "d", "work_dir": "w", "seed": 0}
+COMMON = {"data_dir": "d", "work_dir": "w"}
 
 
 def test_demo_overrides_for_every_stage_or_one() -> None:
     extra = parse_demo_overrides(["n_folds=5", "05_train_fracture:epochs=24"])
     assert extra == {"*": {"n_folds": 5}, "05_train_fracture": {"epochs": 24}}
-    fracture, vertebra = demo_overrides("05_train_fracture", COMMON, extra), demo_overrides("03_train_vertebra", COMMON, extra)
-    assert (fracture["epochs"], fracture["n_folds"]) == (24, 5)
-    assert (vertebra["epochs"], vertebra["n_folds"]) == (DEMO_PROFILE["03_train_vertebra"]["epochs"], 5)
+    fracture = resolve_config("05_train_fracture", demo_overrides("05_train_fracture", COMMON, extra))
+    vertebra = resolve_config("03_train_vertebra", demo_overrides("03_train_vertebra", COMMON, extra))
+    assert (fracture.epochs, fracture.n_folds, fracture.profile) == (24, 5, "demo")  # the user's values on top of the profile
+    assert (vertebra.epochs, vertebra.n_folds) == (resolve_config("03_train_vertebra", {"profile": "demo"}).epochs, 5)
     for bad in ("05_train_fractur:epochs=1", "05_train_fracture:epoch=1", "epoch=1"):
         with pytest.raises(ConfigError, match="epoch"):
             parse_demo_overrides([bad])

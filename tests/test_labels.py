@@ -137,9 +137,24 @@ def test_fold_file_is_used_and_must_cover_the_studies(tmp_path):
         make_folds(train, n_folds=4, fold_file=fold_file)
 
 
+def test_labels_that_are_not_0_or_1_are_an_error_naming_the_rows(tmp_path):
+    from rsna22_utils.cervical.labels import check_study_labels
+
+    train = fake_train(12).astype({"C3": float, "patient_overall": object})
+    check_study_labels(train, "train.csv")
+    train.loc[4, "C3"] = np.nan
+    train.loc[7, "patient_overall"] = "yes"
+    with pytest.raises(ValueError, match=r"train\.csv: 2 rows .*line 6 \(1\.2\.4\): C3=nan; line 9 \(1\.2\.7\): patient_overall='yes'"):
+        check_study_labels(train, "train.csv")
+    with pytest.raises(ValueError, match=r"missing column\(s\) \['C7'\]"):
+        check_study_labels(fake_train(3).drop(columns=["C7"]), "train.csv")
+
+
 def test_stratified_split_is_balanced_and_reproducible(tmp_path):
     train = fake_train(500)
-    folds = make_folds(train, n_folds=5, seed=7, fold_file=tmp_path / "absent.csv")
+    with pytest.raises(FileNotFoundError, match=r"fold_file .*absent\.csv: no such file"):  # a typo is not a quiet new split
+        make_folds(train, n_folds=5, seed=7, fold_file=tmp_path / "absent.csv")
+    folds = make_folds(train, n_folds=5, seed=7)
     assert sorted(folds["fold"].unique()) == [0, 1, 2, 3, 4]
     sizes = folds["fold"].value_counts()
     assert sizes.max() - sizes.min() <= 1

@@ -403,10 +403,31 @@ def test_weights_dataset_holds_what_the_submission_loads_and_loads(tiny_pipeline
     for path in out.rglob("*.json"):
         assert str(work_dir.parent) not in path.read_text(), path
     for stage in ("01_train_box", "06_train_study"):
-        (shipped,) = finished_runs(out, stage)
-        assert load_config(shipped / "config.json").backbone == load_config(work_dir / stage / shipped.name / "config.json").backbone
+        shipped = finished_runs(out, stage)
+        assert [run.name for run in shipped] == [run.name for run in finished_runs(work_dir, stage)]  # no full-data run: every run
+        for run in shipped:
+            assert load_config(run / "config.json").backbone == load_config(work_dir / stage / run.name / "config.json").backbone
     ensemble = load_ensemble(out, torch.device("cpu"))
-    assert len(ensemble.box.models) == 1 and len(ensemble.study) == 1
+    assert len(ensemble.box.models) == 2 and len(ensemble.study) == 1
+
+
+def test_full_data_runs_alone_serve_the_test_set(tiny_pipeline: dict, tmp_path: Path) -> None:
+    """As in the original's submission: with fold -1 runs present, the cross-validation runs are not shipped or loaded."""
+    import torch
+
+    from rsna22_utils.cervical.submission import load_ensemble
+    from rsna22_utils.core.kaggle import KaggleSettings, build_weights_dataset
+    from rsna22_utils.core.registry import finished_runs
+
+    work_dir = tmp_path / "runs"
+    shutil.copytree(tiny_pipeline["work_dir"], work_dir)
+    for stage in ("01_train_box", "06_train_study"):  # stand-ins for full-data runs
+        shutil.copytree(work_dir / stage / "fold0-seed0", work_dir / stage / "fold-1-seed4")
+    out = build_weights_dataset(work_dir, tmp_path / "weights", KaggleSettings(owner="kit-tester"))
+    for stage in ("01_train_box", "06_train_study"):
+        assert [run.name for run in finished_runs(out, stage)] == ["fold-1-seed4"]
+    ensemble = load_ensemble(work_dir, torch.device("cpu"))
+    assert len(ensemble.box.models) == 1 and [run.name for run in ensemble.study] == ["06_train_study/fold-1-seed4"]
 
 
 def test_a_study_with_a_truncated_slice_is_predicted_from_the_rest(

@@ -92,6 +92,26 @@ def test_outputs_written_and_loadable(tmp_path: Path) -> None:
     assert not [p for p in tmp_path.iterdir() if p.name.startswith(".")]  # no temporary files left
 
 
+def test_a_full_data_run_trains_on_everything_and_validates_nothing(tmp_path: Path) -> None:
+    from ddp_toy import ToyDataset, toy_config
+
+    from rsna22_utils.core.train import fit
+
+    cfg = toy_config(tmp_path, fold=-1, epochs=2)
+    model = ToyModel()
+    metrics = fit(model, ToyTask(), ToyDataset(64, 0), None, cfg)
+    assert metrics["epoch"] == 2 and metrics["n_valid"] == 0 and metrics["fold"] == -1
+    assert [set(h) for h in metrics["history"]] == [{"epoch", "train_loss", "lr", "seconds"}] * 2  # no validation figures
+    assert not (tmp_path / "oof.parquet").exists()
+    fresh = ToyModel()
+    load_weights(fresh, tmp_path / "model.safetensors")
+    assert all(torch.equal(a, b) for a, b in zip(model.state_dict().values(), fresh.state_dict().values()))  # the last epoch
+    with pytest.raises(ValueError, match="validation set is needed exactly when"):
+        fit(ToyModel(), ToyTask(), ToyDataset(64, 0), ToyDataset(8, 1), toy_config(tmp_path / "b", fold=-1))
+    with pytest.raises(ValueError, match="validation set is needed exactly when"):
+        fit(ToyModel(), ToyTask(), ToyDataset(64, 0), None, toy_config(tmp_path / "c", fold=0))
+
+
 def test_gradient_accumulation_matches_full_batch(tmp_path: Path) -> None:
     one, _ = run(tmp_path / "a1", batch_size=8, grad_accum=1)
     two, _ = run(tmp_path / "a2", batch_size=8, grad_accum=2)

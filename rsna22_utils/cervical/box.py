@@ -87,17 +87,20 @@ def train_box(cfg: BoxTrainConfig) -> dict:
     prepared, cache, cache_settings = open_cache(cfg)
     cfg = with_derived(cfg, **cache_settings)
     train, valid = split_by_fold(box_table(prepared, cache), cfg.fold)
-    logger.info("box model fold %d: %d training slices, %d validation slices", cfg.fold, len(train), len(valid))
+    logger.info("box model fold %d: %d training slices, %d validation slices", cfg.fold, len(train), 0 if valid is None else len(valid))
     source = CacheSource(cache)
     model = create_model(cfg)
-    return fit(model, BoxTask(valid, cfg.box_weight), BoxSliceDataset(train, source, augment=True), BoxSliceDataset(valid, source), cfg)
+    valid_set = None if valid is None else BoxSliceDataset(valid, source)
+    return fit(model, BoxTask(valid, cfg.box_weight), BoxSliceDataset(train, source, augment=True), valid_set, cfg)
 
 
 def box_examples(cfg: BoxTrainConfig, n: int = 8) -> tuple[list[np.ndarray], np.ndarray, np.ndarray]:
-    """`n` validation slices that show the spine, with the trained run's boxes and the true ones (cache pixels)."""
+    """`n` validation slices that show the spine, with the trained run's boxes and the true ones (cache pixels);
+    a full-data run has no validation slices: then training slices (in-sample)."""
     prepared, cache, _ = open_cache(cfg)
-    _, valid = split_by_fold(box_table(prepared, cache), cfg.fold)
-    rows = valid[valid["has_box"] > 0.5]
+    train, valid = split_by_fold(box_table(prepared, cache), cfg.fold)
+    shown = train if valid is None else valid
+    rows = shown[shown["has_box"] > 0.5]
     rows = rows.iloc[np.linspace(0, len(rows) - 1, min(n, len(rows))).astype(int)].reset_index(drop=True)
     dataset = BoxSliceDataset(rows, CacheSource(cache))
     model, _ = load_run(Path(cfg.out_dir), torch.device("cpu"))

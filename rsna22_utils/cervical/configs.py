@@ -191,7 +191,7 @@ _FROM_05 = "its stage-05 run (fracture_run)"
 class StudyTrainConfig(TrainConfig, CacheInput):
     """06_train_study: the stage-05 CNN (frozen) embeds every slice; a BiLSTM + attention reads the whole study."""
 
-    fracture_run: str = ""  # the stage-05 run whose CNN is frozen; "" -> that of the same fold and seed
+    fracture_run: str = ""  # the stage-05 run whose CNN is frozen; "" -> that of the same variant, fold and seed
     epochs: int = 30
     batch_size: int = 8
     lr: float = 1e-3
@@ -247,3 +247,30 @@ class SubmissionConfig(StageConfig, Hardware, StudyBoxRule):
         if self.dicom_backend not in ("auto", "dicomsdl", "pydicom"):
             out.append(f"dicom_backend must be auto, dicomsdl or pydicom, got {self.dicom_backend!r}")
         return out
+
+
+# ----------------------------------------------------------------------------- previews
+
+
+def preview_derived(cfg: StageConfig) -> StageConfig:
+    """`cfg` with its derived fields as its stage would fill them when run after the earlier stages of
+    its profile: the cache's size and windows from the profile's 00_prepare settings, and for a stage-06
+    run the frozen CNN's settings from the stage-05 variant of the same name (`config show`)."""
+    import dataclasses
+
+    from rsna22_utils.core.config import derived_fields, resolve_config
+
+    hidden = derived_fields(type(cfg))
+    if not hidden:
+        return cfg
+    base = {"profile": cfg.profile} if cfg.profile else {}
+    values: dict = {}
+    if "image_size" in hidden:
+        prepare = resolve_config("00_prepare", base)
+        values.update(image_size=prepare.image_size, windows=prepare.windows)
+    if isinstance(cfg, StudyTrainConfig):
+        fracture = resolve_config("05_train_fracture", {**base, "variant": cfg.variant} if cfg.profile else {})
+        # a 06 config records the stage-05 settings it depends on under the same names
+        values.update({name: getattr(fracture, name) for name in hidden if name not in values and hasattr(fracture, name)})
+        values["fracture_lstm_hidden"] = fracture.lstm_hidden
+    return dataclasses.replace(cfg, **{k: v for k, v in values.items() if k in hidden})

@@ -3,7 +3,7 @@
     ./kit demo                       # = python -m rsna22_utils demo --out demo
 
 It runs exactly what a user runs on the real data (the papermill runner over the stage
-notebooks, fold x seed), with a small profile (`DEMO_PROFILE`: tiny backbone, 96 px cache, few
+notebooks, fold x seed), with a small profile (`profiles/demo.json`: tiny backbone, 96 px cache, few
 epochs, 3 folds) so the whole pipeline finishes in minutes on two cores. Everything lands in
 `--out`: `competition/` (the generated data), `runs/<stage>/...` (executed notebooks, configs,
 weights, OOF predictions, metrics) and `report/` (report.md + figures).
@@ -21,55 +21,13 @@ import numpy as np
 import pandas as pd
 
 from rsna22_utils.cervical.anatomy import BOX_COLUMNS
-from rsna22_utils.core.registry import run_dir, run_dirs
+from rsna22_utils.core.registry import run_dirs
 
 logger = logging.getLogger(__name__)
 
 FEW_POSITIVES = 10  # below this many positive studies a target's pooled OOF AUC is noise (the report says so)
 
-VERTEBRA_FOLD_0 = "the demo's vertebra run"  # its only stage-03 run (fold 0), resolved to that run's folder
-
-# Settings for a CPU demo; everything else is each stage's default (what a GPU run would use).
-# "folds": which folds a per-fold stage trains ("first" or "all"); why each value: README, "The demo".
-DEMO_COMMON: dict[str, Any] = {"n_folds": 3, "num_workers": 0, "pretrained": False}
-DEMO_PROFILE: dict[str, dict[str, Any]] = {
-    "00_prepare": {"image_size": 96},
-    "01_train_box": {
-        "folds": "first",
-        "backbone": "mobilenetv3_small_050",
-        "epochs": 4,
-        "batch_size": 32,
-        "lr": 2e-3,
-        "max_steps_per_epoch": 40,
-    },
-    "02_infer_box": {},
-    "03_train_vertebra": {
-        "folds": "first",
-        "backbone": "mobilenetv3_small_050",
-        "epochs": 20,
-        "batch_size": 4,
-        "lr": 2e-3,
-        "lstm_hidden": 64,
-        "samples_per_study": 4,
-    },
-    "04_infer_vertebra": {},
-    "05_train_fracture": {
-        "folds": "all",
-        "backbone": "mobilenetv3_small_050",
-        "epochs": 12,
-        "batch_size": 4,
-        "lr": 2e-3,
-        "lstm_hidden": 64,
-        "samples_per_study": 3,
-        "crop_size": 64,
-        "positive_window_bias": 0.8,
-        "fracture_loss_weight": 2.0,
-        "fracture_pos_weight": 10.0,
-        "init_encoder_from": VERTEBRA_FOLD_0,
-    },
-    "06_train_study": {"folds": "all", "epochs": 4, "batch_size": 8, "lr": 1e-3, "lstm_hidden": 64, "dropout": 0.3},
-    "07_inference": {"time_budget_hours": 0.5},
-}
+DEMO_PROFILE = "demo"  # rsna22_utils/cervical/profiles/demo.json: the CPU settings and sweeps (why: README, "The demo")
 
 
 def _stage_fields(stage: str) -> set[str]:
@@ -100,25 +58,12 @@ def parse_demo_overrides(items: list[str] | None) -> dict[str, dict[str, Any]]:
 
 
 def demo_overrides(stage: str, common: dict[str, Any], extra: dict[str, dict[str, Any]] | None = None) -> dict[str, Any]:
-    """The settings of one demo stage: common paths + DEMO_COMMON + DEMO_PROFILE + the user's -p overrides,
-    each shared setting only where the stage has it."""
+    """The overrides of one demo stage: the demo profile, common paths and the user's -p values
+    (those given for every stage only where the stage has the setting)."""
     fields = _stage_fields(stage)
     extra = extra or {}
-    profile = {k: v for k, v in DEMO_PROFILE[stage].items() if k != "folds"}
-    shared = {k: v for k, v in {**DEMO_COMMON, **common, **extra.get("*", {})}.items() if k in fields}
-    settings = {**shared, **profile, **extra.get(stage, {})}
-    if settings.get("init_encoder_from") == VERTEBRA_FOLD_0:
-        settings["init_encoder_from"] = str(run_dir(common["work_dir"], "03_train_vertebra", 0, common["seed"]))
-    return settings
-
-
-def demo_folds(stage: str, n_folds: int) -> list[int] | None:
-    """The folds a stage trains in the demo (None: a stage that runs once)."""
-    from rsna22_utils.core.registry import get_stage
-
-    if not get_stage(stage).per_fold:
-        return None
-    return [0] if DEMO_PROFILE[stage]["folds"] == "first" else list(range(n_folds))
+    shared = {k: v for k, v in {**common, **extra.get("*", {})}.items() if k in fields}
+    return {"profile": DEMO_PROFILE, **shared, **extra.get(stage, {})}
 
 
 def run_demo(
@@ -129,12 +74,13 @@ def run_demo(
     stages: list[str] | None = None,
     overrides: dict[str, dict[str, Any]] | None = None,
 ) -> dict:
-    """Generate (or reuse) a synthetic competition, run every stage through the runner, write the report.
+    """Generate (or reuse) a synthetic competition, run every stage through the runner (the `demo`
+    profile's settings and folds, seed `seed`), write the report.
 
     `overrides` ({stage or "*": {key: value}}, see `parse_demo_overrides`) change the profile, e.g.
     longer training for a CV figure: `./kit demo --studies 150 -p 05_train_fracture:epochs=24`.
     """
-    from rsna22_utils.core.registry import stage_dir
+    from rsna22_utils.core.registry import get_stage, stage_dir
     from rsna22_utils.core.registry import stages as registry_stages
     from rsna22_utils.core.runner import run_stage
 
@@ -143,7 +89,7 @@ def run_demo(
     data_dir = out / "competition"
     _synthetic_competition(data_dir, n_studies, image_size, seed)
     work_dir = out / "runs"
-    common = {"data_dir": str(data_dir), "work_dir": str(work_dir), "seed": seed}
+    common = {"data_dir": str(data_dir), "work_dir": str(work_dir)}
     timings: dict[str, float] = {}
     for stage in stages or list(registry_stages()):
         stage_overrides = demo_overrides(stage, common, overrides)
@@ -151,11 +97,11 @@ def run_demo(
             stage_overrides["image_size"] = image_size
         if stage == "07_inference":  # the Kaggle notebook, on the synthetic test studies, with this run's weights
             stage_overrides.update(weights_dir=str(work_dir), out=str(stage_dir(work_dir, stage) / "submission.csv"))
-        folds = demo_folds(stage, int(stage_overrides.get("n_folds", DEMO_COMMON["n_folds"])))
         for key in ("fold", "seed"):  # the runner sets them per run
             stage_overrides.pop(key, None)
         t0 = time.perf_counter()
-        summary = run_stage(stage, folds=folds, seeds=[seed] if folds else None, overrides=stage_overrides, work_dir=str(work_dir))
+        seeds = [seed] if get_stage(stage).per_fold else None  # the profile's folds, this demo's seed
+        summary = run_stage(stage, seeds=seeds, overrides=stage_overrides, work_dir=str(work_dir))
         timings[stage] = time.perf_counter() - t0
         if not summary.ok:
             failed = summary.failed[0]

@@ -179,6 +179,30 @@ def _read_fold_file(fold_file: Path) -> pd.DataFrame:
     return table[["StudyInstanceUID", "fold"]]
 
 
+def _plain(value: object) -> object:
+    """A numpy scalar as the Python value it holds (so a message shows nan, not np.float64(nan))."""
+    return value.item() if isinstance(value, np.generic) else value
+
+
+def check_study_labels(train_df: pd.DataFrame, source: str | Path) -> None:
+    """Every label of train.csv is 0 or 1: a NaN or any other value is an error naming the rows
+    (as CSV line numbers) and values, before folds or training silently work around it."""
+    columns = [c for c in ("patient_overall", *VERTEBRAE) if c in train_df.columns]
+    missing = sorted({"StudyInstanceUID", "patient_overall", *VERTEBRAE} - set(train_df.columns))
+    if missing:
+        raise ValueError(f"{source}: missing column(s) {missing} (has {list(train_df.columns)})")
+    values = train_df[columns].apply(pd.to_numeric, errors="coerce")
+    bad = ~values.isin([0, 1])
+    rows = np.flatnonzero(bad.any(axis=1).to_numpy())
+    if len(rows):
+        shown = []
+        for row in rows[:10]:
+            cells = ", ".join(f"{c}={_plain(train_df[c].iat[row])!r}" for c in columns if bad.iat[row, columns.index(c)])
+            shown.append(f"line {row + 2} ({train_df['StudyInstanceUID'].iat[row]}): {cells}")
+        more = f" and {len(rows) - 10} more" if len(rows) > 10 else ""
+        raise ValueError(f"{source}: {len(rows)} rows have labels that are not 0 or 1: " + "; ".join(shown) + more)
+
+
 def _stratification_targets(train_df: pd.DataFrame, n_folds: int) -> np.ndarray:
     """0/1 columns every fold should hold its share of: each label, and each number of fractured
     vertebrae (counts held by fewer than n_folds studies merged upward)."""
@@ -230,9 +254,10 @@ def make_folds(
 ) -> pd.DataFrame:
     """`train_df` with a `fold` column (0..n_folds-1), in `train_df`'s row order.
 
-    If `fold_file` exists (the 3rd place's split is `train_folded_v01.csv`: train.csv's columns
+    With a `fold_file` (the 3rd place's split is `train_folded_v01.csv`: train.csv's columns
     + fold; a `cube_id` column is accepted for the study id) its folds are used, and every study
-    of `train_df` must be in it (the error lists the missing ones). Otherwise a stratified split
+    of `train_df` must be in it (the error lists the missing ones); a fold file that does not exist
+    is an error, not a quiet fall-back to another split. Without one a stratified split
     is made (equal sizes; every target's positives and every number of fractured vertebrae
     spread evenly over the folds, see `_balanced_folds`) and it is the caller's job to save it,
     so later stages reuse the same split.
@@ -257,7 +282,7 @@ def make_folds(
         logger.info("folds for %d studies read from %s", len(out), fold_file)
         return out
     if fold_file is not None:
-        logger.info("fold file %s not found; making a stratified %d-fold split (seed %d)", fold_file, n_folds, seed)
+        raise FileNotFoundError(f"fold_file {fold_file}: no such file (leave fold_file empty for a stratified split)")
 
     if len(out) < n_folds:
         raise ValueError(f"make_folds: {len(out)} studies cannot fill {n_folds} folds")

@@ -316,6 +316,11 @@ def create_model(cfg: Any, load_pretrained: bool = True) -> nn.Module:
     raise ValueError(f"stage {getattr(cfg, 'stage', '?')!r}: its config ({type(cfg).__name__}) describes no network of the kit")
 
 
+def create_network(cfg: Any) -> nn.Module:
+    """The network of a stage config with random weights (nothing downloaded or read): `config show --count-params`."""
+    return create_model(cfg, load_pretrained=False)
+
+
 def load_run(run_dir: str | Path, device: torch.device) -> tuple[nn.Module, Any]:
     """A finished run's network (rebuilt from its config.json, no pretrained download) with its weights, in eval mode."""
     return load_run_with(run_dir, device, lambda cfg: create_model(cfg, load_pretrained=False))

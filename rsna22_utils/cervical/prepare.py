@@ -11,8 +11,9 @@ from typing import Any
 import pandas as pd
 
 from rsna22_utils.cervical.configs import PrepareConfig
-from rsna22_utils.cervical.labels import build_segmentation_labels, make_folds
+from rsna22_utils.cervical.labels import build_segmentation_labels, check_study_labels, make_folds
 from rsna22_utils.core.cache import CacheSpec, StudyCache, build_cache
+from rsna22_utils.core.registry import FULL_DATA_FOLD
 from rsna22_utils.core.scan import find_studies, scan_competition
 
 logger = logging.getLogger(__name__)
@@ -82,6 +83,7 @@ def prepare(cfg: PrepareConfig) -> dict[str, Any]:
     slices = prepared.read("slices")  # the one table (and study key = folder name) that labels and cache follow
 
     train = pd.read_csv(data_dir / "train.csv")
+    check_study_labels(train, data_dir / "train.csv")
     folds = make_folds(train, n_folds=cfg.n_folds, seed=cfg.split_seed, fold_file=cfg.fold_file or None)
     folds.to_csv(prepared.folds, index=False)
     logger.info("folds of %d studies written to %s", len(folds), prepared.folds)
@@ -107,10 +109,18 @@ def prepare(cfg: PrepareConfig) -> dict[str, Any]:
     return outputs
 
 
-def split_by_fold(table: pd.DataFrame, fold: int) -> tuple[pd.DataFrame, pd.DataFrame]:
-    """Rows of other folds (training) and of `fold` (validation); an error when either is empty."""
+def split_by_fold(table: pd.DataFrame, fold: int) -> tuple[pd.DataFrame, pd.DataFrame | None]:
+    """Rows of other folds (training) and of `fold` (validation); an error when either is empty.
+
+    Fold -1 (a full-data run): every row trains, there is no validation set (None).
+    """
     if "fold" not in table or (table["fold"] < 0).all():
         raise ValueError("the labels carry no folds; rerun 00_prepare")
+    if fold == FULL_DATA_FOLD:
+        train = table[table["fold"] >= 0]
+        if train.empty:
+            raise ValueError("full-data run: no labelled rows to train on")
+        return train.reset_index(drop=True), None
     train, valid = table[table["fold"] != fold], table[table["fold"] == fold]
     if train.empty or valid.empty:
         raise ValueError(f"fold {fold}: {len(train)} training and {len(valid)} validation rows; check n_folds")

@@ -25,7 +25,7 @@ from rsna22_utils.cervical.configs import FractureTrainConfig, VertebraInferConf
 from rsna22_utils.cervical.data import SequenceDataset, positive_slices, spread_window_predictions
 from rsna22_utils.cervical.labels import fracture_slice_labels
 from rsna22_utils.cervical.models import create_model, load_run, sequence_loss
-from rsna22_utils.cervical.prepare import Prepared, open_cache
+from rsna22_utils.cervical.prepare import Prepared, open_cache, split_by_fold
 from rsna22_utils.core.cache import StudyCache
 from rsna22_utils.core.config import with_derived
 from rsna22_utils.core.device import autocast, resolve_device
@@ -115,12 +115,11 @@ def _sequence_datasets(
     cache: StudyCache,
     positive: dict[str, np.ndarray],
     crops: dict[str, tuple] | None = None,
-) -> tuple[SequenceDataset, SequenceDataset]:
-    """Random training windows (biased towards `positive` slices) and overlapping validation windows of one fold."""
-    train_uids = sorted(folds.loc[folds["fold"] != cfg.fold, "StudyInstanceUID"])
-    valid_uids = sorted(folds.loc[folds["fold"] == cfg.fold, "StudyInstanceUID"])
-    if not train_uids or not valid_uids:
-        raise ValueError(f"fold {cfg.fold}: {len(train_uids)} training and {len(valid_uids)} validation studies")
+) -> tuple[SequenceDataset, SequenceDataset | None]:
+    """Random training windows (biased towards `positive` slices) and overlapping validation windows of one fold
+    (None for a full-data run)."""
+    train_table, valid_table = split_by_fold(folds, cfg.fold)
+    train_uids = sorted(train_table["StudyInstanceUID"])
     common: dict[str, Any] = dict(seq_len=cfg.seq_len, slices_per_image=cfg.slices_per_image, crops=crops)
     if crops:
         common.update(crop_margin=cfg.crop_margin, output_size=cfg.crop_size)
@@ -135,7 +134,9 @@ def _sequence_datasets(
         positive_labels=positive,
         **common,
     )
-    valid = SequenceDataset(valid_uids, cache, labels, mode="infer", stride=cfg.infer_stride, **common)
+    if valid_table is None:  # a full-data run
+        return train, None
+    valid = SequenceDataset(sorted(valid_table["StudyInstanceUID"]), cache, labels, mode="infer", stride=cfg.infer_stride, **common)
     return train, valid
 
 
@@ -145,7 +146,7 @@ def train_vertebra(cfg: VertebraTrainConfig) -> dict:
     cfg = with_derived(cfg, **cache_settings)
     labels, folds = _vertebra_labels(prepared, cache)
     train, valid = _sequence_datasets(cfg, labels, folds, cache, positive=labels)  # windows that show the spine
-    logger.info("vertebra model fold %d: %d training / %d validation studies", cfg.fold, len(train.uids), len(valid.uids))
+    logger.info("vertebra model fold %d: %d training / %d validation studies", cfg.fold, len(train.uids), len(valid.uids) if valid else 0)
     return fit(create_model(cfg), SequenceTask(valid, list(VERTEBRAE)), train, valid, cfg)
 
 
@@ -157,7 +158,7 @@ def train_fracture(cfg: FractureTrainConfig) -> dict:
     crops = study_crops(cfg.work_dir)[0] if cfg.crop_by_box else None
     positive = {uid: lab[:, len(VERTEBRAE) :] for uid, lab in labels.items()}  # windows that show a fracture
     train, valid = _sequence_datasets(cfg, labels, folds, cache, positive, crops)
-    logger.info("fracture model fold %d: %d training / %d validation studies", cfg.fold, len(train.uids), len(valid.uids))
+    logger.info("fracture model fold %d: %d training / %d validation studies", cfg.fold, len(train.uids), len(valid.uids) if valid else 0)
     model = create_model(cfg)
     if cfg.init_encoder_from:
         _init_encoder(model, cfg)

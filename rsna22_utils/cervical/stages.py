@@ -19,16 +19,43 @@ from rsna22_utils.cervical import configs
 from rsna22_utils.core.registry import Stage, register
 
 _PACKAGE = "rsna22_utils.cervical"
+_NETWORK = f"{_PACKAGE}.models:create_network"
+_PREVIEW = f"{_PACKAGE}.configs:preview_derived"
 
 STAGES: tuple[Stage, ...] = tuple(
     register(stage)
     for stage in (
         Stage("00_prepare", configs.PrepareConfig, f"{_PACKAGE}.prepare:prepare"),
-        Stage("01_train_box", configs.BoxTrainConfig, f"{_PACKAGE}.box:train_box", per_fold=True, trains=True, submission=True),
+        Stage(
+            "01_train_box",
+            configs.BoxTrainConfig,
+            f"{_PACKAGE}.box:train_box",
+            per_fold=True,
+            trains=True,
+            submission=True,
+            network=_NETWORK,
+            preview=_PREVIEW,
+        ),
         Stage("02_infer_box", configs.BoxInferConfig, f"{_PACKAGE}.box:infer_box"),
-        Stage("03_train_vertebra", configs.VertebraTrainConfig, f"{_PACKAGE}.sequence:train_vertebra", per_fold=True, trains=True),
+        Stage(
+            "03_train_vertebra",
+            configs.VertebraTrainConfig,
+            f"{_PACKAGE}.sequence:train_vertebra",
+            per_fold=True,
+            trains=True,
+            network=_NETWORK,
+            preview=_PREVIEW,
+        ),
         Stage("04_infer_vertebra", configs.VertebraInferConfig, f"{_PACKAGE}.sequence:infer_vertebra"),
-        Stage("05_train_fracture", configs.FractureTrainConfig, f"{_PACKAGE}.sequence:train_fracture", per_fold=True, trains=True),
+        Stage(
+            "05_train_fracture",
+            configs.FractureTrainConfig,
+            f"{_PACKAGE}.sequence:train_fracture",
+            per_fold=True,
+            trains=True,
+            network=_NETWORK,
+            preview=_PREVIEW,
+        ),
         Stage(
             "06_train_study",
             configs.StudyTrainConfig,
@@ -37,6 +64,8 @@ STAGES: tuple[Stage, ...] = tuple(
             trains=True,
             submission=True,
             older_run_defaults={"slice_evidence": False},  # runs from before the stage-05 evidence hold no evidence layers
+            network=_NETWORK,
+            preview=_PREVIEW,
         ),
         Stage("07_inference", configs.SubmissionConfig, f"{_PACKAGE}.submission:predict_submission", kaggle_internet=False),
     )

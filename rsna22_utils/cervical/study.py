@@ -26,7 +26,7 @@ from rsna22_utils.cervical.metric import (
     submission_from_predictions,
 )
 from rsna22_utils.cervical.models import fit_length, load_run, study_model
-from rsna22_utils.cervical.prepare import open_cache
+from rsna22_utils.cervical.prepare import open_cache, split_by_fold
 from rsna22_utils.core.config import with_derived
 from rsna22_utils.core.device import resolve_device
 from rsna22_utils.core.registry import run_dir
@@ -104,7 +104,7 @@ def train_study(cfg: StudyTrainConfig) -> dict:
     """06_train_study: stage-05 CNN frozen, a new BiLSTM + attention + max pooling head (+ the stage-05 evidence), metric as loss."""
     prepared, cache, cache_settings = open_cache(cfg)
     device = resolve_device(cfg.device)
-    fracture_run = Path(cfg.fracture_run) if cfg.fracture_run else run_dir(cfg.work_dir, FRACTURE_STAGE, cfg.fold, cfg.seed)
+    fracture_run = Path(cfg.fracture_run) if cfg.fracture_run else run_dir(cfg.work_dir, FRACTURE_STAGE, cfg.fold, cfg.seed, cfg.variant)
     sequence_model, fracture_cfg = load_run(fracture_run, device)
     if int(fracture_cfg.fold) != int(cfg.fold):
         raise ValueError(f"{fracture_run}: trained for fold {fracture_cfg.fold}, not fold {cfg.fold}: its CNN has seen this fold")
@@ -123,11 +123,9 @@ def train_study(cfg: StudyTrainConfig) -> dict:
     if cfg.save_embeddings:
         Path(cfg.out_dir).mkdir(parents=True, exist_ok=True)
         np.savez_compressed(Path(cfg.out_dir) / "embeddings.npz", **embeddings)
-    fold_of = folds.set_index("StudyInstanceUID")["fold"]
-    train_uids = [u for u in uids if int(fold_of[u]) != cfg.fold]
-    valid_uids = [u for u in uids if int(fold_of[u]) == cfg.fold]
-    train = StudyEmbeddings(train_uids, embeddings, folds, cfg.max_len)
-    valid = StudyEmbeddings(valid_uids, embeddings, folds, cfg.max_len)
+    train_table, valid_table = split_by_fold(folds[folds["StudyInstanceUID"].isin(uids)], cfg.fold)
+    train = StudyEmbeddings(sorted(train_table["StudyInstanceUID"]), embeddings, folds, cfg.max_len)
+    valid = None if valid_table is None else StudyEmbeddings(sorted(valid_table["StudyInstanceUID"]), embeddings, folds, cfg.max_len)
     model = study_model(cfg, sequence_model.cpu())
     head = model.head
     if head.evidence is None:
@@ -136,5 +134,5 @@ def train_study(cfg: StudyTrainConfig) -> dict:
         evidence = torch.cat([head.evidence(item["embeddings"][None], item["mask"][None]) for item in train])
         head.start_from_evidence(evidence, torch.from_numpy(train.targets))
         logger.info("evidence weights (patient_overall, C1..C7): %s", [round(float(w), 2) for w in head.evidence_weight])
-    logger.info("study model fold %d: %d training / %d validation studies", cfg.fold, len(train), len(valid))
+    logger.info("study model fold %d: %d training / %d validation studies", cfg.fold, len(train), len(valid) if valid else 0)
     return fit(model, StudyTask(valid, folds), train, valid, cfg, collate_fn=pad_collate)

@@ -56,7 +56,7 @@ from rsna22_utils.cervical.models import load_run
 from rsna22_utils.cervical.study_box import predict_study_box
 from rsna22_utils.core.cache import CacheSpec, encode_study
 from rsna22_utils.core.device import autocast, resolve_device
-from rsna22_utils.core.registry import finished_runs
+from rsna22_utils.core.registry import finished_runs, serving_runs
 
 logger = logging.getLogger(__name__)
 
@@ -120,9 +120,10 @@ class Ensemble:
 
 
 def load_box_models(weights_dir: str | Path, device: torch.device) -> BoxEnsemble:
-    """All `01_train_box` runs of the weights folder (they must share one image size and window set)."""
+    """The `01_train_box` runs of the weights folder that serve test studies (`serving_runs`: the full-data
+    runs when there are any); they must share one image size and window set."""
     models, spec = [], None
-    for run in finished_runs(weights_dir, BOX_STAGE):
+    for run in serving_runs(finished_runs(weights_dir, BOX_STAGE)):
         model, cfg = load_run(run, device)
         if spec is not None and CacheSpec.of(cfg) != spec:
             raise ValueError(f"{run}: box model trained on {CacheSpec.of(cfg).name}, the others on {spec.name}")
@@ -132,9 +133,10 @@ def load_box_models(weights_dir: str | Path, device: torch.device) -> BoxEnsembl
 
 
 def load_study_models(weights_dir: str | Path, device: torch.device) -> list[StudyRun]:
-    """All `06_train_study` runs: the stage-05 CNN architecture + StudyHead, weights from model.safetensors."""
+    """The `06_train_study` runs that serve test studies (`serving_runs`): the stage-05 CNN architecture +
+    StudyHead, weights from model.safetensors."""
     runs = []
-    for run in finished_runs(weights_dir, STUDY_STAGE):
+    for run in serving_runs(finished_runs(weights_dir, STUDY_STAGE)):
         model, cfg = load_run(run, device)
         runs.append(StudyRun(f"{run.parent.name}/{run.name}", model, cfg))
     return runs
@@ -665,7 +667,7 @@ def run_cli(args: argparse.Namespace) -> int:
     from rsna22_utils.core.config import parse_overrides, resolve_config
 
     overrides = parse_overrides(args.params)
-    for key, value in (("data_dir", args.data_dir), ("weights_dir", args.weights), ("out", args.out)):
+    for key, value in (("profile", args.profile), ("data_dir", args.data_dir), ("weights_dir", args.weights), ("out", args.out)):
         if value is not None:
             overrides[key] = str(value)
     try:

@@ -199,6 +199,11 @@ class Backbone:
 class TrainConfig(StageConfig, PreparedInput, FoldSeed, Hardware, Optimisation, Checkpointing):
     """What the trainer (`core.train.fit`) reads; every training stage's config is one of these."""
 
+    def _check(self) -> list[str]:
+        if self.full_data and self.save != "last":
+            return [f"a full-data run (fold {self.fold}) has no validation set to pick an epoch by: save must be 'last', got {self.save!r}"]
+        return []
+
 
 # ----------------------------------------------------------------------------- resolving
 
@@ -381,6 +386,12 @@ def load_config(path: str | Path) -> Any:
         return resolve_config(stage, payload, saved=True)
     except ConfigError as exc:
         raise ConfigError(f"{path}: {exc}") from None
+
+
+# Settings that say where or how fast a run goes, not what it computes: a run may resume under other values.
+RESULT_NEUTRAL = frozenset(
+    {"device", "num_workers", "work_dir", "out_dir", "prepared_dir", "resume", "valid_loss", "pretrained_path", "pretrained_dir"}
+)
 
 
 def config_diff(a: Any, b: Any) -> dict[str, tuple[Any, Any]]:

@@ -5,9 +5,11 @@ Kept free of heavy imports: scan and cache workers write through it without load
 
 from __future__ import annotations
 
+import contextlib
 import os
+import socket
 import tempfile
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 TMP_SUFFIX = ".tmp"  # every temp file this module makes is `.<name>.<random>.tmp` beside its target
@@ -49,3 +51,40 @@ def remove_stale_temp_files(folder: str | Path, target_suffix: str) -> list[Path
     for path in stale:
         path.unlink(missing_ok=True)
     return stale
+
+
+LOCK_FILE = ".run.lock"
+
+
+class RunLocked(RuntimeError):
+    """Another process holds the lock of a run folder."""
+
+
+@contextlib.contextmanager
+def run_lock(folder: str | Path) -> Iterator[None]:
+    """Hold `{folder}/.run.lock` while a run writes there: a second process on the same run stops with
+    a clear message instead of training alongside (the OS releases the lock if the holder dies)."""
+    import fcntl
+
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    path = folder / LOCK_FILE
+    handle = open(path, "a+")
+    try:
+        try:
+            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            handle.seek(0)
+            holder = handle.read().strip() or "unknown"
+            raise RunLocked(f"{folder}: another process is running this run ({holder}); wait for it or stop it") from None
+        handle.seek(0)
+        handle.truncate()
+        handle.write(f"pid {os.getpid()} on {socket.gethostname()}")
+        handle.flush()
+        try:
+            yield
+        finally:
+            path.unlink(missing_ok=True)
+            fcntl.flock(handle, fcntl.LOCK_UN)
+    finally:
+        handle.close()

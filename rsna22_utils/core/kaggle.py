@@ -32,7 +32,7 @@ from pathlib import Path
 from typing import Any
 
 from rsna22_utils.core.paths import KAGGLE_INPUT, NOTEBOOKS_DIR, REPO_ROOT, kaggle_input_dir
-from rsna22_utils.core.registry import CONFIG, WEIGHTS, finished_runs, parse_run_name, run_dir
+from rsna22_utils.core.registry import CONFIG, WEIGHTS, finished_runs, parse_run_name, run_dir, serving_runs
 from rsna22_utils.core.wheels import IMAGE_FILE, PLATFORM, KaggleImage, check_wheels, load_image, wheel_name_version
 
 logger = logging.getLogger(__name__)
@@ -335,8 +335,9 @@ def _ship_run(run: Path, stage: str, out: Path) -> dict[str, Any]:
 def build_weights_dataset(work_dir: Path, out_dir: Path, settings: KaggleSettings, stages: Sequence[str] | None = None) -> Path:
     """Write the weights dataset from a runs folder: `<stage>/fold<f>-seed<s>/{model.safetensors,config.json}` + manifest.json.
 
-    Ships every finished run of the stages the submission loads (`submission_stages()`, or
-    `stages`), nothing else: the notebook reads no other run, and each costs upload and mount time.
+    Ships the finished runs of the stages the submission loads (`submission_stages()`, or
+    `stages`) that serve test studies (`registry.serving_runs`: the full-data runs when there are
+    any), nothing else: the notebook reads no other run, and each costs upload and mount time.
     Configs lose their local paths (`portable_config`); the manifest lists each run with its
     metrics, so the notebook (and a reader) knows what it loads.
     """
@@ -346,7 +347,7 @@ def build_weights_dataset(work_dir: Path, out_dir: Path, settings: KaggleSetting
     found = {}
     for stage in stages:
         try:
-            found[stage] = finished_runs(work_dir, stage)
+            found[stage] = serving_runs(finished_runs(work_dir, stage))
         except FileNotFoundError as exc:
             raise KaggleError(f"weights dataset: {exc}") from None
     out = _fresh_dir(out_dir)

@@ -174,13 +174,20 @@ class StageSession:
         return load_config(path) if path.is_file() else self.config
 
 
-def start_stage(stage: str, overrides: dict[str, Any] | None = None, **run: Any) -> StageSession:
-    """A notebook's set-up: show the kit's log lines, resolve the stage's config (`run`: fold / seed)."""
+def start_stage(stage: str, overrides: dict[str, Any] | None = None, profile: str = "", variant: str = "", **run: Any) -> StageSession:
+    """A notebook's set-up: show the kit's log lines, resolve the stage's config (`run`: fold / seed).
+
+    `profile` / `variant` (the notebook's parameters) apply unless `overrides` name their own (the runner's).
+    """
     from rsna22_utils import setup_logging
     from rsna22_utils.core.config import resolve_config
 
     setup_logging()
-    return StageSession(stage, resolve_config(stage, {**(overrides or {}), **run}))
+    values = {**(overrides or {}), **run}
+    for key, value in (("profile", profile), ("variant", variant)):
+        if value:
+            values.setdefault(key, value)
+    return StageSession(stage, resolve_config(stage, values))
 
 
 def check_thin(notebooks_dir: Path = NOTEBOOKS_DIR) -> list[str]:

@@ -17,10 +17,10 @@ Fold -1 is a full-data run: it trains on every fold and validates on none.
 
 from __future__ import annotations
 
+import contextlib
 import importlib
 import os
 import re
-from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, NamedTuple
@@ -51,21 +51,37 @@ class Stage:
     # settings that a saved config.json may lack because the run predates them, with the value
     # that reproduces how such a run was trained
     older_run_defaults: dict[str, Any] = field(default_factory=dict)
+    # "module:function": config -> the stage's network with random weights (`config show --count-params`)
+    network: str = ""
+    # "module:function": config -> a copy with its derived fields as the stage would fill them from the
+    # earlier stages of the config's profile (`config show` before anything has run)
+    preview: str = ""
 
     @property
     def notebook(self) -> Path:
         return NOTEBOOKS_DIR / f"{self.name}.py"
 
-    def run(self, cfg: Any) -> Any:
-        """Run the stage function on a resolved config, every random number generator seeded from the
-        run's seed first (networks are built before the trainer starts: their initial weights too)."""
-        from rsna22_utils.core.device import seed_everything
+    def call(self, which: str, cfg: Any) -> Any:
+        """Call one of the stage's "module:function" hooks (`function`, `network`, `preview`) on a config."""
+        target = getattr(self, which)
+        if not target:
+            raise ValueError(f"stage {self.name!r} has no {which} hook")
+        module, _, name = target.partition(":")
+        return getattr(importlib.import_module(module), name)(cfg)
 
-        module, _, name = self.function.partition(":")
-        function: Callable[[Any], Any] = getattr(importlib.import_module(module), name)
+    def run(self, cfg: Any) -> Any:
+        """Run the stage function on a resolved config, holding the run folder's lock (a second process on
+        the same run stops), every random number generator seeded from the run's seed first (networks
+        are built before the trainer starts: their initial weights too)."""
+        from rsna22_utils.core.device import seed_everything
+        from rsna22_utils.core.files import run_lock
+
         Path(cfg.out_dir).mkdir(parents=True, exist_ok=True)
-        seed_everything(getattr(cfg, "seed", 0))
-        return function(cfg)
+        # one process per run folder (under torchrun the first rank holds it for the group)
+        lock = run_lock(cfg.out_dir) if int(os.environ.get("RANK", "0")) == 0 else contextlib.nullcontext()
+        with lock:
+            seed_everything(getattr(cfg, "seed", 0))
+            return self.call("function", cfg)
 
 
 _STAGES: dict[str, Stage] = {}
@@ -158,6 +174,13 @@ def out_of_fold(runs: list[Path], fold: int) -> list[Path]:
     fold -1, trained on every fold and serves the test set only)."""
     keys = {run: parse_run_name(run.name) for run in runs}
     return [run for run, key in keys.items() if key is not None and key.fold not in (fold, FULL_DATA_FOLD)]
+
+
+def serving_runs(runs: list[Path]) -> list[Path]:
+    """The runs that predict unseen (test) studies: the full-data runs (fold -1) when there are any, as
+    in the original's submission; otherwise every cross-validation run."""
+    full = [run for run in runs if (key := parse_run_name(run.name)) is not None and key.fold == FULL_DATA_FOLD]
+    return full or list(runs)
 
 
 def finished_runs(work_dir: str | Path, stage: str) -> list[Path]:

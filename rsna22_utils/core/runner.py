@@ -57,6 +57,7 @@ class RunResult:
     seconds: float = 0.0
     error: str = ""
     device: str | None = None
+    variant: str = ""
 
 
 @dataclass
@@ -89,6 +90,7 @@ class _RunSpec:
     out_dir: Path
     parameters: dict[str, Any]
     overrides: dict[str, Any]
+    variant: str = ""
 
 
 # ----------------------------------------------------------------------------------- helpers
@@ -234,7 +236,9 @@ def _write_complete(spec: _RunSpec, seconds: float, notebook: Path, source: Path
 
 
 def _label(spec: _RunSpec) -> str:
-    return spec.stage if spec.fold is None else f"{spec.stage} fold {spec.fold} seed {spec.seed}"
+    if spec.fold is None:
+        return spec.stage
+    return f"{spec.stage}{' ' + spec.variant if spec.variant else ''} fold {spec.fold} seed {spec.seed}"
 
 
 KERNEL_TQDM_MININTERVAL = 5.0  # seconds between progress-bar redraws inside papermill kernels
@@ -271,7 +275,7 @@ def _execute_notebook(spec: _RunSpec, source: Path, kernel_name: str, timeout: f
 
     device = os.environ.get("CUDA_VISIBLE_DEVICES")
     executed = spec.out_dir / f"{spec.stage}.ipynb"
-    result = RunResult(spec.stage, spec.fold, spec.seed, "failed", str(spec.out_dir), str(executed), device=device)
+    result = RunResult(spec.stage, spec.fold, spec.seed, "failed", str(spec.out_dir), str(executed), device=device, variant=spec.variant)
     start = time.perf_counter()
     on = f" on GPU {device}" if device is not None else ""
     logger.info("%s%s: executing %s -> %s", _label(spec), on, source, executed)
@@ -310,7 +314,7 @@ def _execute_torchrun(spec: _RunSpec, nproc: int, timeout: float | None, devices
     """Run one fold x seed as `torch.distributed.run ... train` in a subprocess, output to train.log."""
     log_path = spec.out_dir / "train.log"
     device = ",".join(devices) if devices else os.environ.get("CUDA_VISIBLE_DEVICES")
-    result = RunResult(spec.stage, spec.fold, spec.seed, "failed", str(spec.out_dir), str(log_path), device=device)
+    result = RunResult(spec.stage, spec.fold, spec.seed, "failed", str(spec.out_dir), str(log_path), device=device, variant=spec.variant)
     cmd = torchrun_command(spec.stage, spec.fold, spec.seed, spec.overrides, nproc)
     env = {**os.environ, "PYTHONPATH": _pythonpath()}
     if devices:
@@ -345,7 +349,13 @@ def _child_main(request_path: str) -> int:
         datefmt="%H:%M:%S",
     )
     spec = _RunSpec(
-        request["stage"], request["fold"], request["seed"], Path(request["out_dir"]), request["parameters"], request["overrides"]
+        request["stage"],
+        request["fold"],
+        request["seed"],
+        Path(request["out_dir"]),
+        request["parameters"],
+        request["overrides"],
+        request.get("variant", ""),
     )
     result = _execute_notebook(spec, Path(request["source"]), request["kernel_name"], request["timeout"])
     Path(request["result_path"]).write_text(json.dumps(asdict(result)))
@@ -370,6 +380,7 @@ def _run_in_child(spec: _RunSpec, source: Path, kernel_name: str, timeout: float
             "out_dir": str(spec.out_dir),
             "parameters": spec.parameters,
             "overrides": spec.overrides,
+            "variant": spec.variant,
             "source": str(source),
             "kernel_name": kernel_name,
             "timeout": timeout,
@@ -384,7 +395,9 @@ def _run_in_child(spec: _RunSpec, source: Path, kernel_name: str, timeout: float
             return RunResult(**json.loads(result_path.read_text()))
     error = f"worker process for GPU {device} exited with code {proc.returncode} before reporting a result"
     logger.error("%s FAILED: %s", _label(spec), error)
-    return RunResult(spec.stage, spec.fold, spec.seed, "failed", str(spec.out_dir), str(executed), error=error, device=device)
+    return RunResult(
+        spec.stage, spec.fold, spec.seed, "failed", str(spec.out_dir), str(executed), error=error, device=device, variant=spec.variant
+    )
 
 
 # ------------------------------------------------------------------------------------ stage
@@ -396,22 +409,50 @@ def plan_runs(
     seeds: Sequence[int] | None,
     overrides: dict[str, Any] | None,
     work_dir: Path,
+    variants: Sequence[str] | None = None,
 ) -> list[_RunSpec]:
-    """One spec per fold x seed (or a single fold-less run when both are None), with out_dir / work_dir set."""
+    """One spec per variant x fold x seed, with out_dir / work_dir set.
+
+    With `profile` among the overrides, a per-fold stage runs the profile's sweep: every variant
+    (or those named in `variants`), each over its folds and seeds unless `folds` / `seeds` are given.
+    Without a profile: one spec per fold x seed, or a single fold-less run when both are None.
+    """
+    from rsna22_utils.core.config import ConfigError
+    from rsna22_utils.core.profiles import load_profile
+    from rsna22_utils.core.registry import get_stage
+
     work_dir = Path(work_dir).absolute()
     # plain JSON values (Path -> str, tuple -> list): what papermill injects and _complete.json records
     overrides = json.loads(json.dumps(dict(overrides or {}), default=str))
-    if folds is None and seeds is None:
+    profile = overrides.get("profile") or ""
+    try:
+        per_fold = get_stage(stage).per_fold
+    except ConfigError:  # a notebook that is not a registered stage: per fold x seed when folds or seeds are given
+        if profile:
+            raise
+        per_fold = True
+    if variants and not (profile and per_fold):
+        raise ConfigError(f"variants {list(variants)}: only a per-fold stage run with a profile has variants")
+    if not per_fold or (folds is None and seeds is None and not profile):
         out_dir = stage_dir(work_dir, stage)
         over = {**overrides, "out_dir": str(out_dir), "work_dir": str(work_dir)}
         return [_RunSpec(stage, None, None, out_dir, {"overrides": over}, over)]
+    sweep = [(v.name, v.folds, v.seeds) for v in load_profile(profile).variants(stage)] if profile else [("", None, None)]
+    if variants:
+        unknown = sorted(set(variants) - {name for name, _, _ in sweep})
+        if unknown:
+            raise ConfigError(f"profile {profile!r} has no variant {', '.join(unknown)} of {stage} (variants: {[n for n, _, _ in sweep]})")
+        sweep = [entry for entry in sweep if entry[0] in variants]
     specs = []
-    for fold in folds if folds is not None else [0]:
-        for seed in seeds if seeds is not None else [0]:
-            out_dir = stage_dir(work_dir, stage) / run_name(fold, seed)
-            over = {**overrides, "out_dir": str(out_dir), "work_dir": str(work_dir)}
-            params = {"fold": int(fold), "seed": int(seed), "overrides": over}
-            specs.append(_RunSpec(stage, int(fold), int(seed), out_dir, params, over))
+    for variant, variant_folds, variant_seeds in sweep:
+        for fold in folds if folds is not None else variant_folds or [0]:
+            for seed in seeds if seeds is not None else variant_seeds or [0]:
+                out_dir = stage_dir(work_dir, stage) / run_name(fold, seed, variant)
+                over = {**overrides, "out_dir": str(out_dir), "work_dir": str(work_dir)}
+                if variant:
+                    over["variant"] = variant
+                params = {"fold": int(fold), "seed": int(seed), "overrides": over}
+                specs.append(_RunSpec(stage, int(fold), int(seed), out_dir, params, over, variant))
     return specs
 
 
@@ -422,18 +463,18 @@ def _write_runs(summary: RunSummary, path: Path) -> None:
         "written_at": _now(),
         "ok": summary.ok,
         "counts": {"done": len(summary.completed), "skipped": len(summary.skipped), "failed": len(summary.failed)},
-        "runs": [asdict(r) for r in sorted(summary.runs, key=lambda r: (r.fold or 0, r.seed or 0))],
+        "runs": [asdict(r) for r in sorted(summary.runs, key=lambda r: (r.variant, r.fold or 0, r.seed or 0))],
     }
     path.write_text(json.dumps(record, indent=2))
 
 
 def _log_table(summary: RunSummary, runs_path: Path) -> None:
-    rows = sorted(summary.runs, key=lambda r: (r.fold if r.fold is not None else -1, r.seed or 0))
-    lines = [f"{'status':8} {'fold':>4} {'seed':>4} {'seconds':>8}  path"]
+    rows = sorted(summary.runs, key=lambda r: (r.variant, r.fold if r.fold is not None else -1, r.seed or 0))
+    lines = [f"{'status':8} {'variant':>12} {'fold':>4} {'seed':>4} {'seconds':>8}  path"]
     for r in rows:
         fold = "-" if r.fold is None else str(r.fold)
         seed = "-" if r.seed is None else str(r.seed)
-        lines.append(f"{r.status:8} {fold:>4} {seed:>4} {r.seconds:8.1f}  {r.notebook}")
+        lines.append(f"{r.status:8} {r.variant or '-':>12} {fold:>4} {seed:>4} {r.seconds:8.1f}  {r.notebook}")
     logger.info(
         "%s: %d done, %d skipped, %d failed (summary %s)\n%s",
         summary.stage,
@@ -444,7 +485,7 @@ def _log_table(summary: RunSummary, runs_path: Path) -> None:
         "\n".join(lines),
     )
     for r in summary.failed:
-        where = "" if r.fold is None else f" fold {r.fold} seed {r.seed}"
+        where = "" if r.fold is None else f"{' ' + r.variant if r.variant else ''} fold {r.fold} seed {r.seed}"
         logger.error("FAILED %s%s: %s -> open %s", r.stage, where, r.error, r.notebook)
 
 
@@ -460,15 +501,18 @@ def run_stage(
     nproc: int = 1,
     kernel_name: str | None = None,
     timeout: float | None = None,
+    variants: Sequence[str] | None = None,
 ) -> RunSummary:
     """Execute `stage` for every fold x seed (skipping finished runs), going on after failures.
+
+    With `overrides["profile"]`, a per-fold stage runs the profile's sweep (see `plan_runs`).
 
     `timeout` is seconds per notebook cell (papermill) or for the whole torchrun subprocess.
     With `nproc > 1` runs go one after another, each torchrun seeing all of `devices`.
     Returns the summary; check `.ok` (the CLI exits 1 when a run failed).
     """
     work_dir = Path(work_dir).absolute()
-    specs = plan_runs(stage, folds, seeds, overrides, work_dir)
+    specs = plan_runs(stage, folds, seeds, overrides, work_dir, variants)
     summary = RunSummary(stage)
     runs_path = stage_dir(work_dir, stage) / RUNS_FILE
     pending = []
@@ -477,8 +521,10 @@ def run_stage(
         if complete.exists() and not force:
             logger.info("%s: already complete (%s), skipped; use force to run again", _label(spec), complete)
             executed = spec.out_dir / (f"{stage}.ipynb" if nproc <= 1 else "train.log")
-            summary.add(RunResult(stage, spec.fold, spec.seed, "skipped", str(spec.out_dir), str(executed)))
+            summary.add(RunResult(stage, spec.fold, spec.seed, "skipped", str(spec.out_dir), str(executed), variant=spec.variant))
         else:
+            if force:
+                _start_over(spec)
             pending.append(spec)
     devices = [str(d) for d in devices] if devices else None
     logger.info("%s: %d runs to execute, %d already complete (work dir %s)", stage, len(pending), len(summary.skipped), work_dir)
@@ -502,6 +548,26 @@ def run_stage(
     _write_runs(summary, runs_path)
     _log_table(summary, runs_path)
     return summary
+
+
+def _start_over(spec: _RunSpec) -> None:
+    """`force`: a run of a per-fold stage starts clean (its folder, checkpoint included, is removed);
+    a stage that runs once loses only its completion mark (its folder may hold e.g. the study cache,
+    which it reuses or rebuilds itself). A run another process holds is left alone (an error)."""
+    import shutil
+
+    from rsna22_utils.core.files import LOCK_FILE, run_lock
+
+    if not spec.out_dir.exists():
+        return
+    with run_lock(spec.out_dir):
+        if spec.fold is None:
+            (spec.out_dir / COMPLETE_FILE).unlink(missing_ok=True)
+            return
+        for path in spec.out_dir.iterdir():
+            if path.name != LOCK_FILE:
+                shutil.rmtree(path) if path.is_dir() else path.unlink()
+    logger.info("%s: force: removed the earlier outputs and checkpoint of %s", _label(spec), spec.out_dir)
 
 
 def _run_on_devices(
@@ -547,6 +613,8 @@ def _cmd_run(args: argparse.Namespace) -> int:
     except ValueError as error:
         logger.error("%s", error)
         return 2
+    if args.profile:
+        overrides["profile"] = args.profile
     try:
         summary = run_stage(
             args.stage,
@@ -560,8 +628,9 @@ def _cmd_run(args: argparse.Namespace) -> int:
             nproc=args.nproc,
             kernel_name=args.kernel,
             timeout=args.timeout,
+            variants=args.variants,
         )
-    except FileNotFoundError as error:  # unknown stage / notebook
+    except (FileNotFoundError, ValueError) as error:  # unknown stage / notebook / profile / variant, a bad setting
         logger.error("%s", error)
         return 2
     return 0 if summary.ok else 1
@@ -575,8 +644,12 @@ def add_commands(subparsers: Any) -> None:
         description="Execute notebooks/STAGE.ipynb per fold x seed into WORK_DIR/STAGE/fold{f}-seed{s}/; exit code 1 when any run failed.",
     )
     p.add_argument("stage", help="notebook stem, e.g. 01_train_box")
-    p.add_argument("--folds", type=int, nargs="+", default=None, help="folds to run (default: one fold-less run)")
-    p.add_argument("--seeds", type=int, nargs="+", default=None, help="seeds to run (default 0 when --folds is given)")
+    p.add_argument("--profile", default=None, help="settings and sweep of a profile (original, demo); -p values apply on top")
+    p.add_argument("--variants", nargs="+", default=None, help="with --profile: run only these variants of the stage")
+    p.add_argument(
+        "--folds", type=int, nargs="+", default=None, help="folds to run, -1 = full data (default: the profile's, else one fold-less run)"
+    )
+    p.add_argument("--seeds", type=int, nargs="+", default=None, help="seeds to run (default: the profile's, else 0)")
     p.add_argument("-p", "--param", action="append", default=[], metavar="KEY=VALUE", help="config override (repeatable)")
     p.add_argument("--work-dir", type=Path, default=Path("runs"), help="root of all stage outputs (default: runs)")
     p.add_argument("--notebooks-dir", type=Path, default=None, help="default: the repo's notebooks/")

@@ -38,7 +38,7 @@ from torch import nn
 from torch.utils.data import DataLoader, Dataset, Sampler
 from tqdm import tqdm  # text bars (not tqdm.auto): they stream through papermill to the runner's console
 
-from rsna22_utils.core.config import ConfigError, TrainConfig, config_diff, resolve_config, save_config
+from rsna22_utils.core.config import RESULT_NEUTRAL, ConfigError, TrainConfig, config_diff, resolve_config, save_config
 from rsna22_utils.core.device import amp_dtype, resolve_device, seed_everything
 from rsna22_utils.core.files import atomic_write
 from rsna22_utils.core.registry import CONFIG, WEIGHTS
@@ -270,11 +270,17 @@ def fit(
     model: nn.Module,
     task: Task,
     train_dataset: Dataset,
-    valid_dataset: Dataset,
+    valid_dataset: Dataset | None,
     cfg: TrainConfig,
     collate_fn: Callable[[list[Any]], Any] | None = None,
 ) -> dict[str, Any]:
-    """Train `model` on `task` as `cfg` says and write the run's outputs to cfg.out_dir; returns metrics.json's dict."""
+    """Train `model` on `task` as `cfg` says and write the run's outputs to cfg.out_dir; returns metrics.json's dict.
+
+    A full-data run (fold -1, `valid_dataset` None) trains on everything, validates nothing and keeps
+    the last epoch (no oof.parquet).
+    """
+    if (valid_dataset is None) != cfg.full_data:
+        raise ValueError(f"fold {cfg.fold}: a validation set is needed exactly when the run is not a full-data (fold -1) run")
     device = resolve_device(cfg.device)
     procs = _init_distributed(device)
     try:
@@ -291,7 +297,7 @@ def _train(
     if not cfg.out_dir:
         raise ConfigError("cfg.out_dir is empty; build the config with resolve_config()")
     out = Path(cfg.out_dir)
-    plan = _plan(cfg, procs, len(train_dataset), len(valid_dataset))  # type: ignore[arg-type]
+    plan = _plan(cfg, procs, len(train_dataset), 0 if valid_dataset is None else len(valid_dataset))  # type: ignore[arg-type]
     seed_everything(cfg.seed + procs.rank)  # per-rank augmentation / dropout streams; data order uses cfg.seed
     log = logger.info if procs.main else logger.debug
     train_sampler, valid_sampler = _samplers(cfg, procs, plan)
@@ -325,14 +331,16 @@ def _train(
         train_sampler.set_epoch(epoch)
         batches = iter(loader(train_dataset, train_sampler, plan.micro, True, epoch))
         train_loss = _train_epoch(train_model, task, batches, opt, cfg, plan, device, procs, epoch)
-        valid_batches = loader(valid_dataset, valid_sampler, _valid_batch(plan.micro), False, epoch)
-        frames, vsum, vcount = _validate(model, task, valid_batches, cfg, device, opt.autocast, procs)
-        frames, vsum, vcount = _gather_validation(frames, vsum, vcount, device, procs)
+        frames, vsum, vcount = [], 0.0, 0.0
+        if valid_dataset is not None:
+            valid_batches = loader(valid_dataset, valid_sampler, _valid_batch(plan.micro), False, epoch)
+            frames, vsum, vcount = _validate(model, task, valid_batches, cfg, device, opt.autocast, procs)
+            frames, vsum, vcount = _gather_validation(frames, vsum, vcount, device, procs)
         entry: dict[str, Any] = {"epoch": epoch + 1, "train_loss": train_loss, "lr": opt.scheduler.get_last_lr()[0]}
         improved, oof = False, None
         if procs.main:
-            oof = pd.concat(frames, ignore_index=True) if frames else pd.DataFrame()
-            entry.update(_epoch_metrics(task, oof, vsum, vcount, cfg))
+            oof = pd.concat(frames, ignore_index=True) if frames else None
+            entry.update(_epoch_metrics(task, oof if oof is not None else pd.DataFrame(), vsum, vcount, cfg))
             entry["seconds"] = opt.seconds_before + time.time() - t0
             improved = _improved(entry, best, cfg)
             if improved:
@@ -420,8 +428,15 @@ def _resume(opt: _Optimisation, model: nn.Module, cfg: TrainConfig, ckpt_path: P
         diff = config_diff(resolve_config(cfg.stage, ckpt["config"], saved=True), cfg) if ckpt.get("config") else {}
     except ConfigError as exc:
         diff = {"config": (f"unreadable: {exc}", None)}
+    changed = {k: v for k, v in diff.items() if k not in RESULT_NEUTRAL}
+    if changed:  # resuming would give a model that neither config describes
+        shown = "; ".join(f"{k}: {a!r} in the checkpoint, {b!r} now" for k, (a, b) in changed.items())
+        raise ConfigError(
+            f"{ckpt_path}: this run was started with other settings ({shown}); rerun with the checkpoint's settings, "
+            "or start it over (runner --force, or resume=false)"
+        )
     if diff and procs.main:
-        logger.warning("%s was written with a different config: %s", ckpt_path, diff)
+        logger.info("%s: resuming with other %s (these do not change the result)", ckpt_path, ", ".join(diff))
     unwrap(model).load_state_dict(ckpt["model"])
     opt.optimizer.load_state_dict(ckpt["optimizer"])
     opt.scheduler.load_state_dict(ckpt["scheduler"])
