@@ -170,10 +170,10 @@ def run_dirs(work_dir: str | Path, stage: str, require: str | None = None) -> li
 
 
 def out_of_fold(runs: list[Path], fold: int) -> list[Path]:
-    """The runs that did not train on `fold`: cross-validation runs of other folds (a full-data run,
-    fold -1, trained on every fold and serves the test set only)."""
+    """The runs that did not train on `fold`: those that validated on it (a run of fold f trains on
+    every other fold; a full-data run, fold -1, trained on every fold and serves the test set only)."""
     keys = {run: parse_run_name(run.name) for run in runs}
-    return [run for run, key in keys.items() if key is not None and key.fold not in (fold, FULL_DATA_FOLD)]
+    return [run for run, key in keys.items() if key is not None and key.fold == fold != FULL_DATA_FOLD]
 
 
 def serving_runs(runs: list[Path]) -> list[Path]:
