@@ -333,6 +333,7 @@ def test_inference_path_matches_the_training_pipeline(tiny_pipeline: dict) -> No
     """Box + crops + study model on a cached train study give what 02_infer_box and embed_studies gave in training."""
     import torch
 
+    from rsna22_utils.cervical.configs import StudyBoxRule
     from rsna22_utils.cervical.embed import embed_studies, study_images, study_probabilities
     from rsna22_utils.cervical.models import fit_length
     from rsna22_utils.cervical.prepare import Prepared
@@ -345,7 +346,7 @@ def test_inference_path_matches_the_training_pipeline(tiny_pipeline: dict) -> No
     cache = Prepared(work_dir / "00_prepare").cache()
     uid = cache.uids[0]
     slices = cache.slices(uid)
-    box = predict_study_box(ensemble.box.models, np.asarray(cache.volume(uid)), slices, torch.device("cpu"), 64, 0.5, 5)
+    box = predict_study_box(ensemble.box.models, np.asarray(cache.volume(uid)), slices, torch.device("cpu"), 64, StudyBoxRule())
     expected = pd.read_csv(work_dir / "02_infer_box" / "study_boxes.csv").set_index("StudyInstanceUID").loc[uid]
     assert (box["slnum_from"], box["slnum_to"]) == (expected["slnum_from"], expected["slnum_to"])
     assert np.allclose([box[c] for c in ("x0", "y0", "x1", "y1")], expected[["x0", "y0", "x1", "y1"]].to_numpy(float), atol=1e-3)

@@ -334,9 +334,9 @@ def bench_inference(data_dir: str | Path, weights_dir: str | Path, n_studies: in
                 slices,
                 device,
                 cfg.box_batch_size,
-                cfg.has_box_threshold,
-                cfg.box_smooth,
+                cfg,
                 cfg.amp,
+                ensemble.box.input_slices,
             )
             sync()
             stack_s, model_s = 0.0, time.perf_counter() - t2

@@ -24,11 +24,12 @@ from rsna22_utils.cervical.configs import BoxInferConfig, BoxTrainConfig
 from rsna22_utils.cervical.data import BoxSliceDataset, CacheSource
 from rsna22_utils.cervical.models import box_loss, create_model, load_run
 from rsna22_utils.cervical.prepare import Prepared, open_cache, split_by_fold
-from rsna22_utils.cervical.study_box import box_iou, evaluate_study_boxes, predict_box_slices, study_boxes
+from rsna22_utils.cervical.study_box import box_iou, evaluate_study_boxes, predict_box_slices, shared_input_slices, study_boxes
 from rsna22_utils.core.cache import StudyCache
 from rsna22_utils.core.config import with_derived
 from rsna22_utils.core.device import resolve_device
 from rsna22_utils.core.registry import finished_runs, stage_dir
+from rsna22_utils.core.registry import out_of_fold as registry_out_of_fold
 from rsna22_utils.core.train import fit
 
 logger = logging.getLogger(__name__)
@@ -57,11 +58,11 @@ def box_rows(rows: pd.DataFrame, p_box: np.ndarray, box: np.ndarray) -> pd.DataF
 class BoxTask:
     """Box model: loss, per-slice predictions in original pixels, and validation scores."""
 
-    def __init__(self, valid_table: pd.DataFrame, box_weight: float = 5.0) -> None:
-        self.valid_table, self.box_weight = valid_table, box_weight
+    def __init__(self, valid_table: pd.DataFrame, box_weight: float = 5.0, has_box_weight: float = 1.0) -> None:
+        self.valid_table, self.box_weight, self.has_box_weight = valid_table, box_weight, has_box_weight
 
     def loss(self, model: nn.Module, batch: dict) -> torch.Tensor:
-        return box_loss(model(batch), batch, box_weight=self.box_weight)
+        return box_loss(model(batch), batch, box_weight=self.box_weight, has_box_weight=self.has_box_weight)
 
     def predict(self, model: nn.Module, batch: dict) -> pd.DataFrame:
         out = model(batch)
@@ -88,10 +89,11 @@ def train_box(cfg: BoxTrainConfig) -> dict:
     cfg = with_derived(cfg, **cache_settings)
     train, valid = split_by_fold(box_table(prepared, cache), cfg.fold)
     logger.info("box model fold %d: %d training slices, %d validation slices", cfg.fold, len(train), 0 if valid is None else len(valid))
-    source = CacheSource(cache)
+    source, k = CacheSource(cache), cfg.box_input_slices
     model = create_model(cfg)
-    valid_set = None if valid is None else BoxSliceDataset(valid, source)
-    return fit(model, BoxTask(valid, cfg.box_weight), BoxSliceDataset(train, source, augment=True), valid_set, cfg)
+    task = BoxTask(valid, cfg.box_weight, cfg.has_box_weight)
+    valid_set = None if valid is None else BoxSliceDataset(valid, source, input_slices=k)
+    return fit(model, task, BoxSliceDataset(train, source, augment=True, input_slices=k), valid_set, cfg)
 
 
 def box_examples(cfg: BoxTrainConfig, n: int = 8) -> tuple[list[np.ndarray], np.ndarray, np.ndarray]:
@@ -102,22 +104,72 @@ def box_examples(cfg: BoxTrainConfig, n: int = 8) -> tuple[list[np.ndarray], np.
     shown = train if valid is None else valid
     rows = shown[shown["has_box"] > 0.5]
     rows = rows.iloc[np.linspace(0, len(rows) - 1, min(n, len(rows))).astype(int)].reset_index(drop=True)
-    dataset = BoxSliceDataset(rows, CacheSource(cache))
-    model, _ = load_run(Path(cfg.out_dir), torch.device("cpu"))
+    model, run_cfg = load_run(Path(cfg.out_dir), torch.device("cpu"))
+    dataset = BoxSliceDataset(rows, CacheSource(cache), input_slices=run_cfg.box_input_slices)
     items = [dataset[i] for i in range(len(rows))]
     with torch.inference_mode():
         predicted = model({"image": torch.stack([item["image"] for item in items])})["box"].numpy()
     size = cache.spec.image_size
-    images = [((item["image"][0].numpy() + 1) * 127.5).astype(np.uint8) for item in items]
+    centre = (run_cfg.box_input_slices // 2) * len(run_cfg.windows)  # the first window of the predicted slice
+    images = [((item["image"][centre].numpy() + 1) * 127.5).astype(np.uint8) for item in items]
     true = np.stack([item["box"].numpy() for item in items])
     return images, predicted * size, true * size
 
 
-def infer_box(cfg: BoxInferConfig) -> dict:
-    """02_infer_box: every box model on every slice of every study, averaged -> study boxes.
+def box_run_groups(study_folds: pd.Series, runs: list[Path], out_of_fold: bool) -> list[tuple[int | None, list[str], list[Path]]]:
+    """(fold, its studies, the box runs that predict them) for 02: every run on every study (fold None), or out of fold.
 
-    Writes `slice_predictions.parquet` and `study_boxes.csv` (x0 y0 x1 y1 in original pixels,
-    slnum_from / slnum_to / slnum_max as 0-based slice positions head -> feet). When the data
+    `study_folds`: each study's fold (index StudyInstanceUID; NaN for a study of no fold, e.g. a
+    test study, which every run serves). Out of fold, a study of fold f gets `registry.out_of_fold(runs, f)`:
+    the runs of fold f (they trained on the other folds); a fold without one is an error.
+    """
+    if not out_of_fold:
+        return [(None, list(study_folds.index), runs)]
+    known = study_folds.dropna().astype(int)
+    folds = sorted(set(known))
+    missing = [f for f in folds if not registry_out_of_fold(runs, f)]
+    if missing:
+        listed = " ".join(map(str, missing))
+        raise ValueError(
+            f"out_of_fold: no finished {TRAIN_STAGE} run of fold(s) {listed}, so their training studies have no box model "
+            f"that did not train on them (a run of fold f trains on every other fold); train those folds "
+            f"(python -m rsna22_utils run {TRAIN_STAGE} --folds {listed}) or set out_of_fold=false"
+        )
+    groups: list[tuple[int | None, list[str], list[Path]]] = [
+        (f, list(known.index[known == f]), registry_out_of_fold(runs, f)) for f in folds
+    ]
+    foldless = list(study_folds.index[study_folds.isna()])
+    return groups + ([(None, foldless, runs)] if foldless else [])
+
+
+def predict_table(
+    table: pd.DataFrame,
+    cache: StudyCache,
+    groups: list[tuple[int | None, list[str], list[Path]]],
+    loaded: dict[Path, tuple[nn.Module, Any]],
+    cfg: BoxInferConfig,
+    device: torch.device,
+) -> tuple[np.ndarray, np.ndarray]:
+    """Mean p_box (n,) and box fractions (n, 4) of every row of `table`, each study from its group's runs."""
+    input_slices = shared_input_slices({run: run_cfg for run, (_, run_cfg) in loaded.items()})
+    p_box, boxes = np.zeros(len(table)), np.zeros((len(table), 4))
+    uids = table["StudyInstanceUID"]
+    for _, studies, runs in groups:
+        rows = np.flatnonzero(uids.isin(studies).to_numpy())
+        dataset = BoxSliceDataset(table.iloc[rows], CacheSource(cache), input_slices=input_slices)
+        loader = DataLoader(dataset, batch_size=cfg.infer_batch_size, num_workers=cfg.num_workers, shuffle=False)
+        batches = ((rows[batch["index"].numpy()], batch["image"]) for batch in tqdm(loader, desc=f"box x {len(runs)} models", unit="batch"))
+        p, b = predict_box_slices([loaded[run][0] for run in runs], batches, len(table), device, cfg.amp)
+        p_box[rows], boxes[rows] = p[rows], b[rows]
+    return p_box, boxes
+
+
+def infer_box(cfg: BoxInferConfig) -> dict:
+    """02_infer_box: the box models on every slice of every study, averaged -> study boxes.
+
+    Every run serves every study, or (`out_of_fold`) a training study only the runs that did not
+    train on it. Writes `slice_predictions.parquet` and `study_boxes.csv` (x0 y0 x1 y1 in original
+    pixels, slnum_from / slnum_to / slnum_max as 0-based slice positions head -> feet). When the data
     holds the synthetic generator's truth, also `box_eval.csv` on the studies no box model was
     trained on.
     """
@@ -127,19 +179,21 @@ def infer_box(cfg: BoxInferConfig) -> dict:
     table = cache.all_slices()
     for column in ("has_box", *BOX_COLUMNS):
         table[column] = 0.0
-    dataset = BoxSliceDataset(table, CacheSource(cache))
-    loader = DataLoader(dataset, batch_size=cfg.infer_batch_size, num_workers=cfg.num_workers, shuffle=False)
-    device = resolve_device(cfg.device)
     runs = finished_runs(cfg.work_dir, TRAIN_STAGE)
-    models = [load_run(run, device)[0] for run in runs]
-    batches = ((batch["index"].numpy(), batch["image"]) for batch in tqdm(loader, desc=f"box x {len(models)} models", unit="batch"))
-    p_box, boxes = predict_box_slices(models, batches, len(table), device, cfg.amp)
+    folds = prepared.read("folds").set_index("StudyInstanceUID")["fold"]
+    study_folds = pd.Series(folds.reindex(cache.uids).to_numpy(dtype=float), index=cache.uids)
+    groups = box_run_groups(study_folds, runs, cfg.out_of_fold)
+    device = resolve_device(cfg.device)
+    loaded = {run: load_run(run, device) for run in runs}
+    p_box, boxes = predict_table(table, cache, groups, loaded, cfg, device)
     predictions = box_rows(table, p_box, boxes)
     predictions.to_parquet(out / "slice_predictions.parquet", index=False)
-    boxes = study_boxes(predictions, threshold=cfg.has_box_threshold, smooth=cfg.box_smooth)
+    boxes = study_boxes(predictions, cfg)
     boxes.to_csv(out / "study_boxes.csv", index=False)
     logger.info("%d models -> boxes of %d studies written to %s", len(runs), len(boxes), out / "study_boxes.csv")
     metrics: dict[str, Any] = {"models": [str(r) for r in runs], "studies": len(boxes)}
+    if cfg.out_of_fold:
+        metrics["out_of_fold"] = {"no fold" if f is None else f"fold {f}": [str(r) for r in group] for f, _, group in groups}
 
     truth_path = Path(cfg.data_dir) / "_synthetic" / "studies.csv"
     if truth_path.exists():

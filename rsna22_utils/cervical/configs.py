@@ -46,17 +46,37 @@ class CacheInput:
         return _check_windows(self.windows, self.image_size)
 
 
+BOX_RULES = ("kit", "original")
+
+
 @dataclass
 class StudyBoxRule:
-    """How per-slice box predictions become one study box and slice range (02 and the submission)."""
+    """How per-slice box predictions become one study box and slice range (02 and the submission).
+
+    `box_rule`: "kit" = slice range = the longest run of median-filtered (box_smooth) p_box >=
+    has_box_threshold, box = 5 % / 95 % quantiles of the corners in that run; "original" = the
+    3rd place's: box = min x0, y0 / max x1, y1 over slices with p_box > has_box_threshold, slice
+    range = first / last slice where the centred rolling mean of p_box (range_window slices, at
+    least range_window // 2 + 1 of them) exceeds range_threshold (the whole study if none does).
+    """
 
     has_box_threshold: float = 0.5  # p(slice shows the spine) above which a slice belongs to the study box
-    box_smooth: int = 5  # median filter (slices) over p_box before thresholding
+    box_smooth: int = 5  # kit rule: median filter (slices) over p_box before thresholding
+    box_rule: str = "kit"  # kit | original
+    range_threshold: float = 0.1  # original rule: rolling-mean p_box above which a slice is inside the range
+    range_window: int = 5  # original rule: slices of the centred rolling mean
 
     def _check(self) -> list[str]:
+        out = []
         if not 0.0 < self.has_box_threshold < 1.0:
-            return [f"has_box_threshold must be in (0, 1), got {self.has_box_threshold}"]
-        return []
+            out.append(f"has_box_threshold must be in (0, 1), got {self.has_box_threshold}")
+        if self.box_rule not in BOX_RULES:
+            out.append(f"box_rule must be one of {', '.join(BOX_RULES)}, got {self.box_rule!r}")
+        if not 0.0 <= self.range_threshold < 1.0:
+            out.append(f"range_threshold must be in [0, 1), got {self.range_threshold}")
+        if self.range_window < 1:
+            out.append(f"range_window must be >= 1, got {self.range_window}")
+        return out
 
 
 @dataclass
@@ -130,7 +150,19 @@ class BoxTrainConfig(TrainConfig, Backbone, CacheInput):
     epochs: int = 10
     batch_size: int = 64
     lr: float = 1e-3
-    box_weight: float = 5.0  # weight of the box regression loss vs. the has-box loss
+    box_weight: float = 5.0  # weight of the L1 box loss (slices with a box)
+    has_box_weight: float = 1.0  # weight of the has-box BCE (every slice)
+    # consecutive slices centred on the predicted one (clamped at the study's ends), stacked as the
+    # input channels (x windows); 02 and the submission read it from the run's config
+    box_input_slices: int = 1
+
+    def _check(self) -> list[str]:
+        out = []
+        if self.box_input_slices < 1 or self.box_input_slices % 2 == 0:
+            out.append(f"box_input_slices must be odd and >= 1 (centred on the predicted slice), got {self.box_input_slices}")
+        if self.box_weight < 0 or self.has_box_weight < 0 or self.box_weight + self.has_box_weight == 0:
+            out.append(f"box_weight and has_box_weight must be >= 0, not both 0, got {self.box_weight}, {self.has_box_weight}")
+        return out
 
 
 @dataclass
@@ -139,6 +171,9 @@ class BoxInferConfig(StageConfig, PreparedInput, Hardware, StudyBoxRule):
 
     data_dir: str = "data/competition"  # read for the synthetic generator's truth (box_eval.csv), when present
     infer_batch_size: int = 128
+    # a training study of fold f gets only the box runs that did not train on it (those of fold f);
+    # false: every run on every study (fold -1 runs included)
+    out_of_fold: bool = False
 
 
 @dataclass

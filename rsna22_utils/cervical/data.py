@@ -28,6 +28,8 @@ class SliceSource(Protocol):
 
     def slice(self, uid: str, slice_index: int) -> np.ndarray: ...
 
+    def n_slices(self, uid: str) -> int: ...
+
 
 class CacheSource:
     """Slices from the memory-mapped study cache (the fast path every stage uses)."""
@@ -39,6 +41,9 @@ class CacheSource:
     def slice(self, uid: str, slice_index: int) -> np.ndarray:
         return np.array(self.cache.volume(uid)[slice_index])  # a writable copy (the cache is a read-only memmap)
 
+    def n_slices(self, uid: str) -> int:
+        return int(self.cache.volume(uid).shape[0])
+
 
 class DicomSource:
     """Slices decoded from their DICOM file on every access, as the 3rd place did (for benchmarks)."""
@@ -46,6 +51,7 @@ class DicomSource:
     def __init__(self, slices: pd.DataFrame, spec: CacheSpec) -> None:
         self.spec = spec
         self._paths = {(u, int(i)): p for u, i, p in slices[["StudyInstanceUID", "slice_index", "path"]].itertuples(index=False)}
+        self._counts = slices.groupby("StudyInstanceUID")["slice_index"].max().add(1).to_dict()
 
     def slice(self, uid: str, slice_index: int) -> np.ndarray:
         from rsna22_utils.core.cache import encode_study
@@ -53,6 +59,26 @@ class DicomSource:
 
         hu, _ = read_slice(Path(self._paths[(uid, int(slice_index))]))
         return encode_study(hu[None], self.spec)[0]
+
+    def n_slices(self, uid: str) -> int:
+        return int(self._counts[uid])
+
+
+def neighbour_positions(centres: np.ndarray, n_slices: int, input_slices: int) -> np.ndarray:
+    """(len(centres), input_slices) slice positions centred on each centre, clamped to the study's 0..n_slices-1."""
+    offsets = np.arange(input_slices) - input_slices // 2
+    return np.clip(np.asarray(centres)[:, None] + offsets[None, :], 0, n_slices - 1)
+
+
+def stack_slices(volume: np.ndarray, centres: np.ndarray, input_slices: int) -> np.ndarray:
+    """Box-model inputs of a cached study (n, H, W, windows) uint8: (len(centres), H, W, input_slices * windows).
+
+    Channels are slice-major (slice i-1's windows, slice i's, slice i+1's), as `BoxSliceDataset` builds them.
+    """
+    positions = neighbour_positions(centres, volume.shape[0], input_slices)
+    block = np.asarray(volume[positions.ravel()])  # (b * k, H, W, w)
+    b, (h, w, c) = len(positions), block.shape[1:]
+    return block.reshape(b, input_slices, h, w, c).transpose(0, 2, 3, 1, 4).reshape(b, h, w, input_slices * c)
 
 
 def to_tensor(image: np.ndarray) -> torch.Tensor:
@@ -92,12 +118,17 @@ def box_augmentation(image_size: int) -> A.Compose:
 
 
 class BoxSliceDataset(Dataset):
-    """One slice -> image + has_box + C1-C7 box scaled to [0, 1] (box model, stage 01)."""
+    """One slice -> image + has_box + C1-C7 box scaled to [0, 1] (box model, stage 01).
 
-    def __init__(self, table: pd.DataFrame, source: SliceSource, augment: bool = False) -> None:
+    The image is `input_slices` consecutive slices centred on the row's slice (clamped at the
+    study's ends), stacked slice-major as channels; the labels are those of the centre slice.
+    """
+
+    def __init__(self, table: pd.DataFrame, source: SliceSource, augment: bool = False, input_slices: int = 1) -> None:
         """`table`: StudyInstanceUID, slice_index, has_box, x0..y1 in original pixels, rows, cols."""
         self.table = table.reset_index(drop=True)
         self.source = source
+        self.input_slices = input_slices
         self.augment = box_augmentation(source.spec.image_size) if augment else None
         size = source.spec.image_size
         scale = np.stack([size / self.table["cols"], size / self.table["rows"]] * 2, axis=1)
@@ -109,8 +140,16 @@ class BoxSliceDataset(Dataset):
     def __len__(self) -> int:
         return len(self.table)
 
+    def image(self, index: int) -> np.ndarray:
+        """uint8 (H, W, input_slices * windows) of row `index`."""
+        uid, centre = self.uids[index], int(self.slice_index[index])
+        if self.input_slices == 1:
+            return self.source.slice(uid, centre)
+        positions = neighbour_positions(np.array([centre]), self.source.n_slices(uid), self.input_slices)[0]
+        return np.concatenate([self.source.slice(uid, int(p)) for p in positions], axis=-1)
+
     def __getitem__(self, index: int) -> dict[str, torch.Tensor]:
-        image = self.source.slice(self.uids[index], int(self.slice_index[index]))
+        image = self.image(index)
         has_box = float(self.has_box[index])
         box = self.boxes[index] if has_box else np.zeros(4, np.float32)
         if self.augment is not None:

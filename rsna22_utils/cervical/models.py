@@ -1,9 +1,10 @@
 """The kit's networks, built from a config by one factory, timm-style.
 
 Every network wraps a timm backbone whose name goes straight to `timm.create_model`;
-`pretrained` is a switch that works offline: False builds random weights, True loads timm's
-weights (needs internet or timm's cache), and `pretrained_path` loads a local weights file (the
-way to get ImageNet weights on an offline Kaggle kernel: attach them as a dataset).
+`pretrained` is a switch that works offline: False builds random weights, True loads ImageNet
+weights from `pretrained_dir` (a folder written by `python -m rsna22_utils weights fetch`: the way
+to get them on an offline Kaggle kernel, attached as a dataset), from `pretrained_path` (one file),
+or else from timm's download (needs internet or timm's cache).
 """
 
 from __future__ import annotations
@@ -23,8 +24,18 @@ from rsna22_utils.core.runs import load_run as load_run_with
 logger = logging.getLogger(__name__)
 
 
-def create_backbone(name: str, in_chans: int, pretrained: bool = False, pretrained_path: str | Path | None = None) -> nn.Module:
-    """timm feature extractor (num_classes=0, global pooled) with offline-safe weight loading."""
+def create_backbone(
+    name: str,
+    in_chans: int,
+    pretrained: bool = False,
+    pretrained_path: str | Path | None = None,
+    pretrained_dir: str | Path | None = None,
+) -> nn.Module:
+    """timm feature extractor (num_classes=0, global pooled) with offline-safe weight loading.
+
+    ImageNet weights come from, in order: `pretrained_path` (one file), `{pretrained_dir}/{name}.safetensors`
+    (or .pth) when `pretrained`, else timm's download. A missing local file is an error, never a random init.
+    """
     kwargs: dict[str, Any] = {"in_chans": in_chans, "num_classes": 0}
     if pretrained_path:
         path = Path(pretrained_path)
@@ -32,15 +43,34 @@ def create_backbone(name: str, in_chans: int, pretrained: bool = False, pretrain
             raise FileNotFoundError(f"pretrained_path {path}: no such weights file")
         kwargs["pretrained_cfg_overlay"] = {"file": str(path)}
         pretrained = True
+    elif pretrained and pretrained_dir:
+        kwargs["pretrained_cfg_overlay"] = {"file": str(pretrained_weights_file(name, pretrained_dir))}
     try:
         return timm.create_model(name, pretrained=pretrained, **kwargs)
     except RuntimeError as error:
-        if pretrained and not pretrained_path:
+        if pretrained and not (pretrained_path or pretrained_dir):
             raise RuntimeError(
                 f"could not load pretrained weights for timm model {name!r} ({error}); offline, set "
-                "pretrained=False or pretrained_path=<local weights file>"
+                "pretrained=False, pretrained_dir=<folder of weights fetch> or pretrained_path=<local weights file>"
             ) from error
         raise
+
+
+PRETRAINED_SUFFIXES = (".safetensors", ".pth")
+
+
+def pretrained_weights_file(backbone: str, pretrained_dir: str | Path) -> Path:
+    """`{pretrained_dir}/{backbone}.safetensors` (or .pth): where `weights fetch` saved the backbone's ImageNet weights."""
+    folder = Path(pretrained_dir)
+    for suffix in PRETRAINED_SUFFIXES:
+        path = folder / f"{backbone}{suffix}"
+        if path.is_file():
+            return path
+    raise FileNotFoundError(
+        f"pretrained_dir {folder}: no ImageNet weights for backbone {backbone!r} ({folder / (backbone + '.safetensors')} "
+        f"or .pth); on a machine with internet run `python -m rsna22_utils weights fetch --out {folder} --backbones {backbone}` "
+        "and copy the folder here (on Kaggle: attach it as a dataset)"
+    )
 
 
 def feature_size(encoder: nn.Module) -> int:
@@ -51,9 +81,16 @@ def feature_size(encoder: nn.Module) -> int:
 class BoxModel(nn.Module):
     """Single slice -> has-box logit + C1-C7 box (x0, y0, x1, y1 as fractions of the image)."""
 
-    def __init__(self, backbone: str, in_chans: int = 1, pretrained: bool = False, pretrained_path: str | None = None) -> None:
+    def __init__(
+        self,
+        backbone: str,
+        in_chans: int = 1,
+        pretrained: bool = False,
+        pretrained_path: str | None = None,
+        pretrained_dir: str | None = None,
+    ) -> None:
         super().__init__()
-        self.encoder = create_backbone(backbone, in_chans, pretrained, pretrained_path)
+        self.encoder = create_backbone(backbone, in_chans, pretrained, pretrained_path, pretrained_dir)
         self.head = nn.Linear(feature_size(self.encoder), 5)
 
     def forward(self, batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
@@ -61,10 +98,12 @@ class BoxModel(nn.Module):
         return {"has_box": out[:, 0], "box": torch.sigmoid(out[:, 1:])}
 
 
-def box_loss(outputs: dict[str, torch.Tensor], batch: dict[str, torch.Tensor], box_weight: float = 5.0) -> torch.Tensor:
-    """BCE on has-box for every slice + L1 on the coordinates only where a box exists."""
+def box_loss(
+    outputs: dict[str, torch.Tensor], batch: dict[str, torch.Tensor], box_weight: float = 5.0, has_box_weight: float = 1.0
+) -> torch.Tensor:
+    """has_box_weight x BCE on has-box for every slice + box_weight x L1 on the coordinates only where a box exists."""
     has_box = batch["has_box"].float()
-    loss = F.binary_cross_entropy_with_logits(outputs["has_box"].float(), has_box)
+    loss = has_box_weight * F.binary_cross_entropy_with_logits(outputs["has_box"].float(), has_box)
     mask = has_box > 0.5
     if mask.any():
         loss = loss + box_weight * F.l1_loss(outputs["box"].float()[mask], batch["box"].float()[mask])
@@ -88,9 +127,10 @@ class SequenceModel(nn.Module):
         dropout: float = 0.1,
         pretrained: bool = False,
         pretrained_path: str | None = None,
+        pretrained_dir: str | None = None,
     ) -> None:
         super().__init__()
-        self.encoder = create_backbone(backbone, in_chans, pretrained, pretrained_path)
+        self.encoder = create_backbone(backbone, in_chans, pretrained, pretrained_path, pretrained_dir)
         self.lstm = nn.LSTM(feature_size(self.encoder), lstm_hidden, batch_first=True, bidirectional=True)
         self.dropout = nn.Dropout(dropout)
         self.head = nn.Linear(2 * lstm_hidden, n_outputs)
@@ -280,7 +320,9 @@ def study_model(cfg: Any, sequence_model: SequenceModel) -> StudyModel:
     return StudyModel(sequence_model.encoder, head, max_len=cfg.max_len)
 
 
-def _sequence_model(cfg: Any, n_outputs: int, lstm_hidden: int, pretrained: bool, pretrained_path: str | None) -> SequenceModel:
+def _sequence_model(
+    cfg: Any, n_outputs: int, lstm_hidden: int, pretrained: bool, pretrained_path: str | None, pretrained_dir: str | None = None
+) -> SequenceModel:
     return SequenceModel(
         cfg.backbone,
         in_chans=cfg.slices_per_image * len(cfg.windows),
@@ -288,29 +330,33 @@ def _sequence_model(cfg: Any, n_outputs: int, lstm_hidden: int, pretrained: bool
         lstm_hidden=lstm_hidden,
         pretrained=pretrained,
         pretrained_path=pretrained_path,
+        pretrained_dir=pretrained_dir,
     )
 
 
 def create_model(cfg: Any, load_pretrained: bool = True) -> nn.Module:
     """The network a stage config describes, built the same way wherever a run is trained or loaded.
 
-    `load_pretrained=False` ignores `pretrained` / `pretrained_path`: for a run whose own trained
+    `load_pretrained=False` ignores `pretrained` / `pretrained_path` / `pretrained_dir`: for a run whose own trained
     weights are loaded next, so nothing is fetched (offline on Kaggle) or read for nothing.
 
-    01 -> BoxModel (one channel per window); 03 -> SequenceModel with 7 outputs, 05 with 7 vertebra +
-    7 fracture outputs (`slices_per_image` slices x windows as input channels); 06 -> StudyModel on
-    the architecture of its stage-05 run (recorded in its config).
+    01 -> BoxModel (`box_input_slices` consecutive slices x windows as input channels); 03 ->
+    SequenceModel with 7 outputs, 05 with 7 vertebra + 7 fracture outputs (`slices_per_image`
+    slices x windows as input channels); 06 -> StudyModel on the architecture of its stage-05 run
+    (recorded in its config).
     """
     from rsna22_utils.cervical.configs import BoxTrainConfig, FractureTrainConfig, StudyTrainConfig, VertebraTrainConfig
 
     pretrained = bool(getattr(cfg, "pretrained", False)) and load_pretrained
     pretrained_path = (getattr(cfg, "pretrained_path", "") or None) if load_pretrained else None
+    pretrained_dir = getattr(cfg, "pretrained_dir", "") or None
     if isinstance(cfg, BoxTrainConfig):
-        return BoxModel(cfg.backbone, in_chans=len(cfg.windows), pretrained=pretrained, pretrained_path=pretrained_path)
+        in_chans = cfg.box_input_slices * len(cfg.windows)
+        return BoxModel(cfg.backbone, in_chans, pretrained=pretrained, pretrained_path=pretrained_path, pretrained_dir=pretrained_dir)
     if isinstance(cfg, VertebraTrainConfig):
-        return _sequence_model(cfg, len(VERTEBRAE), cfg.lstm_hidden, pretrained, pretrained_path)
+        return _sequence_model(cfg, len(VERTEBRAE), cfg.lstm_hidden, pretrained, pretrained_path, pretrained_dir)
     if isinstance(cfg, FractureTrainConfig):
-        return _sequence_model(cfg, 2 * len(VERTEBRAE), cfg.lstm_hidden, pretrained, pretrained_path)
+        return _sequence_model(cfg, 2 * len(VERTEBRAE), cfg.lstm_hidden, pretrained, pretrained_path, pretrained_dir)
     if isinstance(cfg, StudyTrainConfig):
         return study_model(cfg, _sequence_model(cfg, 2 * len(VERTEBRAE), cfg.fracture_lstm_hidden, False, None))
     raise ValueError(f"stage {getattr(cfg, 'stage', '?')!r}: its config ({type(cfg).__name__}) describes no network of the kit")

@@ -18,7 +18,8 @@ from scipy.ndimage import median_filter
 from torch import nn
 
 from rsna22_utils.cervical.anatomy import BOX_COLUMNS
-from rsna22_utils.cervical.data import images_to_tensor
+from rsna22_utils.cervical.configs import StudyBoxRule
+from rsna22_utils.cervical.data import images_to_tensor, stack_slices
 from rsna22_utils.core.device import autocast
 
 STUDY_BOX_COLUMNS = ["StudyInstanceUID", *BOX_COLUMNS, "slnum_from", "slnum_to", "slnum_max"]
@@ -74,13 +75,56 @@ def study_box_from_slices(
     }
 
 
-def study_boxes(slice_predictions: pd.DataFrame, threshold: float = 0.5, smooth: int = 5) -> pd.DataFrame:
+def original_study_box(
+    slice_index: np.ndarray,
+    p_box: np.ndarray,
+    boxes: np.ndarray,
+    threshold: float = 0.5,
+    range_threshold: float = 0.1,
+    window: int = 5,
+) -> dict[str, float]:
+    """One study by the 3rd place's rule (its scripts/_make_bbox_part2.py).
+
+    Box: min x0, y0 (floored) / max x1, y1 (ceiled) over the slices with p_box > threshold.
+    Range: first / last slice where the centred rolling mean of p_box (`window` slices, at least
+    window // 2 + 1 of them: 5 and 3 in the original) exceeds `range_threshold`; the whole study
+    when none does. A study without a slice above `threshold` had no box in the original; here
+    every slice's box counts then, as the whole study does for the range.
+    """
+    order = np.argsort(slice_index, kind="stable")
+    slice_index, p_box, boxes = slice_index[order], np.clip(p_box[order], 0.0, 1.0), np.clip(boxes[order], 0.0, None)
+    chosen = p_box > threshold
+    if not chosen.any():
+        chosen[:] = True
+    x0, y0 = np.floor(boxes[chosen, :2].min(0))
+    x1, y1 = np.ceil(boxes[chosen, 2:].max(0))
+    rolling = pd.Series(p_box).rolling(window, min_periods=window // 2 + 1, center=True).mean().to_numpy()
+    inside = np.flatnonzero(rolling > range_threshold)
+    first, last = (inside[0], inside[-1]) if len(inside) else (0, len(slice_index) - 1)
+    return {
+        "x0": float(x0),
+        "y0": float(y0),
+        "x1": float(x1),
+        "y1": float(y1),
+        "slnum_from": int(slice_index[first]),
+        "slnum_to": int(slice_index[last]),
+        "slnum_max": int(len(slice_index)),
+    }
+
+
+def study_box(slice_index: np.ndarray, p_box: np.ndarray, boxes: np.ndarray, rule: StudyBoxRule) -> dict[str, float]:
+    """One study's box and slice range by the config's `box_rule` (the one place 02 and the submission decide it)."""
+    if rule.box_rule == "original":
+        return original_study_box(slice_index, p_box, boxes, rule.has_box_threshold, rule.range_threshold, rule.range_window)
+    return study_box_from_slices(slice_index, p_box, boxes, threshold=rule.has_box_threshold, smooth=rule.box_smooth)
+
+
+def study_boxes(slice_predictions: pd.DataFrame, rule: StudyBoxRule | None = None) -> pd.DataFrame:
     """Per-slice predictions (StudyInstanceUID, slice_index, p_box, x0..y1 in pixels) -> one row per study."""
+    rule = rule if rule is not None else StudyBoxRule()
     rows = []
     for uid, group in slice_predictions.groupby("StudyInstanceUID", sort=True):
-        result = study_box_from_slices(
-            group["slice_index"].to_numpy(), group["p_box"].to_numpy(), group[BOX_COLUMNS].to_numpy(float), threshold, smooth
-        )
+        result = study_box(group["slice_index"].to_numpy(), group["p_box"].to_numpy(), group[BOX_COLUMNS].to_numpy(float), rule)
         rows.append({"StudyInstanceUID": uid, **result})
     return pd.DataFrame(rows, columns=STUDY_BOX_COLUMNS)
 
@@ -104,6 +148,15 @@ def evaluate_study_boxes(predicted: pd.DataFrame, truth: pd.DataFrame) -> pd.Dat
     return merged
 
 
+def shared_input_slices(run_configs: dict) -> int:
+    """The `box_input_slices` every box run (folder -> its config) was trained with; runs that differ are an error."""
+    values = {getattr(run_cfg, "box_input_slices", 1) for run_cfg in run_configs.values()}
+    if len(values) > 1:
+        listed = ", ".join(f"{run} ({getattr(c, 'box_input_slices', 1)})" for run, c in run_configs.items())
+        raise ValueError(f"box runs trained with different box_input_slices, one value is needed to predict them together: {listed}")
+    return values.pop() if values else 1
+
+
 def predict_box_slices(
     models: list[nn.Module], batches: Iterable[tuple[np.ndarray, torch.Tensor]], n_slices: int, device: torch.device, amp: bool = True
 ) -> tuple[np.ndarray, np.ndarray]:
@@ -125,17 +178,20 @@ def predict_study_box(
     slices: pd.DataFrame,
     device: torch.device,
     batch_size: int,
-    threshold: float,
-    smooth: int,
+    rule: StudyBoxRule,
     amp: bool = True,
+    input_slices: int = 1,
 ) -> dict[str, float]:
-    """Box models on every slice of one encoded study (mean) -> its box in original pixels + slice range."""
+    """Box models on every slice of one encoded study (mean) -> its box in original pixels + slice range.
+
+    `input_slices`: the box runs' `box_input_slices` (consecutive slices per input, as in training).
+    """
     n = volume.shape[0]
     batches = (
-        (np.arange(start, min(start + batch_size, n)), images_to_tensor(volume[start : start + batch_size], device))
-        for start in range(0, n, batch_size)
+        (index, images_to_tensor(stack_slices(volume, index, input_slices), device))
+        for index in (np.arange(start, min(start + batch_size, n)) for start in range(0, n, batch_size))
     )
     p_box, boxes = predict_box_slices(models, batches, n, device, amp)
     rows, cols = float(slices["rows"].iloc[0]), float(slices["cols"].iloc[0])
     boxes = boxes * np.array([cols, rows, cols, rows])  # fractions -> original pixels
-    return study_box_from_slices(np.arange(n), p_box, boxes, threshold=threshold, smooth=smooth)
+    return study_box(np.arange(n), p_box, boxes, rule)

@@ -8,8 +8,8 @@ For every study of `test.csv`, in the order of the file:
    study cache (`encode_study`: HU -> resized, windowed uint8) at every size / window set the models
    were trained on, and hands over one study at a time (decode overlaps the models' compute);
 2. every box model (`<weights>/01_train_box/*/`) on every slice, averaged -> one study box and the
-   slice range of C1-C7 (`box.predict_study_box`: the rule of 02_infer_box, with this config's
-   `has_box_threshold` / `box_smooth`);
+   slice range of C1-C7 (`study_box.predict_study_box`: the rule of 02_infer_box, with this config's
+   `StudyBoxRule` settings, each input built as the box runs' configs say);
 3. every study model (`<weights>/06_train_study/*/`: the frozen stage-05 CNN + its StudyHead) on
    the box crops, 3 slices per image, embedded as stage 06 embedded them (`study.study_probabilities`);
    mean of sigmoid probabilities over models, optionally over a horizontal flip.
@@ -53,7 +53,7 @@ from rsna22_utils.cervical.anatomy import TARGETS
 from rsna22_utils.cervical.configs import SubmissionConfig
 from rsna22_utils.cervical.embed import study_images, study_probabilities
 from rsna22_utils.cervical.models import load_run
-from rsna22_utils.cervical.study_box import predict_study_box
+from rsna22_utils.cervical.study_box import predict_study_box, shared_input_slices
 from rsna22_utils.core.cache import CacheSpec, encode_study
 from rsna22_utils.core.device import autocast, resolve_device
 from rsna22_utils.core.registry import finished_runs, serving_runs
@@ -87,6 +87,7 @@ class BoxEnsemble:
 
     models: list[nn.Module]
     spec: CacheSpec
+    input_slices: int = 1  # the runs' box_input_slices: consecutive slices per input
 
 
 @dataclass
@@ -116,20 +117,21 @@ class Ensemble:
 
     def reduced(self) -> Ensemble:
         """One box model and one study model: the fallback when time runs short."""
-        return Ensemble(BoxEnsemble(self.box.models[:1], self.box.spec), self.study[:1], self.device)
+        return Ensemble(BoxEnsemble(self.box.models[:1], self.box.spec, self.box.input_slices), self.study[:1], self.device)
 
 
 def load_box_models(weights_dir: str | Path, device: torch.device) -> BoxEnsemble:
     """The `01_train_box` runs of the weights folder that serve test studies (`serving_runs`: the full-data
-    runs when there are any); they must share one image size and window set."""
-    models, spec = [], None
+    runs when there are any); they must share one image size, window set and box_input_slices."""
+    models, spec, configs = [], None, {}
     for run in serving_runs(finished_runs(weights_dir, BOX_STAGE)):
         model, cfg = load_run(run, device)
         if spec is not None and CacheSpec.of(cfg) != spec:
             raise ValueError(f"{run}: box model trained on {CacheSpec.of(cfg).name}, the others on {spec.name}")
         spec = CacheSpec.of(cfg)
         models.append(model)
-    return BoxEnsemble(models, spec)
+        configs[run] = cfg
+    return BoxEnsemble(models, spec, shared_input_slices(configs))
 
 
 def load_study_models(weights_dir: str | Path, device: torch.device) -> list[StudyRun]:
@@ -256,9 +258,9 @@ def predict_study(ensemble: Ensemble, study: DecodedStudy, cfg: SubmissionConfig
         study.slices,
         device,
         cfg.box_batch_size,
-        cfg.has_box_threshold,
-        cfg.box_smooth,
+        cfg,
         cfg.amp,
+        ensemble.box.input_slices,
     )
     outputs = []
     with torch.inference_mode(), autocast(device, cfg.amp):
