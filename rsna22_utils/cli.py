@@ -100,6 +100,7 @@ COMMAND_MODULES: tuple[str, ...] = (
     "rsna22_utils.core.runner",
     "rsna22_utils.core.notebooks",
     "rsna22_utils.core.profiles",
+    "rsna22_utils.core.weights",
 )
 
 

@@ -191,8 +191,11 @@ class Backbone:
     """Stages that build a timm backbone."""
 
     backbone: str = "resnet18"
-    pretrained: bool = False
+    pretrained: bool = False  # start from ImageNet weights (from pretrained_path, pretrained_dir or timm's download)
     pretrained_path: str = ""  # offline timm weights file (Kaggle has no internet)
+    # offline folder of ImageNet weights, {pretrained_dir}/{backbone}.safetensors, written by
+    # `python -m rsna22_utils weights fetch` ("" = timm downloads them)
+    pretrained_dir: str = ""
 
 
 @dataclass
