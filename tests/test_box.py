@@ -166,3 +166,10 @@ def test_the_originals_box_network_has_its_parameter_count() -> None:
     assert model.encoder.conv_stem.in_channels == 3 and model.head.out_features == 5
     count = sum(p.numel() for p in model.parameters() if p.requires_grad)
     assert abs(count - 6_519_589) <= 0.01 * 6_519_589
+
+
+def test_box_rule_is_kit_or_original_in_02_and_the_submission() -> None:
+    for stage in ("02_infer_box", "07_inference"):
+        assert resolve_config(stage, {"box_rule": "original"}).box_rule == "original"
+        with pytest.raises(ConfigError, match="box_rule must be one of kit, original, got 'median'"):
+            resolve_config(stage, {"box_rule": "median"})
