@@ -13,8 +13,8 @@
 
 # %% [markdown]
 # # 01 · Train the box model (one fold × seed)
-# Single windowed slice → has-box logit (BCE on every slice) + C1–C7 box (L1 only where a box
-# exists), on the segmented studies. All folds and seeds:
+# `box_input_slices` consecutive windowed slices → has-box logit (`has_box_weight` × BCE on every
+# slice) + C1–C7 box (`box_weight` × L1 only where a box exists), on the segmented studies. All folds and seeds:
 # `python -m rsna22_utils run 01_train_box --folds 0 1 2 3 4 --seeds 0 1 2`
 
 # %% tags=["parameters"]

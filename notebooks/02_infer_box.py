@@ -13,8 +13,9 @@
 
 # %% [markdown]
 # # 02 · Infer the box model on every slice
-# Every trained box model (all folds × seeds) on every slice of every study, averaged; per study
-# one box around C1–C7 and the slice range where the spine starts and ends
+# Every trained box model (all folds × seeds) on every slice of every study, averaged (with
+# `out_of_fold`, a training study only gets the runs that did not train on it); per study
+# one box around C1–C7 and the slice range where the spine starts and ends, by `box_rule`
 # (`study_boxes.csv`: x0 y0 x1 y1 slnum_from slnum_to slnum_max).
 
 # %% tags=["parameters"]
