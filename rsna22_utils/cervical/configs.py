@@ -118,6 +118,14 @@ class BoxCrop:
     crop_by_box: bool = True  # crop every slice to the study box
     crop_margin: float = 0.1  # fraction of the box size added on each side of the crop
     crop_size: int = 256  # crops are resized to crop_size x crop_size
+    # where crops come from: "cache" = cut from the 00 study cache (image_size px, box as is);
+    # "native" = the crop cache (cervical.crops): squared box at the DICOM's resolution, built on first use
+    crop_source: str = "cache"
+
+    def _check(self) -> list[str]:
+        if self.crop_source not in ("cache", "native"):
+            return [f"crop_source must be 'cache' or 'native', got {self.crop_source!r}"]
+        return []
 
 
 # ----------------------------------------------------------------------------- stages
@@ -239,6 +247,12 @@ class StudyTrainConfig(TrainConfig, CacheInput):
     # add each target's evidence from the frozen stage-05 BiLSTM + head (its largest fracture logit
     # over the study) to the new head's logits, fitted by logistic regression before training
     slice_evidence: bool = True
+    slice_margin: int = 0  # slices embedded before slnum_from and after slnum_to (the study box's slice range)
+    # re-embed each training study's images with the frozen CNN at every step, augmented (as the 3rd place
+    # did), instead of embedding every study once before training (false: fast, no augmentation)
+    embed_on_the_fly: bool = False
+    frozen_bn_update: bool = False  # the frozen CNN's batch-norm statistics keep updating in training (embed_on_the_fly)
+    cnn_chunk_size: int = 64  # images per frozen-CNN forward when embedding on the fly (bounds memory)
     # the frozen CNN and how it sees images: those of the stage-05 run, so that this config alone rebuilds the model
     backbone: str = derived("resnet18", source=_FROM_05)
     seq_len: int = derived(32, source=_FROM_05)
@@ -246,10 +260,18 @@ class StudyTrainConfig(TrainConfig, CacheInput):
     crop_by_box: bool = derived(True, source=_FROM_05)
     crop_margin: float = derived(0.1, source=_FROM_05)
     crop_size: int = derived(256, source=_FROM_05)
+    crop_source: str = derived("cache", source=_FROM_05)
     fracture_lstm_hidden: int = derived(256, source=_FROM_05)
 
     def _check(self) -> list[str]:
-        return [f"max_len must be >= 1, got {self.max_len}"] if self.max_len < 1 else []
+        out = [f"max_len must be >= 1, got {self.max_len}"] if self.max_len < 1 else []
+        if self.slice_margin < 0:
+            out.append(f"slice_margin must be >= 0, got {self.slice_margin}")
+        if self.cnn_chunk_size < 1:
+            out.append(f"cnn_chunk_size must be >= 1, got {self.cnn_chunk_size}")
+        if self.frozen_bn_update and not self.embed_on_the_fly:
+            out.append("frozen_bn_update=true needs embed_on_the_fly=true (precomputed embeddings never run the CNN in training)")
+        return out
 
 
 @dataclass

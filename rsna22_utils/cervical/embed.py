@@ -33,7 +33,7 @@ def study_windows(
         mode="infer",
         stride=cfg.seq_len * cfg.slices_per_image,
         ranges=ranges,
-        crops=crops if cfg.crop_by_box else None,
+        crops=crops if cfg.crop_by_box and getattr(cfg, "crop_source", "cache") == "cache" else None,  # native: cut already
         crop_margin=cfg.crop_margin,
         output_size=cfg.crop_size if cfg.crop_by_box else None,
     )
@@ -84,8 +84,11 @@ class StudyImages:
 
 
 def study_images(cfg: StudyTrainConfig, cache: Any, uid: str, study_box: dict[str, float]) -> StudyImages:
-    """The windows of one study (box crops inside its slice range) as a study model of config `cfg` sees them."""
-    first, last = int(study_box["slnum_from"]), int(study_box["slnum_to"])
+    """The windows of one study (box crops inside its slice range, widened by `slice_margin`) as a study
+    model of config `cfg` sees them. For `crop_source="native"`, `cache` holds the study's crops already
+    (`crops.memory_crop_cache`)."""
+    margin, n = int(getattr(cfg, "slice_margin", 0)), int(cache.volume(uid).shape[0])
+    first, last = max(0, int(study_box["slnum_from"]) - margin), min(n - 1, int(study_box["slnum_to"]) + margin)
     box = tuple(study_box[c] for c in BOX_COLUMNS)
     dataset = study_windows([uid], cache, {uid: (first, last)}, {uid: box}, cfg)
     items = [dataset[i] for i in range(len(dataset))]

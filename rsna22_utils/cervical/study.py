@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import logging
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pandas as pd
@@ -16,7 +17,9 @@ from torch.utils.data import Dataset
 from rsna22_utils.cervical.anatomy import TARGETS
 from rsna22_utils.cervical.box import study_crops
 from rsna22_utils.cervical.configs import StudyTrainConfig
-from rsna22_utils.cervical.embed import embed_studies
+from rsna22_utils.cervical.crops import CropSpec, crop_cache_dir, open_crop_cache
+from rsna22_utils.cervical.data import seeded, sequence_augmentation, to_tensor
+from rsna22_utils.cervical.embed import embed_studies, study_windows
 from rsna22_utils.cervical.metric import (
     competition_loss,
     per_target_auc,
@@ -25,7 +28,7 @@ from rsna22_utils.cervical.metric import (
     solution_from_labels,
     submission_from_predictions,
 )
-from rsna22_utils.cervical.models import fit_length, load_run, study_model
+from rsna22_utils.cervical.models import StudyModel, fit_length, load_run, study_model
 from rsna22_utils.cervical.prepare import open_cache, split_by_fold
 from rsna22_utils.core.config import with_derived
 from rsna22_utils.core.device import resolve_device
@@ -36,7 +39,7 @@ logger = logging.getLogger(__name__)
 
 FRACTURE_STAGE = "05_train_fracture"
 # Stage-05 settings a stage-06 run records in its own config (the frozen CNN and how it sees images).
-SETTINGS_FROM_FRACTURE_RUN = ("backbone", "seq_len", "slices_per_image", "crop_by_box", "crop_margin", "crop_size")
+SETTINGS_FROM_FRACTURE_RUN = ("backbone", "seq_len", "slices_per_image", "crop_by_box", "crop_margin", "crop_size", "crop_source")
 
 
 # ----------------------------------------------------------------------------- training
@@ -75,10 +78,87 @@ def pad_collate(items: list[dict[str, torch.Tensor]]) -> dict[str, torch.Tensor]
     return batch
 
 
+class StudyImages(Dataset):
+    """Each study's images (3-slice box crops inside its slice range, as `embed_studies` sees them), for
+    the frozen CNN to embed at every step (`embed_on_the_fly`); augmented alike across a study's images."""
+
+    def __init__(self, uids: list[str], windows: Any, labels: pd.DataFrame | None, augment: bool = False) -> None:
+        self.uids, self.windows, self.augment = uids, windows, augment
+        self.starts: dict[str, list[int]] = {}
+        for uid, start in windows.items:
+            self.starts.setdefault(uid, []).append(start)
+        self.targets = None if labels is None else labels.set_index("StudyInstanceUID").loc[uids, list(TARGETS)].to_numpy(np.float32)
+
+    def __len__(self) -> int:
+        return len(self.uids)
+
+    def images(self, uid: str) -> np.ndarray:
+        """uint8 (images, H, W, C) of one study, in order, as many as `embed.join_windows` keeps."""
+        parts = [image[mask] for image, mask in (self.windows.window(uid, s) for s in sorted(self.starts[uid]))]
+        first, last = self.windows.ranges[uid]
+        return np.concatenate(parts)[: max(1, -(-(last - first + 1) // self.windows.k))]
+
+    def __getitem__(self, index: int) -> dict[str, torch.Tensor]:
+        images = self.images(self.uids[index])
+        if self.augment:
+            out = seeded(sequence_augmentation(len(images)))(image=images[0], **{f"image{i}": images[i] for i in range(1, len(images))})
+            images = np.stack([out["image"]] + [out[f"image{i}"] for i in range(1, len(images))])
+        item = {"images": torch.stack([to_tensor(image) for image in images]), "study": torch.tensor(index)}
+        if self.targets is not None:
+            item["target"] = torch.from_numpy(self.targets[index])
+        return item
+
+
+def images_collate(items: list[dict[str, torch.Tensor]]) -> dict[str, torch.Tensor]:
+    """Every study's images in one (total images, C, H, W) tensor + `lengths` (images per study)."""
+    batch = {key: torch.stack([item[key] for item in items]) for key in items[0] if key != "images"}
+    batch["images"] = torch.cat([item["images"] for item in items])
+    batch["lengths"] = torch.tensor([len(item["images"]) for item in items])
+    return batch
+
+
+class OnTheFlyStudyModel(StudyModel):
+    """A StudyModel (same weights, same saved keys) whose training batches are images: the frozen CNN
+    embeds them `chunk_size` at a time without gradients; with `bn_update` it stays in train mode, so
+    its batch-norm statistics follow the study crops (the 3rd place's frozen CNN did)."""
+
+    def __init__(self, model: StudyModel, chunk_size: int = 64, bn_update: bool = False) -> None:
+        super().__init__(model.encoder, model.head, max_len=model.max_len)
+        self.chunk_size, self.bn_update = chunk_size, bn_update
+
+    def train(self, mode: bool = True) -> OnTheFlyStudyModel:
+        super().train(mode)
+        self.encoder.train(mode and self.bn_update)
+        return self
+
+    def embed(self, images: torch.Tensor, lengths: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(total images, C, H, W) + images per study -> padded embeddings (studies, steps <= max_len, F) and mask."""
+        parts = []
+        with torch.no_grad():
+            for chunk in images.split(self.chunk_size):
+                if len(chunk) == 1 and self.encoder.training:  # batch norm cannot train on one image
+                    parts.append(self.encoder(chunk.repeat(2, 1, 1, 1))[:1])
+                else:
+                    parts.append(self.encoder(chunk))
+        features = torch.cat(parts).float()
+        sizes = [int(n) for n in lengths]
+        embeddings = features.new_zeros(len(sizes), max(sizes), features.shape[1])
+        mask = features.new_zeros(len(sizes), max(sizes))
+        for i, study in enumerate(features.split(sizes)):
+            embeddings[i, : len(study)], mask[i, : len(study)] = study, 1.0
+        return fit_length(embeddings, mask, self.max_len)
+
+    def forward(self, batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        if "images" not in batch:
+            return super().forward(batch)
+        embeddings, mask = self.embed(batch["images"], batch["lengths"])
+        return {"logits": self.head(embeddings, mask)}
+
+
 class StudyTask:
     """Study model: the competition metric as loss; OOF rows in the submission's columns."""
 
-    def __init__(self, dataset: StudyEmbeddings, labels: pd.DataFrame) -> None:
+    def __init__(self, dataset: StudyEmbeddings | StudyImages, labels: pd.DataFrame) -> None:
         self.dataset, self.labels = dataset, labels
 
     def loss(self, model: nn.Module, batch: dict) -> torch.Tensor:
@@ -119,6 +199,7 @@ def train_study(cfg: StudyTrainConfig) -> dict:
     folds = prepared.read("folds")
     crops, ranges = study_crops(cfg.work_dir)
     uids = sorted(set(folds["StudyInstanceUID"]) & set(cache.uids) & set(ranges))
+    cache, crops, ranges = study_inputs(cfg, cache, crops, ranges)
     embeddings = embed_studies(sequence_model.encoder, cache, uids, cfg, crops, ranges, device)
     if cfg.save_embeddings:
         Path(cfg.out_dir).mkdir(parents=True, exist_ok=True)
@@ -133,6 +214,29 @@ def train_study(cfg: StudyTrainConfig) -> dict:
     else:  # starts from the prior itself, then fits the evidence weights
         evidence = torch.cat([head.evidence(item["embeddings"][None], item["mask"][None]) for item in train])
         head.start_from_evidence(evidence, torch.from_numpy(train.targets))
-        logger.info("evidence weights (patient_overall, C1..C7): %s", [round(float(w), 2) for w in head.evidence_weight])
+        logger.info("evidence weights (patient_overall, C1..C7): %s", [round(float(w), 2) for w in head.evidence_weight.detach()])
     logger.info("study model fold %d: %d training / %d validation studies", cfg.fold, len(train), len(valid) if valid else 0)
-    return fit(model, StudyTask(valid, folds), train, valid, cfg, collate_fn=pad_collate)
+    if not cfg.embed_on_the_fly:
+        return fit(model, StudyTask(valid, folds), train, valid, cfg, collate_fn=pad_collate)
+    train_images = StudyImages(train.uids, study_windows(train.uids, cache, ranges, crops, cfg), folds, augment=True)
+    valid_images = None if valid is None else StudyImages(valid.uids, study_windows(valid.uids, cache, ranges, crops, cfg), folds)
+    model = OnTheFlyStudyModel(model, cfg.cnn_chunk_size, cfg.frozen_bn_update)
+    return fit(model, StudyTask(valid_images, folds), train_images, valid_images, cfg, collate_fn=images_collate)
+
+
+def study_inputs(cfg: StudyTrainConfig, cache: Any, crops: dict, ranges: dict) -> tuple[Any, dict, dict]:
+    """Where 06 reads its images (the 00 cache, or the crop cache of `crop_source="native"`), the boxes to
+    cut there (none for native crops: already cut), and each study's range widened by `slice_margin`."""
+    n_slices = {uid: len(cache.slices(uid)) for uid in ranges if uid in set(cache.uids)} if cfg.slice_margin else {}
+    wide = {
+        uid: (max(0, a - cfg.slice_margin), min(n_slices[uid] - 1, b + cfg.slice_margin)) if cfg.slice_margin else (a, b)
+        for uid, (a, b) in ranges.items()
+        if not cfg.slice_margin or uid in n_slices
+    }
+    if cfg.crop_by_box and cfg.crop_source == "native":
+        spec = CropSpec(cache.spec.windows, cfg.crop_margin)
+        crop_cache = open_crop_cache(
+            cache, crop_cache_dir(cfg.work_dir, spec), crops, ranges, cfg.crop_margin, cfg.slice_margin, cfg.num_workers or None
+        )
+        return crop_cache, {}, wide
+    return cache, crops, wide

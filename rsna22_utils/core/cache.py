@@ -82,13 +82,26 @@ def _write_study(study_dir: Path, root: Path, spec: CacheSpec, slices: pd.DataFr
     table = table.reset_index(drop=True).assign(slice_index=np.arange(len(table)))
     encoded = encode_study(volume, spec)
     atomic_write(root / "slices" / f"{uid}.parquet", lambda tmp: table.to_parquet(tmp, index=False))
-    atomic_write(root / "volumes" / f"{uid}.npy", lambda tmp: _save_npy(tmp, encoded))  # last: marks the study done
+    write_npy(root / "volumes" / f"{uid}.npy", encoded)  # last: marks the study done
     return uid
+
+
+def write_npy(path: Path, array: np.ndarray) -> Path:
+    """Save `array` as a memory-mappable .npy, atomically (a reader never sees a half-written file)."""
+    return atomic_write(path, lambda tmp: _save_npy(tmp, array))
 
 
 def _save_npy(path: Path, array: np.ndarray) -> None:
     with open(path, "wb") as f:  # a file object: np.save would append .npy to the temp name
         np.save(f, array)
+
+
+def remove_stale_npy(folder: Path) -> int:
+    """Delete temp files an interrupted `write_npy` left in `folder`; returns how many."""
+    stale = remove_stale_temp_files(folder, ".npy") + [*Path(folder).glob("*.tmp.npy")]  # temp names of older kits
+    for path in stale:
+        path.unlink(missing_ok=True)
+    return len(stale)
 
 
 def build_cache(
@@ -166,7 +179,7 @@ class StudyCache:
 
     def volume(self, uid: str) -> np.ndarray:
         """uint8 (slices, size, size, n_windows), memory-mapped (nothing is read until indexed)."""
-        return _open_volume(str(self.root / "volumes" / f"{uid}.npy"))
+        return open_npy(str(self.root / "volumes" / f"{uid}.npy"))
 
     def slices(self, uid: str) -> pd.DataFrame:
         """The study's per-slice table in volume order (column `slice_index`)."""
@@ -178,5 +191,6 @@ class StudyCache:
 
 
 @lru_cache(maxsize=64)
-def _open_volume(path: str) -> np.ndarray:
+def open_npy(path: str) -> np.ndarray:
+    """A cached .npy, memory-mapped read-only (opened once per process and path)."""
     return np.load(path, mmap_mode="r")
