@@ -133,3 +133,19 @@ def test_study_model_on_native_crops_with_slice_margin(tiny_pipeline, tmp_path: 
     kept = submitted.images[submitted.masks > 0.5][: len(train_images)]
     expected = torch.stack([torch.from_numpy(i.transpose(2, 0, 1).copy()).float() / 127.5 - 1 for i in train_images])
     torch.testing.assert_close(kept, expected)
+
+
+def test_fracture_model_trains_on_native_crops_built_on_first_use(tiny_pipeline, tmp_path: Path) -> None:
+    from rsna22_utils.cervical.sequence import train_fracture
+    from rsna22_utils.core.config import resolve_config
+
+    work_dir = tmp_path / "runs"
+    shutil.copytree(tiny_pipeline["work_dir"], work_dir)
+    common = {**TINY_COMMON, "work_dir": str(work_dir), "prepared_dir": str(work_dir / "00_prepare"), "fold": 0, "seed": 0}
+    values = {**common, **TINY_STAGES["05_train_fracture"], "crop_source": "native", "out_dir": str(work_dir / "05_native")}
+    cfg = resolve_config("05_train_fracture", tiny_settings("05_train_fracture", values))
+    metrics = train_fracture(cfg)
+    assert metrics["n_train"] > 0 and np.isfinite(metrics["history"][-1]["train_loss"])
+    stored = list((work_dir / "02_infer_box" / "crops").rglob("*.npy"))
+    assert stored and all("_z" in p.name for p in stored)
+    assert json.loads((Path(cfg.out_dir) / "config.json").read_text())["crop_source"] == "native"

@@ -212,6 +212,19 @@ def open_crop_cache(
     return CropCache(cache.spec, volumes, cache.slices)
 
 
+def native_crop_cache(cfg: Any, cache: StudyCache, slice_margin: int) -> tuple[CropCache, dict[str, tuple[int, int]]]:
+    """The crop cache a run of `cfg` (crop_margin, work_dir, num_workers) reads, with each study's slice range
+    from 02_infer_box; stores `slice_margin` slices beyond the range (built on first use)."""
+    from rsna22_utils.cervical.box import study_crops
+
+    boxes, ranges = study_crops(cfg.work_dir)
+    spec = CropSpec(cache.spec.windows, float(cfg.crop_margin))
+    crop_cache = open_crop_cache(
+        cache, crop_cache_dir(cfg.work_dir, spec), boxes, ranges, spec.crop_margin, slice_margin, cfg.num_workers or None
+    )
+    return crop_cache, ranges
+
+
 def memory_crop_cache(
     spec: CacheSpec,
     uid: str,

@@ -22,6 +22,7 @@ from tqdm import tqdm
 from rsna22_utils.cervical.anatomy import VERTEBRAE
 from rsna22_utils.cervical.box import study_crops
 from rsna22_utils.cervical.configs import FractureTrainConfig, VertebraInferConfig, VertebraTrainConfig
+from rsna22_utils.cervical.crops import native_crop_cache
 from rsna22_utils.cervical.data import SequenceDataset, positive_slices, spread_window_predictions
 from rsna22_utils.cervical.labels import fracture_slice_labels
 from rsna22_utils.cervical.models import create_model, load_run, sequence_loss
@@ -115,14 +116,17 @@ def _sequence_datasets(
     cache: StudyCache,
     positive: dict[str, np.ndarray],
     crops: dict[str, tuple] | None = None,
+    ranges: dict[str, tuple[int, int]] | None = None,
 ) -> tuple[SequenceDataset, SequenceDataset | None]:
     """Random training windows (biased towards `positive` slices) and overlapping validation windows of one fold
-    (None for a full-data run)."""
+    (inside `ranges`, default each whole study; no validation windows for a full-data run)."""
     train_table, valid_table = split_by_fold(folds, cfg.fold)
     train_uids = sorted(train_table["StudyInstanceUID"])
-    common: dict[str, Any] = dict(seq_len=cfg.seq_len, slices_per_image=cfg.slices_per_image, crops=crops)
+    common: dict[str, Any] = dict(seq_len=cfg.seq_len, slices_per_image=cfg.slices_per_image, crops=crops, ranges=ranges)
     if crops:
         common.update(crop_margin=cfg.crop_margin, output_size=cfg.crop_size)
+    elif ranges is not None:  # native crops: cut already, resized to crop_size
+        common.update(output_size=cfg.crop_size)
     train = SequenceDataset(
         train_uids,
         cache,
@@ -156,8 +160,12 @@ def train_fracture(cfg: FractureTrainConfig) -> dict:
     cfg = with_derived(cfg, **cache_settings)
     labels, folds = _fracture_labels(cfg.work_dir, prepared)
     crops = study_crops(cfg.work_dir)[0] if cfg.crop_by_box else None
+    ranges = None
+    if cfg.crop_by_box and cfg.crop_source == "native":  # windows inside 02's slice range; random ones reach span // 4 beyond
+        cache, ranges = native_crop_cache(cfg, cache, slice_margin=cfg.seq_len * cfg.slices_per_image // 4)
+        crops, folds = None, folds[folds["StudyInstanceUID"].isin(cache.uids)]
     positive = {uid: lab[:, len(VERTEBRAE) :] for uid, lab in labels.items()}  # windows that show a fracture
-    train, valid = _sequence_datasets(cfg, labels, folds, cache, positive, crops)
+    train, valid = _sequence_datasets(cfg, labels, folds, cache, positive, crops, ranges)
     logger.info("fracture model fold %d: %d training / %d validation studies", cfg.fold, len(train.uids), len(valid.uids) if valid else 0)
     model = create_model(cfg)
     if cfg.init_encoder_from:

@@ -17,7 +17,7 @@ from torch.utils.data import Dataset
 from rsna22_utils.cervical.anatomy import TARGETS
 from rsna22_utils.cervical.box import study_crops
 from rsna22_utils.cervical.configs import StudyTrainConfig
-from rsna22_utils.cervical.crops import CropSpec, crop_cache_dir, open_crop_cache
+from rsna22_utils.cervical.crops import native_crop_cache
 from rsna22_utils.cervical.data import seeded, sequence_augmentation, to_tensor
 from rsna22_utils.cervical.embed import embed_studies, study_windows
 from rsna22_utils.cervical.metric import (
@@ -234,9 +234,5 @@ def study_inputs(cfg: StudyTrainConfig, cache: Any, crops: dict, ranges: dict) -
         if not cfg.slice_margin or uid in n_slices
     }
     if cfg.crop_by_box and cfg.crop_source == "native":
-        spec = CropSpec(cache.spec.windows, cfg.crop_margin)
-        crop_cache = open_crop_cache(
-            cache, crop_cache_dir(cfg.work_dir, spec), crops, ranges, cfg.crop_margin, cfg.slice_margin, cfg.num_workers or None
-        )
-        return crop_cache, {}, wide
+        return native_crop_cache(cfg, cache, cfg.slice_margin)[0], {}, wide
     return cache, crops, wide
