@@ -89,7 +89,7 @@ def test_02_out_of_fold_boxes_come_only_from_runs_that_did_not_train_on_the_stud
     metrics = json.loads((run_dir(tmp_path, "02_infer_box") / "metrics.json").read_text())
     assert [Path(r).name for r in metrics["out_of_fold"]["fold 1"]] == ["fold1-seed0"]
 
-    everything = _infer(tmp_path)  # the default: every run on every study, as before
+    everything = _infer(tmp_path, out_of_fold=False)  # every run on every study
     assert everything["x0"].to_numpy() == pytest.approx(np.mean(list(value.values())) * ROWS_COLS, abs=1e-3)
 
 

@@ -180,8 +180,8 @@ class BoxInferConfig(StageConfig, PreparedInput, Hardware, StudyBoxRule):
     data_dir: str = "data/competition"  # read for the synthetic generator's truth (box_eval.csv), when present
     infer_batch_size: int = 128
     # a training study of fold f gets only the box runs that did not train on it (those of fold f);
-    # false: every run on every study (fold -1 runs included)
-    out_of_fold: bool = False
+    # false: every run on every study (fold -1 runs included), so training studies get in-sample boxes
+    out_of_fold: bool = True
 
 
 @dataclass
