@@ -87,7 +87,8 @@ TINY_STAGES = {
     "00_prepare": {"image_size": 48, "workers": 1},
     "01_train_box": {"backbone": "mobilenetv3_small_050", "epochs": 1, "max_steps_per_epoch": 2, "batch_size": 8},
     "02_infer_box": {"infer_batch_size": 64},
-    "03_train_vertebra": {**TINY_SEQUENCE, "epochs": 1, "max_steps_per_epoch": 2, "batch_size": 2, "samples_per_study": 1},
+    # 2 windows per study: a fold may have a single segmented training study
+    "03_train_vertebra": {**TINY_SEQUENCE, "epochs": 1, "max_steps_per_epoch": 2, "batch_size": 2, "samples_per_study": 2},
     "04_infer_vertebra": {"infer_stride": 24, "infer_batch_size": 4},
     "05_train_fracture": {**TINY_SEQUENCE, "epochs": 1, "max_steps_per_epoch": 2, "batch_size": 2, "samples_per_study": 1, "crop_size": 32},
     "06_train_study": {"epochs": 1, "batch_size": 4, "lstm_hidden": 16, "max_len": 32},
