@@ -452,3 +452,83 @@ def test_a_study_with_a_truncated_slice_is_predicted_from_the_rest(
         _config(data_dir, tiny_pipeline["work_dir"], tmp_path / "b.csv", num_workers=0, max_dropped_slices=0.0, max_failed_fraction=0.5)
     )
     assert set(strict.attrs["fallbacks"]) == {partial} and "truncated file" in strict.attrs["fallbacks"][partial]
+
+
+def test_native_study_run_sees_in_the_submission_what_06_trained_on(
+    tiny_pipeline: dict, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A 06 run on native crops beside one on the cache (a mixed ensemble): a train study submitted as a test study
+    gets, given 02's box, exactly the images 06 embedded (crop cache on disk, slice_margin, crop_size, normalisation)."""
+    import json
+
+    import torch
+
+    import rsna22_utils.cervical.submission as submission
+    from rsna22_utils.cervical.anatomy import BOX_COLUMNS
+    from rsna22_utils.cervical.box import study_crops
+    from rsna22_utils.cervical.embed import study_windows
+    from rsna22_utils.cervical.prepare import Prepared
+    from rsna22_utils.cervical.study import study_inputs, train_study
+    from rsna22_utils.core.config import load_config
+    from tests.conftest import TINY_COMMON, TINY_STAGES, tiny_settings
+
+    work_dir = tmp_path / "runs"
+    shutil.copytree(tiny_pipeline["work_dir"], work_dir)
+    fracture = work_dir / "05_train_fracture" / "fold0-seed0" / "config.json"
+    fracture.write_text(json.dumps({**json.loads(fracture.read_text()), "crop_source": "native"}))  # as a native 05 run records it
+    studies = work_dir / "06_train_study"
+    shutil.move(studies / "fold0-seed0", studies / "fold0-seed1")  # the cache run stays in the ensemble
+    common = {**TINY_COMMON, "work_dir": str(work_dir), "prepared_dir": str(work_dir / "00_prepare"), "fold": 0, "seed": 0}
+    values = {
+        **common,
+        **TINY_STAGES["06_train_study"],
+        "max_steps_per_epoch": 1,
+        "slice_margin": 2,
+        "out_dir": str(studies / "fold0-seed0"),
+    }
+    train_study(resolve_config("06_train_study", tiny_settings("06_train_study", values)))
+    native = load_config(studies / "fold0-seed0" / "config.json")
+    assert native.crop_source == "native" and native.slice_margin == 2
+    names = [spec.name for spec in submission.load_ensemble(work_dir, torch.device("cpu")).specs]
+    assert len(names) == 2 and names[1].startswith("native_")  # the native volume is shipped only when a run needs it
+    assert not any(s.name.startswith("native_") for s in submission.load_ensemble(tiny_pipeline["work_dir"], torch.device("cpu")).specs)
+
+    cache = Prepared(work_dir / "00_prepare").cache()
+    boxes, ranges = study_crops(work_dir)
+    uid = sorted(set(boxes) & set(cache.uids))[0]
+    data_dir = _copy_competition(tiny_pipeline["data_dir"], tmp_path / "competition")
+    shutil.copytree(tiny_pipeline["data_dir"] / "train_images" / uid, data_dir / "test_images" / uid)
+    test = pd.read_csv(data_dir / "test.csv")
+    extra = pd.DataFrame({"row_id": [f"{uid}_{t}" for t in TARGETS], "StudyInstanceUID": uid, "prediction_type": list(TARGETS)})
+    test = pd.concat([test, extra], ignore_index=True)
+    test.to_csv(data_dir / "test.csv", index=False)
+
+    # the submission's box is the mean of both folds' box models; 02 gave this study its out-of-fold box
+    row = {**dict(zip(BOX_COLUMNS, boxes[uid])), "slnum_from": ranges[uid][0], "slnum_to": ranges[uid][1]}
+    real_box, real_images, seen = submission.predict_study_box, submission.study_images, []
+
+    def box_of_02(models, volume, slices, *args):
+        box = real_box(models, volume, slices, *args)
+        return {**box, **row} if slices["StudyInstanceUID"].iloc[0] == uid else box
+
+    def spy(cfg, cache, study_uid, study_box):
+        images = real_images(cfg, cache, study_uid, study_box)
+        seen.append((study_uid, cfg.crop_source, images))
+        return images
+
+    monkeypatch.setattr(submission, "predict_study_box", box_of_02)
+    monkeypatch.setattr(submission, "study_images", spy)
+    out = tmp_path / "submission.csv"
+    result = predict_submission(_config(data_dir, work_dir, out, num_workers=1))
+    assert list(pd.read_csv(out)["row_id"]) == list(test["row_id"])
+    assert result.attrs["predicted"] == test["StudyInstanceUID"].nunique() and not result.attrs["fallbacks"]
+    assert {(u, source) for u, source, _ in seen} >= {("self-test", "native"), ("self-test", "cache"), (uid, "native"), (uid, "cache")}
+
+    crop_cache, crops, wide = study_inputs(native, cache, boxes, ranges)  # how 06 read its images (the crop cache on disk)
+    trained = [item for item in study_windows([uid], crop_cache, wide, crops, native)]
+    (submitted,) = [images for u, source, images in seen if u == uid and source == "native"]
+    assert (submitted.first, submitted.last) == wide[uid]
+    assert submitted.starts == [int(item["start"]) for item in trained]
+    assert submitted.images.shape[-1] == native.crop_size
+    torch.testing.assert_close(submitted.images, torch.stack([item["image"] for item in trained]), rtol=0, atol=0)
+    torch.testing.assert_close(submitted.masks, torch.stack([item["mask"] for item in trained]), rtol=0, atol=0)

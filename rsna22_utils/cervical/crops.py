@@ -225,6 +225,27 @@ def native_crop_cache(cfg: Any, cache: StudyCache, slice_margin: int) -> tuple[C
     return crop_cache, ranges
 
 
+@dataclass(frozen=True)
+class NativeSpec:
+    """A decoded study at its own resolution, windowed to uint8 as the crop cache stores it: what
+    `memory_crop_cache` cuts a native run's crop from (the submission's workers ship it once per study)."""
+
+    windows: tuple[tuple[int, int], ...]
+
+    @property
+    def name(self) -> str:
+        return "native_" + "_".join(f"w{c}-{w}" for c, w in self.windows)
+
+    def encode(self, volume_hu: np.ndarray) -> np.ndarray:
+        """HU (slices, rows, cols) -> uint8 (slices, rows, cols, n_windows), a slice at a time (no float copy of the study)."""
+        from rsna22_utils.core.dicom import window
+
+        out = np.empty((*volume_hu.shape, len(self.windows)), dtype=np.uint8)
+        for i, hu in enumerate(volume_hu):
+            out[i] = window(hu, self.windows)
+        return out
+
+
 def memory_crop_cache(
     spec: CacheSpec,
     uid: str,

@@ -6,12 +6,15 @@ For every study of `test.csv`, in the order of the file:
 
 1. a DataLoader worker decodes `test_images/<uid>` (dicomsdl; `read_study`) and encodes it like the
    study cache (`encode_study`: HU -> resized, windowed uint8) at every size / window set the models
-   were trained on, and hands over one study at a time (decode overlaps the models' compute);
+   were trained on, plus, for study runs on native-resolution crops (`crop_source="native"`), the
+   windowed volume at its own resolution (`crops.NativeSpec`), and hands over one study at a time
+   (decode overlaps the models' compute);
 2. every box model (`<weights>/01_train_box/*/`) on every slice, averaged -> one study box and the
    slice range of C1-C7 (`study_box.predict_study_box`: the rule of 02_infer_box, with this config's
    `StudyBoxRule` settings, each input built as the box runs' configs say);
 3. every study model (`<weights>/06_train_study/*/`: the frozen stage-05 CNN + its StudyHead) on
-   the box crops, 3 slices per image, embedded as stage 06 embedded them (`study.study_probabilities`);
+   the box crops, 3 slices per image, embedded as stage 06 embedded them (`study.study_probabilities`;
+   a native run's crops are cut from the study box as the crop cache cut them, `crops.memory_crop_cache`);
    mean of sigmoid probabilities over models, optionally over a horizontal flip.
 
 The weights folder has the layout of a local `runs/` folder (`<stage>/fold<f>-seed<s>/{model.safetensors,
@@ -49,8 +52,9 @@ from torch import nn
 from torch.utils.data import DataLoader, Dataset
 from tqdm import tqdm
 
-from rsna22_utils.cervical.anatomy import TARGETS
+from rsna22_utils.cervical.anatomy import BOX_COLUMNS, TARGETS
 from rsna22_utils.cervical.configs import SubmissionConfig
+from rsna22_utils.cervical.crops import CropCache, NativeSpec, memory_crop_cache
 from rsna22_utils.cervical.embed import study_images, study_probabilities
 from rsna22_utils.cervical.models import load_run
 from rsna22_utils.cervical.study_box import predict_study_box, shared_input_slices
@@ -102,18 +106,29 @@ class StudyRun:
     def spec(self) -> CacheSpec:
         return CacheSpec.of(self.cfg)
 
+    @property
+    def native(self) -> bool:
+        """Its stage-05 CNN saw box crops at native resolution (the crop cache), not crops of the resized 00 cache."""
+        return bool(self.cfg.crop_by_box) and self.cfg.crop_source == "native"
+
+    @property
+    def volume_spec(self) -> CacheSpec | NativeSpec:
+        """The volume the decode worker ships for this run."""
+        return NativeSpec(self.spec.windows) if self.native else self.spec
+
 
 @dataclass
 class Ensemble:
-    """Everything inference runs: box models, study models, and the cache specs the worker encodes."""
+    """Everything inference runs: box models, study models, and the volumes the worker encodes."""
 
     box: BoxEnsemble
     study: list[StudyRun]
     device: torch.device
 
     @property
-    def specs(self) -> list[CacheSpec]:
-        return sorted({self.box.spec, *(run.spec for run in self.study)}, key=lambda s: s.name)
+    def specs(self) -> list[CacheSpec | NativeSpec]:
+        """Each representation some model needs, once: resized caches, and native volumes only for native runs."""
+        return sorted({self.box.spec, *(run.volume_spec for run in self.study)}, key=lambda s: s.name)
 
     def reduced(self) -> Ensemble:
         """One box model and one study model: the fallback when time runs short."""
@@ -169,7 +184,14 @@ class DecodedStudy:
     dropped: str = ""  # unreadable slices left out: "k of n (first file: reason)"
 
 
-def decode_study(uid: str, study_dir: Path, specs: list[CacheSpec], backend: str = "auto", max_dropped: float = 0.0) -> DecodedStudy:
+def encode_volume(volume_hu: np.ndarray, spec: CacheSpec | NativeSpec) -> np.ndarray:
+    """One decoded study as a model of `spec` reads it: the resized cache encoding, or the native windowed volume."""
+    return spec.encode(volume_hu) if isinstance(spec, NativeSpec) else encode_study(volume_hu, spec)
+
+
+def decode_study(
+    uid: str, study_dir: Path, specs: list[CacheSpec | NativeSpec], backend: str = "auto", max_dropped: float = 0.0
+) -> DecodedStudy:
     """Decode + encode one study, leaving out up to `max_dropped` (a fraction) unreadable slices;
     any failure comes back in `.error` (never raised)."""
     result = DecodedStudy(uid)
@@ -187,7 +209,7 @@ def decode_study(uid: str, study_dir: Path, specs: list[CacheSpec], backend: str
                 f"{len(study.dropped)} of {len(table) + len(study.dropped)} slices unreadable ({Path(first.path).name}: {first.reason})"
             )
         t1 = time.perf_counter()
-        result.volumes = {spec.name: encode_study(volume, spec) for spec in specs}
+        result.volumes = {spec.name: encode_volume(volume, spec) for spec in specs}
         result.slices = table.reset_index(drop=True).assign(slice_index=np.arange(len(table)))
         result.decode_s, result.encode_s = t1 - t0, time.perf_counter() - t1
     except Exception as error:  # reported as this study's fallback reason
@@ -198,7 +220,9 @@ def decode_study(uid: str, study_dir: Path, specs: list[CacheSpec], backend: str
 class TestStudies(Dataset):
     """One item = one decoded, encoded test study (used with batch_size=None, so workers prefetch studies)."""
 
-    def __init__(self, uids: list[str], images_dir: Path, specs: list[CacheSpec], backend: str = "auto", max_dropped: float = 0.0) -> None:
+    def __init__(
+        self, uids: list[str], images_dir: Path, specs: list[CacheSpec | NativeSpec], backend: str = "auto", max_dropped: float = 0.0
+    ) -> None:
         self.uids, self.images_dir, self.specs, self.backend = list(uids), Path(images_dir), list(specs), backend
         self.max_dropped = max_dropped
 
@@ -225,7 +249,9 @@ def study_loader(dataset: TestStudies, num_workers: int) -> DataLoader:
     """Studies one at a time, decoded by `num_workers` processes ahead of the models (0: in this process)."""
     # spawn, not fork: a process that already ran torch / OpenCV thread pools (a notebook that trained,
     # a test session) can deadlock forked workers; spawned ones start clean (a few seconds each, once)
-    extra = {"prefetch_factor": 2, "worker_init_fn": _worker_init, "multiprocessing_context": "spawn"} if num_workers > 0 else {}
+    # a native volume is ~79 MB (300 slices of 512 px): then each worker keeps one study ready, not two
+    prefetch = 1 if any(isinstance(spec, NativeSpec) for spec in dataset.specs) else 2
+    extra = {"prefetch_factor": prefetch, "worker_init_fn": _worker_init, "multiprocessing_context": "spawn"} if num_workers > 0 else {}
     return DataLoader(dataset, batch_size=None, shuffle=False, num_workers=num_workers, collate_fn=_keep, **extra)
 
 
@@ -249,6 +275,25 @@ class MemoryCache:
         return self._slices
 
 
+def study_cache(run: StudyRun, study: DecodedStudy, study_box: dict[str, float], built: dict[tuple, CropCache]) -> Any:
+    """Where `run` reads this study's images: its resized volume, or, for a native run, the crop cache's crop
+    (square box + `crop_margin`, slice range + `slice_margin`) cut from the native volume, once per geometry in `built`."""
+    if not run.native:
+        return MemoryCache(run.spec, study.uid, study.volumes[run.spec.name], study.slices)
+    key = (run.volume_spec.name, float(run.cfg.crop_margin), int(run.cfg.slice_margin))
+    if key not in built:
+        built[key] = memory_crop_cache(
+            run.spec,
+            study.uid,
+            study.volumes[run.volume_spec.name],
+            study.slices,
+            tuple(study_box[c] for c in BOX_COLUMNS),
+            (int(study_box["slnum_from"]), int(study_box["slnum_to"])),
+            *key[1:],
+        )
+    return built[key]
+
+
 def predict_study(ensemble: Ensemble, study: DecodedStudy, cfg: SubmissionConfig, flip: bool) -> np.ndarray:
     """Box -> crops -> every study model (mean of probabilities) for one decoded study; TARGETS order."""
     device = ensemble.device
@@ -262,11 +307,10 @@ def predict_study(ensemble: Ensemble, study: DecodedStudy, cfg: SubmissionConfig
         cfg.amp,
         ensemble.box.input_slices,
     )
-    outputs = []
+    outputs, crops = [], {}
     with torch.inference_mode(), autocast(device, cfg.amp):
         for run in ensemble.study:
-            cache = MemoryCache(run.spec, study.uid, study.volumes[run.spec.name], study.slices)
-            images = study_images(run.cfg, cache, study.uid, study_box)
+            images = study_images(run.cfg, study_cache(run, study, study_box, crops), study.uid, study_box)
             outputs.append(study_probabilities(run.model, run.cfg, images, device, cfg.sequence_batch_size, flip))
     return np.mean(outputs, axis=0)
 
@@ -422,7 +466,7 @@ def self_test(ensemble: Ensemble, cfg: SubmissionConfig) -> float:
     started = time.perf_counter()
     try:
         volume, slices = self_test_study()
-        study = DecodedStudy("self-test", {spec.name: encode_study(volume, spec) for spec in ensemble.specs}, slices)
+        study = DecodedStudy("self-test", {spec.name: encode_volume(volume, spec) for spec in ensemble.specs}, slices)
         probabilities = np.asarray(predict_study(ensemble, study, cfg, flip=cfg.tta_flip))
     except Exception as error:
         raise SetupError(
@@ -552,7 +596,12 @@ def submission_rows(test: pd.DataFrame, predictions: dict[str, np.ndarray], prio
 
 
 def iter_studies(
-    uids: list[str], images_dir: Path, specs: list[CacheSpec], num_workers: int, backend: str = "auto", max_dropped: float = 0.0
+    uids: list[str],
+    images_dir: Path,
+    specs: list[CacheSpec | NativeSpec],
+    num_workers: int,
+    backend: str = "auto",
+    max_dropped: float = 0.0,
 ) -> Iterator[DecodedStudy]:
     """Decoded studies in `uids` order; a loader that breaks down goes on decoding in this process."""
     done = 0
