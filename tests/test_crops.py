@@ -11,7 +11,7 @@ import pytest
 import torch
 
 from rsna22_utils.cervical.box import study_crops
-from rsna22_utils.cervical.crops import CropVolume, memory_crop_cache, open_crop_cache, square_crop, stored_range
+from rsna22_utils.cervical.crops import CropVolume, NativeSpec, memory_crop_cache, open_crop_cache, square_crop, stored_range
 from rsna22_utils.cervical.prepare import Prepared
 from rsna22_utils.core.dicom import read_study, window
 from tests.conftest import TINY_COMMON, TINY_STAGES, tiny_settings
@@ -57,8 +57,8 @@ def test_crop_cache_holds_the_squared_box_at_native_resolution_and_is_reused(tin
         if crop[2] - crop[0] < hu.shape[2] and crop[3] - crop[1] < hu.shape[1]:
             assert stored.array.shape[1] == stored.array.shape[2]  # square where the image allows
         np.testing.assert_array_equal(stored.array, window(hu[z[0] : z[1] + 1, crop[1] : crop[3], crop[0] : crop[2]], cache.spec.windows))
-        # the submission cuts the same pixels from the study it decoded
-        memory = memory_crop_cache(cache.spec, uid, window(hu, cache.spec.windows), table, boxes[uid], ranges[uid], 0.1, 2)
+        # the submission cuts the same pixels from the native volume its workers ship
+        memory = memory_crop_cache(cache.spec, uid, NativeSpec(cache.spec.windows).encode(hu), table, boxes[uid], ranges[uid], 0.1, 2)
         np.testing.assert_array_equal(memory.volume(uid).array, stored.array)
     on_disk = sum(p.stat().st_size for p in files)
     assert crop_cache.nbytes() <= on_disk <= crop_cache.nbytes() + 256 * len(files)  # payload + .npy headers
