@@ -335,18 +335,24 @@ def test_inference_path_matches_the_training_pipeline(tiny_pipeline: dict) -> No
 
     from rsna22_utils.cervical.configs import StudyBoxRule
     from rsna22_utils.cervical.embed import embed_studies, study_images, study_probabilities
-    from rsna22_utils.cervical.models import fit_length
+    from rsna22_utils.cervical.models import fit_length, load_run
     from rsna22_utils.cervical.prepare import Prepared
     from rsna22_utils.cervical.study_box import predict_study_box
     from rsna22_utils.cervical.submission import MemoryCache, load_ensemble
     from rsna22_utils.core.config import load_config
+    from rsna22_utils.core.registry import finished_runs, out_of_fold
 
     work_dir = tiny_pipeline["work_dir"]
     ensemble = load_ensemble(work_dir, torch.device("cpu"))
-    cache = Prepared(work_dir / "00_prepare").cache()
+    prepared = Prepared(work_dir / "00_prepare")
+    cache = prepared.cache()
     uid = cache.uids[0]
     slices = cache.slices(uid)
-    box = predict_study_box(ensemble.box.models, np.asarray(cache.volume(uid)), slices, torch.device("cpu"), 64, StudyBoxRule())
+    # 02 predicted this training study with the box run that did not train on it (that of its fold)
+    fold = int(prepared.read("folds").set_index("StudyInstanceUID").loc[uid, "fold"])
+    (box_run,) = out_of_fold(finished_runs(work_dir, "01_train_box"), fold)
+    box_model, _ = load_run(box_run, torch.device("cpu"))
+    box = predict_study_box([box_model], np.asarray(cache.volume(uid)), slices, torch.device("cpu"), 64, StudyBoxRule())
     expected = pd.read_csv(work_dir / "02_infer_box" / "study_boxes.csv").set_index("StudyInstanceUID").loc[uid]
     assert (box["slnum_from"], box["slnum_to"]) == (expected["slnum_from"], expected["slnum_to"])
     assert np.allclose([box[c] for c in ("x0", "y0", "x1", "y1")], expected[["x0", "y0", "x1", "y1"]].to_numpy(float), atol=1e-3)
