@@ -182,3 +182,156 @@ def test_loading_a_run_never_fetches_pretrained_weights(tmp_path) -> None:
     with pytest.raises(FileNotFoundError, match="gone.safetensors"):
         create_model(cfg)
     assert isinstance(create_model(cfg, load_pretrained=False), BoxModel)
+
+
+# ----------------------------------------------------------------------------- the 3rd place's variants
+
+
+def test_sinusoid_table_is_sines_then_cosines_of_the_row() -> None:
+    from rsna22_utils.cervical.models import sinusoid_table
+
+    table = sinusoid_table(torch.tensor([0, 3]), 16)
+    assert table.shape == (2, 16)
+    assert torch.allclose(table[0], torch.cat([torch.zeros(8), torch.ones(8)]))
+    frequency = 10000 ** (-torch.arange(8) / 7)  # tensor2tensor: log(10000) / (half - 1)
+    assert torch.allclose(table[1], torch.cat([torch.sin(3 * frequency), torch.cos(3 * frequency)]), atol=1e-6)
+
+
+def test_per_slice_steps_with_position_and_channel_embeddings() -> None:
+    model = SequenceModel(
+        BACKBONE, in_chans=3, n_outputs=7, lstm_hidden=0, outputs_per_slice=True, position_dim=16, channel_dim=16, dropout=0.0
+    ).eval()
+    assert model.lstm.input_size == model.embedding_size + 32 and model.lstm.hidden_size == model.lstm.input_size  # 0 = auto
+    images = torch.randn(2, 4, 3, 32, 32)
+    position = torch.linspace(0.1, 0.4, 12).expand(2, 12)
+    inputs = model.step_inputs(model.embed(images), position)
+    assert inputs.shape == (2, 12, model.embedding_size + 32)
+    assert torch.equal(inputs[:, 0, : model.embedding_size], inputs[:, 2, : model.embedding_size])  # one image, three slices
+    assert not torch.equal(inputs[:, 0, -16:], inputs[:, 1, -16:])  # ... told apart by the channel embedding
+    logits = model({"image": images, "slice_position": position})["logits"]
+    assert logits.shape == (2, 12, 7)
+    moved = model({"image": images, "slice_position": position + 0.3})["logits"]
+    assert not torch.allclose(logits, moved)  # the study position is an input
+    with pytest.raises(ValueError, match="slice_position"):
+        model({"image": images})
+
+
+def test_per_image_position_is_the_middle_slice_and_window_position_ignores_the_study() -> None:
+    from rsna22_utils.cervical.models import sinusoid_table
+
+    model = SequenceModel(BACKBONE, in_chans=3, n_outputs=15, lstm_hidden=0, position_dim=16)
+    embeddings = torch.zeros(1, 4, model.embedding_size)
+    position = torch.arange(12, dtype=torch.float32).view(1, 12) / 200
+    features = model.step_inputs(embeddings, position)[..., -16:]
+    assert torch.allclose(features[0], sinusoid_table(torch.tensor([1, 4, 7, 10]), 16))  # middle slice of each image
+    window = SequenceModel(BACKBONE, in_chans=3, n_outputs=7, lstm_hidden=0, position_dim=16, position_of="window")
+    features = window.step_inputs(embeddings)[..., -16:]  # no slice_position needed
+    assert torch.allclose(features[0], sinusoid_table(torch.arange(202, 206), 16))  # fairseq's numbering after padding index 201
+
+
+def test_mse_loss_weights_nonzero_targets_and_sums_the_groups_means() -> None:
+    logits = torch.zeros(1, 2, 3)
+    target = torch.tensor([[[0.5, 0.0, 1.0], [0.0, 0.0, 0.0]]])
+    mask = torch.ones(1, 2)
+    batch = {"target": target, "mask": mask}
+    one = sequence_loss({"logits": logits}, batch, loss="mse", positive_weight=2.0)
+    assert torch.allclose(one, torch.tensor((2 * 0.25 + 2 * 1.0) / 6))  # x2 where target != 0, mean over steps x targets
+    groups = [slice(0, 2), slice(2, 3)]
+    summed = sequence_loss({"logits": logits}, batch, loss="mse", positive_weight=2.0, groups=groups)
+    assert torch.allclose(summed, torch.tensor(2 * 0.25 / 4 + 2 * 1.0 / 2))  # each head's mean, added (3rd place's 05)
+    masked = sequence_loss({"logits": logits}, {"target": target, "mask": torch.tensor([[1.0, 0.0]])}, loss="mse")
+    assert torch.allclose(masked, torch.tensor((0.25 + 1.0) / 3))
+
+
+def test_any_fracture_target_is_the_largest_fracture_target_and_oof_keeps_working(tmp_path) -> None:
+    from rsna22_utils.cervical.anatomy import VERTEBRAE
+    from rsna22_utils.cervical.sequence import ANY_FRACTURE, FRACTURE, SequenceTask
+
+    names = list(VERTEBRAE) + FRACTURE + [ANY_FRACTURE]
+
+    class Dataset:
+        uids = ["a"]
+
+    task = SequenceTask(Dataset(), names, loss="mse", positive_weight=2.0)
+    assert [(g.start, g.stop) for g in task.groups] == [(0, 7), (7, 14), (14, 15)]
+    target = torch.rand(1, 4, 14)
+    batch = {"target": target, "mask": torch.ones(1, 4), "study": torch.tensor([0]), "start": torch.tensor([0])}
+    assert torch.equal(task.targets(batch)["target"][..., 14], target[..., 7:].amax(-1))
+    model = SequenceModel(BACKBONE, in_chans=3, n_outputs=15, lstm_hidden=8, output_activation="clip")
+    batch["image"] = torch.randn(1, 4, 3, 32, 32)
+    assert torch.isfinite(task.loss(model, batch))
+    with torch.no_grad():  # as the trainer predicts
+        frame = task.predict(model, batch)
+    assert frame[f"{ANY_FRACTURE}_pred"].between(0, 1).all() and len(frame) == 4
+    assert frame[f"{ANY_FRACTURE}_true"].to_numpy() == pytest.approx(target[0, :, 7:].amax(-1).numpy())
+
+
+def test_study_head_auto_size_and_the_original_attention_ignore_padding() -> None:
+    head = StudyHead(12, lstm_hidden=0, attention="linear", max_len=10, dropout=0.0).eval()
+    assert head.lstm.hidden_size == 12 and head.head.in_features == 48
+    embeddings = torch.randn(1, 6, 12)
+    short = head(embeddings[:, :4], torch.ones(1, 4))
+    padded = head(embeddings, torch.tensor([[1, 1, 1, 1, 0, 0]], dtype=torch.float32))
+    assert short.shape == (1, 8) and torch.isfinite(padded).all()
+    with pytest.raises(ValueError, match="max_len"):
+        head(torch.randn(1, 11, 12), torch.ones(1, 11))
+
+
+def test_slice_evidence_refuses_a_stage05_model_with_position_features() -> None:
+    from rsna22_utils.cervical.models import study_model
+    from rsna22_utils.core.config import resolve_config
+
+    sequence_model = SequenceModel(BACKBONE, in_chans=3, n_outputs=14, lstm_hidden=8, position_dim=16)
+    with pytest.raises(ValueError, match="slice_evidence=false"):
+        study_model(resolve_config("06_train_study", {"lstm_hidden": 8}), sequence_model)
+    assert study_model(resolve_config("06_train_study", {"lstm_hidden": 8, "slice_evidence": False}), sequence_model).head.evidence is None
+
+
+def _trainable(model: nn.Module) -> int:
+    return sum(p.numel() for p in model.parameters() if p.requires_grad)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize(
+    ("stage", "settings", "original"),
+    [
+        # models/mdl_dh_seg_2C.py / 2F.py: per-slice steps, 16 + 16 embedding features, hidden = input size
+        (
+            "03_train_vertebra",
+            {"backbone": "resnest50d", "outputs_per_slice": True, "position_embedding": 16, "channel_embedding": 16},
+            94_719_047,
+        ),
+        (
+            "03_train_vertebra",
+            {"backbone": "efficientnetv2_rw_m", "outputs_per_slice": True, "position_embedding": 16, "channel_embedding": 16},
+            127_466_665,
+        ),
+        # models/mdl_dh_seg_3R.py: per-image steps, 16 position features, 7 + 7 + 1 outputs
+        ("05_train_fracture", {"backbone": "resnest50d", "position_embedding": 16, "any_fracture_head": True}, 93_690_735),
+        ("05_train_fracture", {"backbone": "seresnext50_32x4d", "position_embedding": 16, "any_fracture_head": True}, 93_767_391),
+    ],
+)
+def test_sequence_models_have_the_originals_parameter_counts(stage: str, settings: dict, original: int) -> None:
+    from rsna22_utils.cervical.models import create_model
+    from rsna22_utils.core.config import resolve_config
+
+    cfg = resolve_config(stage, {**settings, "lstm_hidden": 0, "pretrained": False, "loss": "mse", "positive_weight": 2.0})
+    count = _trainable(create_model(cfg))
+    assert abs(count - original) <= 0.01 * original, f"{settings['backbone']}: {count:,} vs the original's {original:,}"
+
+
+@pytest.mark.slow
+def test_study_head_has_the_originals_parameter_count() -> None:
+    """models/mdl_dh_seg_3G_gx1.py on resnest50d: BiLSTM hidden = features, linear attention over 192 steps, 8 logits."""
+    from rsna22_utils.cervical.models import create_model
+    from rsna22_utils.core.config import resolve_config, with_derived
+
+    cfg = with_derived(
+        resolve_config("06_train_study", {"lstm_hidden": 0, "attention": "linear", "slice_evidence": False, "dropout": 0.0}),
+        backbone="resnest50d",
+        fracture_lstm_hidden=0,
+        position_embedding=16,
+        any_fracture_head=True,
+    )
+    count = _trainable(create_model(cfg))
+    assert abs(count - 67_211_464) <= 0.01 * 67_211_464, f"{count:,}"

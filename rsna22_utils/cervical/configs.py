@@ -81,16 +81,57 @@ class StudyBoxRule:
 
 @dataclass
 class SequenceShape:
-    """The 2.5D CNN + BiLSTM: windows of `seq_len` images, each `slices_per_image` adjacent slices."""
+    """The 2.5D CNN + BiLSTM: windows of `seq_len` images, each `slices_per_image` adjacent slices.
+
+    With `outputs_per_slice`, each image's CNN embedding is repeated for each of its slices, so the
+    BiLSTM steps (and outputs, and targets) are slices, not images; `position_embedding` /
+    `channel_embedding` add sinusoidal features of each step's slice position (in the study, or in
+    the window: `position_of`) and of which slice of its image it is (per-slice steps only).
+    """
 
     seq_len: int = 32  # images per sequence; a window spans seq_len * slices_per_image slices
     slices_per_image: int = 3  # adjacent slices stacked as the channels of one image (x windows)
-    lstm_hidden: int = 256
+    lstm_hidden: int = 256  # BiLSTM hidden size; 0 = its input size (CNN features + embeddings)
+    outputs_per_slice: bool = False  # one BiLSTM step and output per slice instead of per image
+    position_embedding: int = 0  # size of the sinusoidal slice-position embedding (0 = none)
+    channel_embedding: int = 0  # size of the sinusoidal slice-within-image embedding (0 = none; needs outputs_per_slice)
+    # study: the slice's relative position in the study (0..200); window: its step in the window
+    # (what a fairseq-style sinusoidal embedding, which numbers its inputs' steps, makes of any input)
+    position_of: str = "study"
 
     def _check(self) -> list[str]:
+        out = []
         if self.seq_len < 1 or self.slices_per_image < 1:
-            return ["seq_len and slices_per_image must be >= 1"]
-        return []
+            out.append(f"seq_len and slices_per_image must be >= 1, got {self.seq_len}, {self.slices_per_image}")
+        if self.lstm_hidden < 0:
+            out.append(f"lstm_hidden must be >= 0 (0 = the BiLSTM's input size), got {self.lstm_hidden}")
+        for name in ("position_embedding", "channel_embedding"):
+            size = getattr(self, name)
+            if size < 0 or size % 2:
+                out.append(f"{name} must be an even size >= 0 (half sines, half cosines), got {size}")
+        if self.channel_embedding and not self.outputs_per_slice:
+            out.append(f"channel_embedding={self.channel_embedding} needs outputs_per_slice=true (a step is then one slice of an image)")
+        if self.position_of not in ("study", "window"):
+            out.append(f"position_of must be 'study' or 'window', got {self.position_of!r}")
+        return out
+
+
+@dataclass
+class SequenceLoss:
+    """The sequence stages' per-step loss: BCE on logits, or MSE on raw outputs (read clipped to [0, 1])."""
+
+    loss: str = "bce"  # bce | mse
+    positive_weight: float = 1.0  # mse only: squared errors where the target is not 0 count this many times
+
+    def _check(self) -> list[str]:
+        out = []
+        if self.loss not in ("bce", "mse"):
+            out.append(f"loss must be 'bce' or 'mse', got {self.loss!r}")
+        if self.positive_weight <= 0:
+            out.append(f"positive_weight must be > 0, got {self.positive_weight}")
+        elif self.loss == "bce" and self.positive_weight != 1.0:
+            out.append(f"positive_weight={self.positive_weight} applies to loss='mse' only (with bce, 05 has fracture_pos_weight)")
+        return out
 
 
 @dataclass
@@ -185,7 +226,7 @@ class BoxInferConfig(StageConfig, PreparedInput, Hardware, StudyBoxRule):
 
 
 @dataclass
-class VertebraTrainConfig(TrainConfig, Backbone, CacheInput, SequenceShape, SequenceSampling):
+class VertebraTrainConfig(TrainConfig, Backbone, CacheInput, SequenceShape, SequenceSampling, SequenceLoss):
     """03_train_vertebra: CNN over slice windows + BiLSTM -> per-slice C1..C7 ratios."""
 
     backbone: str = "efficientnet_b0"
@@ -200,13 +241,17 @@ class VertebraInferConfig(StageConfig, PreparedInput, Hardware):
 
     infer_stride: int = 48  # slices between consecutive windows (overlaps are averaged)
     infer_batch_size: int = 4  # windows per batch
+    # rescale each study's vertebra predictions to peak 1 before they become fracture labels
+    rescale_pseudo_labels: bool = True
+    # predict each study only with the runs that did not train on its fold (else with every run)
+    out_of_fold: bool = False
 
     def _check(self) -> list[str]:
         return [f"infer_stride must be >= 1, got {self.infer_stride}"] if self.infer_stride < 1 else []
 
 
 @dataclass
-class FractureTrainConfig(TrainConfig, Backbone, CacheInput, SequenceShape, SequenceSampling, BoxCrop):
+class FractureTrainConfig(TrainConfig, Backbone, CacheInput, SequenceShape, SequenceSampling, SequenceLoss, BoxCrop):
     """05_train_fracture: the sequence model on box crops, 7 vertebra + 7 fracture targets."""
 
     backbone: str = "efficientnet_b0"
@@ -218,6 +263,7 @@ class FractureTrainConfig(TrainConfig, Backbone, CacheInput, SequenceShape, Sequ
     # start the CNN from a stage-03 run's CNN ("" = from `pretrained`); "vertebra" = the 03_train_vertebra
     # run of the same fold and seed, else a run folder
     init_encoder_from: str = ""
+    any_fracture_head: bool = False  # an 8th fracture output per step: any vertebra broken (target: max of the 7)
 
     def _check(self) -> list[str]:
         if self.fracture_loss_weight <= 0 or self.fracture_pos_weight <= 0:
@@ -240,7 +286,9 @@ class StudyTrainConfig(TrainConfig, CacheInput):
     lr: float = 1e-3
     monitor: str = "metric"
     max_len: int = 192  # images per study after resampling (longer sequences are interpolated)
-    lstm_hidden: int = 256
+    lstm_hidden: int = 256  # the head's BiLSTM hidden size; 0 = the CNN's feature size
+    # attention pooling: mlp (Linear-Tanh-Linear per step) | linear (one projection + a bias per step, tanh)
+    attention: str = "mlp"
     dropout: float = 0.2
     infer_batch_size: int = 4  # windows of seq_len images per embedding batch
     save_embeddings: bool = False  # keep the frozen CNN's embeddings in {out_dir}/embeddings.npz
@@ -262,6 +310,11 @@ class StudyTrainConfig(TrainConfig, CacheInput):
     crop_size: int = derived(256, source=_FROM_05)
     crop_source: str = derived("cache", source=_FROM_05)
     fracture_lstm_hidden: int = derived(256, source=_FROM_05)
+    outputs_per_slice: bool = derived(False, source=_FROM_05)
+    position_embedding: int = derived(0, source=_FROM_05)
+    channel_embedding: int = derived(0, source=_FROM_05)
+    position_of: str = derived("study", source=_FROM_05)
+    any_fracture_head: bool = derived(False, source=_FROM_05)
 
     def _check(self) -> list[str]:
         out = [f"max_len must be >= 1, got {self.max_len}"] if self.max_len < 1 else []
@@ -271,6 +324,10 @@ class StudyTrainConfig(TrainConfig, CacheInput):
             out.append(f"cnn_chunk_size must be >= 1, got {self.cnn_chunk_size}")
         if self.frozen_bn_update and not self.embed_on_the_fly:
             out.append("frozen_bn_update=true needs embed_on_the_fly=true (precomputed embeddings never run the CNN in training)")
+        if self.lstm_hidden < 0:
+            out.append(f"lstm_hidden must be >= 0 (0 = the CNN's feature size), got {self.lstm_hidden}")
+        if self.attention not in ("mlp", "linear"):
+            out.append(f"attention must be 'mlp' or 'linear', got {self.attention!r}")
         return out
 
 

@@ -235,6 +235,8 @@ class SequenceDataset(Dataset):
     - `mode="train"`: `samples_per_study` random windows per study and epoch; with probability
       `positive_bias` the window is drawn among those holding a positive label (a fracture).
     - `mode="infer"`: overlapping windows (`stride` slices apart) that cover each study's range.
+    `per_slice=True`: `target` and `mask` per slice (seq_len * slices_per_image) instead of per image.
+    Every item has `slice_position` (span,): each slice's relative position in the study, (index + 1) / n.
     `labels[uid]` is a float array (n_slices, n_targets) (`positive_labels`, default `labels`,
     decides which windows count as positive); `ranges[uid]` = (first, last) slice
     positions to cover (default: the whole study); `crops[uid]` = study box in original pixels.
@@ -258,13 +260,14 @@ class SequenceDataset(Dataset):
         output_size: int | None = None,
         augment: bool = False,
         positive_labels: dict[str, np.ndarray] | None = None,
+        per_slice: bool = False,
     ) -> None:
         if mode not in ("train", "infer"):
             raise ValueError(f"mode must be 'train' or 'infer', got {mode!r}")
         self.uids, self.cache, self.labels = list(uids), cache, labels
         self.positive_labels = positive_labels if positive_labels is not None else labels
         self.study_index = {uid: i for i, uid in enumerate(self.uids)}
-        self.seq_len, self.k, self.mode = seq_len, slices_per_image, mode
+        self.seq_len, self.k, self.mode, self.per_slice = seq_len, slices_per_image, mode, per_slice
         self.span = seq_len * slices_per_image
         self.positive_bias = positive_bias
         self.output_size = output_size or cache.spec.image_size
@@ -325,15 +328,20 @@ class SequenceDataset(Dataset):
         if self.augment is not None:
             out = seeded(self.augment)(image=images[0], **{f"image{i}": images[i] for i in range(1, self.seq_len)})
             images = np.stack([out["image"]] + [out[f"image{i}"] for i in range(1, self.seq_len)])
+        n = self.n_slices[uid]
+        positions = start + np.arange(self.span)
+        if self.per_slice:
+            mask = (positions >= 0) & (positions < n)
         item = {
             "image": torch.from_numpy(np.ascontiguousarray(images.transpose(0, 3, 1, 2))).float().div_(127.5).sub_(1.0),
             "mask": torch.from_numpy(mask.astype(np.float32)),
             "study": torch.tensor(self.study_index[uid]),
             "start": torch.tensor(start),
+            "slice_position": torch.from_numpy(((positions + 1) / n).astype(np.float32)),
         }
         if self.labels is not None:
-            centre = np.clip(start + self.k // 2 + self.k * np.arange(self.seq_len), 0, self.n_slices[uid] - 1)
-            item["target"] = torch.from_numpy(self.labels[uid][centre].astype(np.float32))
+            labelled = positions if self.per_slice else start + self.k // 2 + self.k * np.arange(self.seq_len)
+            item["target"] = torch.from_numpy(self.labels[uid][np.clip(labelled, 0, n - 1)].astype(np.float32))
         return item
 
 

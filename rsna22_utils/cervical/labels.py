@@ -110,21 +110,23 @@ def vertebra_ratios(
 
 
 def fracture_slice_labels(
-    vertebra_pred: np.ndarray, study_fractured: Sequence[float], peak_floor: float = 0.25
+    vertebra_pred: np.ndarray, study_fractured: Sequence[float], peak_floor: float = 0.25, rescale: bool = True
 ) -> tuple[np.ndarray, np.ndarray]:
     """Per-slice vertebra predictions (slices, 7) + a study's C1..C7 labels -> (vertebra, fracture) slice labels.
 
-    The ratio labels the vertebra model learns peak at 1 in every study by construction, but an
-    under-trained model's outputs peak lower (0.3-0.5 in a short CPU run), which would make the
-    fracture targets faint. Each column is therefore rescaled so its peak is 1, unless its peak
-    is below `peak_floor` (the vertebra is probably not in the scan: left as it is). Fracture
-    labels are the rescaled predictions times the study's label of that vertebra (the 3rd
-    place's approximate slice-level fracture labels).
+    Predictions are clipped to [0, 1]. The ratio labels the vertebra model learns peak at 1 in
+    every study by construction, but an under-trained model's outputs peak lower (0.3-0.5 in a
+    short CPU run), which would make the fracture targets faint. With `rescale` each column is
+    therefore rescaled so its peak is 1, unless its peak is below `peak_floor` (the vertebra is
+    probably not in the scan: left as it is); without it (the 3rd place) they stay as predicted.
+    Fracture labels are the (rescaled) predictions times the study's label of that vertebra (the
+    3rd place's approximate slice-level fracture labels).
     """
     pred = np.nan_to_num(np.asarray(vertebra_pred, dtype=np.float64), nan=0.0).clip(0.0, 1.0)
-    peak = pred.max(axis=0, initial=0.0)
-    scale = np.where(peak >= peak_floor, 1.0 / np.maximum(peak, 1e-12), 1.0)
-    vertebra = pred * scale[None, :]
+    vertebra = pred
+    if rescale:
+        peak = pred.max(axis=0, initial=0.0)
+        vertebra = pred * np.where(peak >= peak_floor, 1.0 / np.maximum(peak, 1e-12), 1.0)[None, :]
     fracture = vertebra * np.asarray(study_fractured, dtype=np.float64)[None, :]
     return vertebra.astype(np.float32), fracture.astype(np.float32)
 

@@ -30,7 +30,7 @@ from rsna22_utils.cervical.prepare import Prepared, open_cache, split_by_fold
 from rsna22_utils.core.cache import StudyCache
 from rsna22_utils.core.config import with_derived
 from rsna22_utils.core.device import autocast, resolve_device
-from rsna22_utils.core.registry import finished_runs, run_dir, stage_dir
+from rsna22_utils.core.registry import finished_runs, out_of_fold, run_dir, stage_dir
 from rsna22_utils.core.train import fit
 
 logger = logging.getLogger(__name__)
@@ -40,22 +40,54 @@ PREDICTED = [f"{v}_pred" for v in VERTEBRAE]
 FRACTURE = [f"{v}_frac" for v in VERTEBRAE]
 
 
+ANY_FRACTURE = "any_frac"  # the optional 05 output: any vertebra broken (target: the largest of the 7 fracture targets)
+
+
+def _unwrapped(model: nn.Module) -> nn.Module:
+    return getattr(model, "module", model)  # DDP wraps the SequenceModel
+
+
 class SequenceTask:
-    """Sequence models: masked BCE per image; predictions per image of each validation window."""
+    """Sequence models: masked loss per step (image or slice); predictions per step of each validation window.
+
+    `names` are the outputs in order: vertebrae (C1..C7), fracture (C1_frac..C7_frac) and
+    `ANY_FRACTURE`, whose target this task derives from the fracture targets. `loss` "mse" sums the
+    mean loss of each of these groups of outputs, as the 3rd place did.
+    """
 
     def __init__(
-        self, dataset: SequenceDataset, names: list[str], fracture_loss_weight: float = 1.0, fracture_pos_weight: float = 1.0
+        self,
+        dataset: SequenceDataset,
+        names: list[str],
+        fracture_loss_weight: float = 1.0,
+        fracture_pos_weight: float = 1.0,
+        loss: str = "bce",
+        positive_weight: float = 1.0,
     ) -> None:
         self.dataset, self.names = dataset, names
+        self.loss_name, self.positive_weight = loss, positive_weight
         fracture = torch.tensor([n.endswith("_frac") for n in names])
         self.target_weights = torch.where(fracture, fracture_loss_weight, 1.0)
         self.positive_weights = torch.where(fracture, fracture_pos_weight, 1.0)
+        self.groups = [slice(i, i + len(group)) for i, group in _output_groups(names)]
+        self.fracture_columns = [i for i, n in enumerate(names) if n in FRACTURE]
+
+    def targets(self, batch: dict) -> dict:
+        """The batch with `ANY_FRACTURE`'s target appended when the model has that output."""
+        if ANY_FRACTURE not in self.names:
+            return batch
+        target = batch["target"]
+        return dict(batch, target=torch.cat([target, target[..., self.fracture_columns].amax(-1, keepdim=True)], dim=-1))
 
     def loss(self, model: nn.Module, batch: dict) -> torch.Tensor:
-        return sequence_loss(model(batch), batch, self.target_weights, self.positive_weights)
+        batch = self.targets(batch)
+        return sequence_loss(
+            model(batch), batch, self.target_weights, self.positive_weights, self.loss_name, self.positive_weight, self.groups
+        )
 
     def predict(self, model: nn.Module, batch: dict) -> pd.DataFrame:
-        probs = torch.sigmoid(model(batch)["logits"].float()).cpu().numpy()
+        batch = self.targets(batch)
+        probs = _unwrapped(model).probabilities(model(batch)["logits"].float()).cpu().numpy()
         target = batch["target"].cpu().numpy()
         mask = batch["mask"].cpu().numpy() > 0.5
         frames = []
@@ -80,13 +112,30 @@ class SequenceTask:
         for i, name in enumerate(self.names):
             if 0 < positive[:, i].sum() < len(positive):
                 aucs[name] = float(roc_auc_score(positive[:, i], pred[:, i]))
-        vertebra = [v for k, v in aucs.items() if not k.endswith("_frac")]
-        fracture = [v for k, v in aucs.items() if k.endswith("_frac")]
+        vertebra = [v for k, v in aucs.items() if k in VERTEBRAE]
+        fracture = [v for k, v in aucs.items() if k in FRACTURE]
         if vertebra:
             metrics["mean_auc"] = float(np.mean(vertebra))
         if fracture:
             metrics["fracture_auc"] = float(np.mean(fracture))
+        if ANY_FRACTURE in aucs:
+            metrics["any_fracture_auc"] = aucs[ANY_FRACTURE]
         return metrics
+
+
+def _output_groups(names: list[str]) -> list[tuple[int, list[str]]]:
+    """(first index, names) of each run of outputs of one kind: vertebra, fracture, any-fracture."""
+
+    def kind(name: str) -> str:
+        return "any" if name == ANY_FRACTURE else "fracture" if name.endswith("_frac") else "vertebra"
+
+    groups: list[tuple[int, list[str]]] = []
+    for i, name in enumerate(names):
+        if groups and kind(groups[-1][1][-1]) == kind(name):
+            groups[-1][1].append(name)
+        else:
+            groups.append((i, [name]))
+    return groups
 
 
 def _vertebra_labels(prepared: Prepared, cache: StudyCache) -> tuple[dict[str, np.ndarray], pd.DataFrame]:
@@ -122,11 +171,7 @@ def _sequence_datasets(
     (inside `ranges`, default each whole study; no validation windows for a full-data run)."""
     train_table, valid_table = split_by_fold(folds, cfg.fold)
     train_uids = sorted(train_table["StudyInstanceUID"])
-    common: dict[str, Any] = dict(seq_len=cfg.seq_len, slices_per_image=cfg.slices_per_image, crops=crops, ranges=ranges)
-    if crops:
-        common.update(crop_margin=cfg.crop_margin, output_size=cfg.crop_size)
-    elif ranges is not None:  # native crops: cut already, resized to crop_size
-        common.update(output_size=cfg.crop_size)
+    common = _window_inputs(cfg, crops, ranges)
     train = SequenceDataset(
         train_uids,
         cache,
@@ -144,6 +189,23 @@ def _sequence_datasets(
     return train, valid
 
 
+def _window_inputs(cfg: Any, crops: dict[str, tuple] | None, ranges: dict[str, tuple[int, int]] | None = None) -> dict[str, Any]:
+    """How a sequence run's windows are cut (SequenceDataset arguments): shape, per-slice targets, box crops,
+    slice ranges (native crops: cut already, resized to crop_size)."""
+    common: dict[str, Any] = dict(
+        seq_len=cfg.seq_len,
+        slices_per_image=cfg.slices_per_image,
+        crops=crops,
+        ranges=ranges,
+        per_slice=bool(getattr(cfg, "outputs_per_slice", False)),
+    )
+    if crops:
+        common.update(crop_margin=cfg.crop_margin, output_size=cfg.crop_size)
+    elif ranges is not None:
+        common.update(output_size=cfg.crop_size)
+    return common
+
+
 def train_vertebra(cfg: VertebraTrainConfig) -> dict:
     """03_train_vertebra: the 2.5D CNN + BiLSTM on per-slice vertebra ratios of the segmented studies."""
     prepared, cache, cache_settings = open_cache(cfg)
@@ -151,7 +213,8 @@ def train_vertebra(cfg: VertebraTrainConfig) -> dict:
     labels, folds = _vertebra_labels(prepared, cache)
     train, valid = _sequence_datasets(cfg, labels, folds, cache, positive=labels)  # windows that show the spine
     logger.info("vertebra model fold %d: %d training / %d validation studies", cfg.fold, len(train.uids), len(valid.uids) if valid else 0)
-    return fit(create_model(cfg), SequenceTask(valid, list(VERTEBRAE)), train, valid, cfg)
+    task = SequenceTask(valid, list(VERTEBRAE), loss=cfg.loss, positive_weight=cfg.positive_weight)
+    return fit(create_model(cfg), task, train, valid, cfg)
 
 
 def train_fracture(cfg: FractureTrainConfig) -> dict:
@@ -170,7 +233,8 @@ def train_fracture(cfg: FractureTrainConfig) -> dict:
     model = create_model(cfg)
     if cfg.init_encoder_from:
         _init_encoder(model, cfg)
-    task = SequenceTask(valid, list(VERTEBRAE) + FRACTURE, cfg.fracture_loss_weight, cfg.fracture_pos_weight)
+    names = list(VERTEBRAE) + FRACTURE + ([ANY_FRACTURE] if cfg.any_fracture_head else [])
+    task = SequenceTask(valid, names, cfg.fracture_loss_weight, cfg.fracture_pos_weight, cfg.loss, cfg.positive_weight)
     return fit(model, task, train, valid, cfg)
 
 
@@ -198,52 +262,99 @@ def predict_sequences(
     desc: str = "windows",
     amp: bool = True,
 ) -> dict[str, np.ndarray]:
-    """Overlapping windows through every model, averaged over models and windows -> per-slice probabilities."""
+    """Overlapping windows through every model, averaged over models and windows -> per-slice probabilities.
+
+    A model with one output per image gives it to each of the image's slices, so models with
+    per-image and per-slice outputs average slice by slice.
+    """
     loader = DataLoader(dataset, batch_size=batch_size, num_workers=num_workers, shuffle=False)
     windows: dict[str, list[tuple[int, np.ndarray]]] = {}
     with torch.inference_mode(), autocast(device, amp):
         for batch in tqdm(loader, desc=desc, unit="batch"):
-            images = batch["image"].to(device)
-            probs = torch.stack([torch.sigmoid(m({"image": images})["logits"].float()) for m in models]).mean(0).cpu().numpy()
+            inputs = {"image": batch["image"].to(device), "slice_position": batch["slice_position"].to(device)}
+            per_model = []
+            for model in models:
+                probs = _unwrapped(model).probabilities(model(inputs)["logits"].float())
+                per_model.append(probs.repeat_interleave(dataset.span // probs.shape[1], dim=1))
+            probs = torch.stack(per_model).mean(0).cpu().numpy()
             for b in range(probs.shape[0]):
                 uid = dataset.uids[int(batch["study"][b])]
                 windows.setdefault(uid, []).append((int(batch["start"][b]), probs[b]))
-    return spread_window_predictions(windows, dataset.n_slices, dataset.k)
+    return spread_window_predictions(windows, dataset.n_slices, 1)
 
 
-def _window_shape(configs: list[Any], runs: list[Path]) -> tuple[int, int]:
-    """The (seq_len, slices_per_image) every run shares; an error naming the run that differs."""
-    shapes = {(int(c.seq_len), int(c.slices_per_image)) for c in configs}
-    if len(shapes) != 1:
-        raise ValueError(f"the runs in {runs[0].parent} have different windows (seq_len, slices_per_image): {sorted(shapes)}")
-    return shapes.pop()
+def _runs_per_fold(runs: list[Path], study_folds: list[int], out_of_fold_only: bool) -> dict[int, list[Path]]:
+    """Which runs predict the studies of each fold: those that did not train on it, or every run."""
+    if not out_of_fold_only:
+        return {fold: list(runs) for fold in study_folds}
+    chosen = {fold: out_of_fold(runs, fold) for fold in study_folds}
+    missing = [fold for fold, found in chosen.items() if not found]
+    if missing:
+        raise ValueError(
+            f"out_of_fold: no run in {runs[0].parent} left fold(s) {missing} out of its training "
+            f"(runs: {', '.join(r.name for r in runs)}); train {VERTEBRA_STAGE} with those folds or set out_of_fold=false"
+        )
+    return chosen
+
+
+def vertebra_predictions(cfg: VertebraInferConfig, cache: StudyCache, fold_of: dict[str, int]) -> tuple[dict[str, np.ndarray], int]:
+    """Per-slice C1..C7 of every study of `fold_of` (mean over the runs that predict its fold), and how many runs ran.
+
+    Each run sees windows cut as it was trained (its seq_len, slices_per_image, and box crops when
+    its config has `crop_by_box`), `infer_stride` slices apart; one run is in memory at a time.
+    """
+    device = resolve_device(cfg.device)
+    runs = finished_runs(cfg.work_dir, VERTEBRA_STAGE)
+    per_fold = _runs_per_fold(runs, sorted(set(fold_of.values())), cfg.out_of_fold)
+    total: dict[str, np.ndarray] = {}
+    count: dict[str, int] = {}
+    used = 0
+    for run in runs:
+        uids = sorted(uid for uid, fold in fold_of.items() if run in per_fold[fold])
+        if not uids:
+            continue
+        model, run_cfg = load_run(run, device)
+        span = int(run_cfg.seq_len) * int(run_cfg.slices_per_image)
+        if cfg.infer_stride > span:
+            raise ValueError(f"{run}: infer_stride={cfg.infer_stride} leaves gaps between its windows of {span} slices")
+        if getattr(run_cfg, "crop_by_box", False) and getattr(run_cfg, "crop_source", "cache") != "cache":
+            raise ValueError(
+                f"{run}: crop_source={run_cfg.crop_source!r}; 04 predicts every slice of a study and cuts box crops "
+                "from the study cache only (crop_source='cache')"
+            )
+        crops = study_crops(cfg.work_dir)[0] if getattr(run_cfg, "crop_by_box", False) else None
+        inputs = dict(_window_inputs(run_cfg, crops), per_slice=False)
+        dataset = SequenceDataset(uids, cache, None, mode="infer", stride=cfg.infer_stride, **inputs)
+        per_slice = predict_sequences([model], dataset, device, cfg.infer_batch_size, cfg.num_workers, f"vertebra {run.name}", cfg.amp)
+        for uid, pred in per_slice.items():
+            total[uid] = total.get(uid, 0.0) + pred
+            count[uid] = count.get(uid, 0) + 1
+        used += 1
+        del model
+    return {uid: total[uid] / count[uid] for uid in total}, used
 
 
 def infer_vertebra(cfg: VertebraInferConfig) -> dict:
     """04_infer_vertebra: per-slice C1..C7 for every train study (mean over vertebra models and windows).
 
-    Rescaled to peak at 1 per study (as the ratio labels do) and multiplied by the study's fracture
-    labels they become approximate per-slice fracture labels `C1_frac..C7_frac` (the 3rd place's
-    trick to train a slice model without slice labels); see `labels.fracture_slice_labels`.
-    Writes `slice_labels.parquet` (StudyInstanceUID, slice_index, C*_pred, C*_frac).
+    With `out_of_fold`, a study is predicted only by the runs that did not train on its fold (as
+    the 3rd place did), otherwise by every run. Clipped to [0, 1] (and, with
+    `rescale_pseudo_labels`, rescaled to peak at 1 per study, as the ratio labels do) and
+    multiplied by the study's fracture labels, they become approximate per-slice fracture labels
+    `C1_frac..C7_frac` (the 3rd place's trick to train a slice model without slice labels); see
+    `labels.fracture_slice_labels`. Writes `slice_labels.parquet` (StudyInstanceUID, slice_index, C*_pred, C*_frac).
     """
     prepared, cache, _ = open_cache(cfg)
     out = Path(cfg.out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    device = resolve_device(cfg.device)
-    runs = finished_runs(cfg.work_dir, VERTEBRA_STAGE)
-    models, configs = zip(*(load_run(run, device) for run in runs))
-    seq_len, slices_per_image = _window_shape(list(configs), runs)
-    if cfg.infer_stride > seq_len * slices_per_image:
-        raise ValueError(f"infer_stride={cfg.infer_stride} leaves gaps between windows of {seq_len * slices_per_image} slices")
     folds = prepared.read("folds")
     uids = sorted(set(folds["StudyInstanceUID"]) & set(cache.uids))
-    dataset = SequenceDataset(uids, cache, None, seq_len=seq_len, slices_per_image=slices_per_image, mode="infer", stride=cfg.infer_stride)
-    per_slice = predict_sequences(list(models), dataset, device, cfg.infer_batch_size, cfg.num_workers, "vertebra windows", cfg.amp)
+    fold_of = {uid: int(f) for uid, f in folds.set_index("StudyInstanceUID").loc[uids, "fold"].items()}
+    per_slice, n_runs = vertebra_predictions(cfg, cache, fold_of)
     study_labels = folds.set_index("StudyInstanceUID")[list(VERTEBRAE)]
     frames = []
     for uid in uids:
-        vertebra, fracture = fracture_slice_labels(per_slice[uid], study_labels.loc[uid].to_numpy(float))
+        vertebra, fracture = fracture_slice_labels(per_slice[uid], study_labels.loc[uid].to_numpy(float), rescale=cfg.rescale_pseudo_labels)
         frame = pd.DataFrame(vertebra, columns=PREDICTED)
         frame[FRACTURE] = fracture
         frame.insert(0, "slice_index", np.arange(len(vertebra)))
@@ -252,9 +363,9 @@ def infer_vertebra(cfg: VertebraInferConfig) -> dict:
     table = pd.concat(frames, ignore_index=True)
     table.to_parquet(out / "slice_labels.parquet", index=False)
     logger.info("per-slice vertebra predictions and fracture labels of %d studies written to %s", len(uids), out / "slice_labels.parquet")
-    metrics: dict[str, Any] = {"models": len(models), "studies": len(uids)}
+    metrics: dict[str, Any] = {"models": n_runs, "studies": len(uids)}
     ratios_path = prepared.vertebra_ratios
-    if ratios_path.exists():  # how well the predictions match the segmentation labels (in-sample for segmented studies)
+    if ratios_path.exists():  # how well the predictions match the segmentation labels (in-sample for segmented studies unless out_of_fold)
         ratios = pd.read_parquet(ratios_path).merge(table, on=["StudyInstanceUID", "slice_index"])
         metrics["mae_vs_segmentation"] = float(np.mean(np.abs(ratios[list(VERTEBRAE)].to_numpy() - ratios[PREDICTED].to_numpy())))
     (out / "metrics.json").write_text(json.dumps(metrics, indent=2))

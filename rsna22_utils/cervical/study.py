@@ -39,7 +39,20 @@ logger = logging.getLogger(__name__)
 
 FRACTURE_STAGE = "05_train_fracture"
 # Stage-05 settings a stage-06 run records in its own config (the frozen CNN and how it sees images).
-SETTINGS_FROM_FRACTURE_RUN = ("backbone", "seq_len", "slices_per_image", "crop_by_box", "crop_margin", "crop_size", "crop_source")
+SETTINGS_FROM_FRACTURE_RUN = (
+    "backbone",
+    "seq_len",
+    "slices_per_image",
+    "crop_by_box",
+    "crop_margin",
+    "crop_size",
+    "crop_source",
+    "outputs_per_slice",
+    "position_embedding",
+    "channel_embedding",
+    "position_of",
+    "any_fracture_head",
+)
 
 
 # ----------------------------------------------------------------------------- training
