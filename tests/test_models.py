@@ -158,6 +158,9 @@ def test_create_model_builds_each_stage_network_from_its_config() -> None:
     assert isinstance(box, BoxModel) and box.encoder.conv_stem.in_channels == 2
     assert vertebra.head.out_features == 7 and vertebra.encoder.conv_stem.in_channels == 3 * 2
     assert fracture.head.out_features == 14 and fracture.encoder.conv_stem.in_channels == 5 * 2
+    assert (
+        vertebra.dropout.p == 0.1 and create_model(config("05_train_fracture", {"backbone": BACKBONE, "head_dropout": 0.0})).dropout.p == 0
+    )
     study_cfg = with_derived(
         resolve_config("06_train_study", {"lstm_hidden": 16}),
         windows=windows,

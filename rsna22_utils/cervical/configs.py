@@ -92,6 +92,7 @@ class SequenceShape:
     seq_len: int = 32  # images per sequence; a window spans seq_len * slices_per_image slices
     slices_per_image: int = 3  # adjacent slices stacked as the channels of one image (x windows)
     lstm_hidden: int = 256  # BiLSTM hidden size; 0 = its input size (CNN features + embeddings)
+    head_dropout: float = 0.1  # dropout between the BiLSTM and the output layer
     outputs_per_slice: bool = False  # one BiLSTM step and output per slice instead of per image
     position_embedding: int = 0  # size of the sinusoidal slice-position embedding (0 = none)
     channel_embedding: int = 0  # size of the sinusoidal slice-within-image embedding (0 = none; needs outputs_per_slice)
@@ -105,6 +106,8 @@ class SequenceShape:
             out.append(f"seq_len and slices_per_image must be >= 1, got {self.seq_len}, {self.slices_per_image}")
         if self.lstm_hidden < 0:
             out.append(f"lstm_hidden must be >= 0 (0 = the BiLSTM's input size), got {self.lstm_hidden}")
+        if not 0.0 <= self.head_dropout < 1.0:
+            out.append(f"head_dropout must be in [0, 1), got {self.head_dropout}")
         for name in ("position_embedding", "channel_embedding"):
             size = getattr(self, name)
             if size < 0 or size % 2:

@@ -479,6 +479,7 @@ def _sequence_model(
         in_chans=cfg.slices_per_image * len(cfg.windows),
         n_outputs=sequence_outputs(cfg),
         lstm_hidden=lstm_hidden,
+        dropout=float(getattr(cfg, "head_dropout", 0.1)),
         pretrained=pretrained,
         pretrained_path=pretrained_path,
         pretrained_dir=pretrained_dir,
