@@ -105,24 +105,36 @@ def test_fracture_labels_without_rescaling_are_the_clipped_predictions_times_the
     assert rescaled[:, 0].tolist() == pytest.approx([0.4, 1.0, 0.0])  # default: peak 1 per vertebra
 
 
-def test_a_per_slice_mse_vertebra_run_trains_and_scores_its_oof(tmp_path: Path) -> None:
+@pytest.mark.parametrize(
+    ("stage", "settings", "steps"),
+    [
+        # the 3rd place's 03: per-slice steps, position + channel embeddings
+        (VERTEBRA_STAGE, {"outputs_per_slice": True, "position_embedding": 16, "channel_embedding": 16}, 6),
+        # its 05: per-image steps, position embedding, any-fracture output
+        ("05_train_fracture", {"position_embedding": 16, "position_of": "window", "any_fracture_head": True, "crop_by_box": False}, 2),
+    ],
+)
+def test_the_originals_sequence_variants_train_and_score_their_oof(tmp_path: Path, stage: str, settings: dict, steps: int) -> None:
     from rsna22_utils.cervical.anatomy import VERTEBRAE
-    from rsna22_utils.cervical.sequence import SequenceTask, _window_inputs
+    from rsna22_utils.cervical.sequence import ANY_FRACTURE, FRACTURE, SequenceTask, _window_inputs
     from rsna22_utils.core.train import fit
 
     lengths = {"a": 12, "b": 10}
     cache = make_cache(tmp_path / "cache", lengths)
     rng = np.random.default_rng(0)
-    labels = {uid: (rng.random((n, 7)) > 0.5).astype(np.float32) for uid, n in lengths.items()}
-    settings = {"backbone": BACKBONE, "lstm_hidden": 0, "seq_len": 2, "infer_stride": 6, "epochs": 1, "batch_size": 2}
-    settings |= {"outputs_per_slice": True, "position_embedding": 16, "channel_embedding": 16, "loss": "mse", "positive_weight": 2.0}
-    cfg = resolve_config(VERTEBRA_STAGE, {**settings, "device": "cpu", "out_dir": str(tmp_path / "run"), "num_workers": 0})
+    names = list(VERTEBRAE) + ([] if stage == VERTEBRA_STAGE else FRACTURE)
+    labels = {uid: (rng.random((n, len(names))) > 0.5).astype(np.float32) for uid, n in lengths.items()}
+    names += [ANY_FRACTURE] if settings.get("any_fracture_head") else []
+    shape = {"backbone": BACKBONE, "lstm_hidden": 0, "seq_len": 2, "infer_stride": 6, "epochs": 1, "batch_size": 2}
+    loss = {"loss": "mse", "positive_weight": 2.0}
+    cfg = resolve_config(stage, {**shape, **settings, **loss, "device": "cpu", "out_dir": str(tmp_path / "run"), "num_workers": 0})
     cfg = with_derived(cfg, image_size=16, windows=[[400.0, 1800.0]])
     common = _window_inputs(cfg, None)
     train = SequenceDataset(["a"], cache, labels, mode="train", samples_per_study=2, **common)
     valid = SequenceDataset(["b"], cache, labels, mode="infer", stride=cfg.infer_stride, **common)
-    metrics = fit(create_model(cfg), SequenceTask(valid, list(VERTEBRAE), loss="mse", positive_weight=2.0), train, valid, cfg)
+    metrics = fit(create_model(cfg), SequenceTask(valid, names, **loss), train, valid, cfg)
     oof = pd.read_parquet(tmp_path / "run" / "oof.parquet")
-    assert sorted(set(oof["step"])) == list(range(6))  # one row per slice of each window
-    assert len(oof) == 12  # windows 0..5 and 4..9 of study b
-    assert "mean_auc" in json.dumps(metrics) and oof[[f"{v}_pred" for v in VERTEBRAE]].stack().between(0, 1).all()
+    assert sorted(set(oof["step"])) == list(range(steps))  # one row per step (slice or image) of each window
+    assert len(oof) == 2 * steps  # windows 0..5 and 4..9 of study b
+    assert oof[[f"{n}_pred" for n in names]].stack().between(0, 1).all()
+    assert "mean_auc" in json.dumps(metrics)
