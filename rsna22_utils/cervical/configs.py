@@ -352,9 +352,15 @@ class SubmissionConfig(StageConfig, Hardware, StudyBoxRule):
     # more failed test studies (unreadable, unpredictable, no folder) than this fraction, or all of them,
     # fail the run instead of submitting priors; fewer get the prior each
     max_failed_fraction: float = 0.05
+    # models loaded (0 = every serving run): fewer, chosen in advance, when the whole ensemble would not
+    # fit Kaggle's 9 h (`bench-inference --profile`); variants take turns (submission.first_runs)
+    max_box_models: int = 0
+    max_study_models: int = 0
 
     def _check(self) -> list[str]:
         out = []
+        if self.max_box_models < 0 or self.max_study_models < 0:
+            out.append(f"max_box_models and max_study_models must be >= 0 (0 = all), got {self.max_box_models}, {self.max_study_models}")
         if self.time_budget_hours <= 0:
             out.append(f"time_budget_hours must be > 0, got {self.time_budget_hours}")
         if not 0.0 <= self.max_failed_fraction <= 1.0:

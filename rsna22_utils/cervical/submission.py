@@ -37,6 +37,7 @@ in full / reduced / prior, and why.
 from __future__ import annotations
 
 import argparse
+import itertools
 import logging
 import sys
 import time
@@ -60,7 +61,7 @@ from rsna22_utils.cervical.models import load_run
 from rsna22_utils.cervical.study_box import predict_study_box, shared_input_slices
 from rsna22_utils.core.cache import CacheSpec, encode_study
 from rsna22_utils.core.device import autocast, resolve_device
-from rsna22_utils.core.registry import finished_runs, serving_runs
+from rsna22_utils.core.registry import finished_runs, parse_run_name, serving_runs
 
 logger = logging.getLogger(__name__)
 
@@ -135,11 +136,24 @@ class Ensemble:
         return Ensemble(BoxEnsemble(self.box.models[:1], self.box.spec, self.box.input_slices), self.study[:1], self.device)
 
 
-def load_box_models(weights_dir: str | Path, device: torch.device) -> BoxEnsemble:
+def first_runs(runs: list[Path], limit: int) -> list[Path]:
+    """At most `limit` of `runs` (0: all, in their order), chosen variant by variant in turn: the first run
+    (lowest fold, then seed) of each variant, then the second of each, and so on. With the original's
+    10 study models, 2 are one resnest50d and one seresnext50 run, seeds 0; 3 add resnest50d seed 1."""
+    if limit <= 0 or limit >= len(runs):
+        return list(runs)
+    by_variant: dict[str, list[Path]] = {}
+    for run in sorted(runs, key=lambda r: parse_run_name(r.name)):  # finished_runs: every name parses
+        by_variant.setdefault(parse_run_name(run.name).variant, []).append(run)
+    turns = itertools.zip_longest(*by_variant.values())
+    return [run for turn in turns for run in turn if run is not None][:limit]
+
+
+def load_box_models(weights_dir: str | Path, device: torch.device, limit: int = 0) -> BoxEnsemble:
     """The `01_train_box` runs of the weights folder that serve test studies (`serving_runs`: the full-data
     runs when there are any); they must share one image size, window set and box_input_slices."""
     models, spec, configs = [], None, {}
-    for run in serving_runs(finished_runs(weights_dir, BOX_STAGE)):
+    for run in first_runs(serving_runs(finished_runs(weights_dir, BOX_STAGE)), limit):
         model, cfg = load_run(run, device)
         if spec is not None and CacheSpec.of(cfg) != spec:
             raise ValueError(f"{run}: box model trained on {CacheSpec.of(cfg).name}, the others on {spec.name}")
@@ -149,19 +163,21 @@ def load_box_models(weights_dir: str | Path, device: torch.device) -> BoxEnsembl
     return BoxEnsemble(models, spec, shared_input_slices(configs))
 
 
-def load_study_models(weights_dir: str | Path, device: torch.device) -> list[StudyRun]:
+def load_study_models(weights_dir: str | Path, device: torch.device, limit: int = 0) -> list[StudyRun]:
     """The `06_train_study` runs that serve test studies (`serving_runs`): the stage-05 CNN architecture +
     StudyHead, weights from model.safetensors."""
     runs = []
-    for run in serving_runs(finished_runs(weights_dir, STUDY_STAGE)):
+    for run in first_runs(serving_runs(finished_runs(weights_dir, STUDY_STAGE)), limit):
         model, cfg = load_run(run, device)
         runs.append(StudyRun(f"{run.parent.name}/{run.name}", model, cfg))
     return runs
 
 
-def load_ensemble(weights_dir: str | Path, device: torch.device) -> Ensemble:
-    """Box and study models of a weights folder (`runs/` locally, the weights dataset on Kaggle)."""
-    box, study = load_box_models(weights_dir, device), load_study_models(weights_dir, device)
+def load_ensemble(weights_dir: str | Path, device: torch.device, max_box_models: int = 0, max_study_models: int = 0) -> Ensemble:
+    """Box and study models of a weights folder (`runs/` locally, the weights dataset on Kaggle); at most
+    `max_box_models` / `max_study_models` of them (0: all), chosen by `first_runs`."""
+    box = load_box_models(weights_dir, device, max_box_models)
+    study = load_study_models(weights_dir, device, max_study_models)
     logger.info(
         "loaded %d box models (%s) and %d study models from %s on %s", len(box.models), box.spec.name, len(study), weights_dir, device
     )
@@ -407,7 +423,7 @@ def load_models(cfg: SubmissionConfig) -> Ensemble:
             "to the notebook, locally pass --weights runs"
         )
     try:
-        return load_ensemble(weights, resolve_device(cfg.device))
+        return load_ensemble(weights, resolve_device(cfg.device), cfg.max_box_models, cfg.max_study_models)
     except Exception as error:  # missing runs, a config or weights file that does not load, no CUDA
         raise SetupError(f"{weights}: cannot load the submission's models: {type(error).__name__}: {error}") from error
 
