@@ -73,10 +73,20 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--profile", default=None, help="start from a profile's 07_inference settings (original, demo)")
     p.add_argument("-p", "--param", dest="params", action="append", default=[], metavar="KEY=VALUE", help="07_inference config override")
 
-    p = sub.add_parser("bench-inference", help="per-study seconds of decode / preprocessing / models + projection to the test set")
-    p.add_argument("--data-dir", type=Path, required=True, help="competition folder with test_images/ (or train_images/)")
-    p.add_argument("--weights", type=Path, required=True, help="weights folder <stage>/fold<f>-seed<s>/, e.g. runs")
+    p = sub.add_parser(
+        "bench-inference",
+        help="per-study seconds of decode / preprocessing / models + projection to the test set (trained runs, or a profile's ensemble)",
+    )
+    p.add_argument("--data-dir", type=Path, default=None, help="competition folder with test_images/ (or train_images/)")
+    p.add_argument("--weights", type=Path, default=None, help="weights folder <stage>/fold<f>-seed<s>/, e.g. runs")
     p.add_argument("--studies", type=int, default=5)
+    p.add_argument(
+        "--profile", default=None, help="instead of --data-dir / --weights: a profile's ensemble (random weights) on a synthetic study"
+    )
+    p.add_argument("--slices", type=int, default=24, help="--profile: slices of the synthetic study measured")
+    p.add_argument("--device", default="auto", help="--profile: where to measure (auto: cuda when present, else cpu)")
+    p.add_argument("--out", type=Path, default=None, help="--profile: also write the tables as JSON")
+    p.add_argument("-p", "--param", dest="params", action="append", default=[], metavar="KEY=VALUE", help="--profile: setting overrides")
 
     p = sub.add_parser("bench-backbones", help="training / inference images per second and parameters of the 3rd place's networks")
     p.add_argument("--image-size", type=int, default=512)
@@ -85,6 +95,17 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--device", default="auto", help="auto: cuda when present, else cpu")
     p.add_argument("--steps", type=int, default=10)
     p.add_argument("--backbones", nargs="*", default=None, metavar="FAMILY:NAME", help="e.g. box:efficientnet_b1 sequence:resnest50d")
+
+    p = sub.add_parser("bench-cost", help="expected training cost of a profile: runs, images, FLOPs, measured img/s, GPU hours per stage")
+    p.add_argument("--profile", default="original", help="a shipped profile (original, demo) or a .json path")
+    p.add_argument("--device", default="auto", help="where to measure training images/s (auto: cuda when present, else cpu)")
+    p.add_argument("--out", type=Path, default=None, help="also write the table as JSON")
+    p.add_argument("--measure-images", type=int, default=2, help="images per measured training step (few: keeps CPU runs short)")
+    p.add_argument("--measure-size", type=int, default=None, help="px of the measured step (default: the config's, 512 in original)")
+    p.add_argument("--stages", nargs="*", default=None, help="training stages to cost (default: 01 03 05 06)")
+    p.add_argument(
+        "-p", "--param", dest="params", action="append", default=[], metavar="KEY=VALUE", help="setting of every stage that has it"
+    )
 
     # Modules that own their commands register them here (each parser sets func=callable(args) -> int).
     import importlib
@@ -175,9 +196,30 @@ def main(argv: list[str] | None = None) -> int:
         chosen = tuple(tuple(b.split(":", 1)) for b in args.backbones) if args.backbones else ORIGINAL_BACKBONES
         bench_backbones(chosen, args.image_size, args.batch_images, args.seq_len, args.device, steps=args.steps)
         return 0
-    if args.command == "bench-inference":
-        from rsna22_utils.cervical.bench import bench_inference
+    if args.command == "bench-cost":
+        from rsna22_utils.cervical.bench import bench_cost
+        from rsna22_utils.core.config import parse_overrides
 
+        bench_cost(
+            args.profile,
+            overrides=parse_overrides(args.params),
+            device=args.device,
+            measure_images=args.measure_images,
+            measure_size=args.measure_size,
+            stages=args.stages,
+            out=args.out,
+        )
+        return 0
+    if args.command == "bench-inference":
+        from rsna22_utils.cervical.bench import bench_inference, bench_submission
+        from rsna22_utils.core.config import parse_overrides
+
+        if args.profile:
+            bench_submission(args.profile, n_slices=args.slices, device=args.device, overrides=parse_overrides(args.params), out=args.out)
+            return 0
+        if args.data_dir is None or args.weights is None:
+            print("error: bench-inference needs --data-dir and --weights (trained runs), or --profile NAME", file=sys.stderr)
+            return 2
         bench_inference(args.data_dir, args.weights, n_studies=args.studies)
         return 0
     if args.command == "demo":

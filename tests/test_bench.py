@@ -2,12 +2,24 @@
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import numpy as np
+import pytest
 
-from rsna22_utils.cervical.bench import bench_epoch
+from rsna22_utils.cervical.bench import (
+    TrainingData,
+    bench_cost,
+    bench_epoch,
+    bench_submission,
+    example_batch,
+    forward_flops,
+    stage_configs,
+)
 from rsna22_utils.cervical.data import CacheSource, DicomSource
+from rsna22_utils.cervical.models import create_network
+from rsna22_utils.cervical.submission import first_runs
 from rsna22_utils.cervical.synth import generate_competition
 from rsna22_utils.core.cache import CacheSpec, StudyCache, build_cache
 from rsna22_utils.core.scan import find_studies
@@ -50,3 +62,175 @@ def test_bench_backbones_reports_throughput_and_parameters(capsys) -> None:
     sequence = SequenceModel("mobilenetv3_small_050", 3, 14, lstm_hidden=feature_size(box.encoder) + 32)  # the 3rd place's width
     assert list(table["params_trainable"]) == [sum(p.numel() for p in m.parameters()) for m in (box, sequence)]
     assert "networks at 32 px on CPU" in capsys.readouterr().out
+
+
+# --------------------------------------------------------------------------- cost of a profile
+
+TINY_PROFILE = {
+    "profile": "tiny",
+    "version": 1,
+    "description": "bench tests: small networks and images, the original's shape of sweeps",
+    "stages": {
+        "00_prepare": {"settings": {"image_size": 64}},
+        "01_train_box": {"settings": {"backbone": "mobilenetv3_small_050", "epochs": 5}, "folds": [0, 1, -1], "seeds": [0, 1, 2]},
+        "03_train_vertebra": {
+            "settings": {
+                "backbone": "mobilenetv3_small_050",
+                "epochs": 3,
+                "seq_len": 4,
+                "lstm_hidden": 8,
+                "samples_per_study": 2,
+                "infer_stride": 12,
+            },
+            "folds": [0, 1],
+            "seeds": [0],
+        },
+        "05_train_fracture": {
+            "settings": {
+                "epochs": 2,
+                "seq_len": 4,
+                "slices_per_image": 3,
+                "lstm_hidden": 8,
+                "crop_size": 32,
+                "samples_per_study": 3,
+                "infer_stride": 12,
+            },
+            "folds": [-1],
+            "variants": {
+                "a": {"settings": {"backbone": "mobilenetv3_small_050"}, "seeds": [0, 1]},
+                "b": {"settings": {"backbone": "mobilenetv3_small_075"}, "seeds": [0]},
+            },
+        },
+        "06_train_study": {
+            "settings": {"epochs": 4, "lstm_hidden": 8, "slice_evidence": False, "slice_margin": 3},
+            "folds": [-1],
+            "variants": {"a": {"seeds": [0, 1]}, "b": {"seeds": [0]}},
+        },
+    },
+}
+
+
+@pytest.fixture
+def tiny_profile(tmp_path: Path) -> str:
+    path = tmp_path / "tiny.json"
+    path.write_text(json.dumps(TINY_PROFILE))
+    return str(path)
+
+
+def tiny_data() -> TrainingData:
+    """Five train studies in folds 0, 1, 0, 1, 2; three of them segmented (10, 20, 30 slices)."""
+    return TrainingData(
+        segmented={"s0": 10, "s1": 20, "s2": 30},
+        folds={"s0": 0, "s1": 1, "s2": 0, "s3": 1, "s4": 2},
+        sample_slices=(40, 100),
+        sample_spine=(20, 30),
+        source="tiny",
+    )
+
+
+def test_flop_counter_counts_convolutions_and_lstms() -> None:
+    import torch
+
+    conv = torch.nn.Conv2d(3, 8, 3, padding=1, bias=False)
+    assert forward_flops(conv, torch.zeros(2, 3, 16, 16)) == 2 * 2 * 8 * 3 * 9 * 16 * 16
+    lstm = torch.nn.LSTM(5, 7, batch_first=True, bidirectional=True)
+    assert forward_flops(lstm, torch.zeros(2, 3, 5)) == 2 * (2 * 3) * 2 * 4 * 7 * (5 + 7)  # 4 gates, 2 directions
+
+
+def test_bench_cost_table_is_runs_x_epochs_x_images_x_flops(tiny_profile: str, tmp_path: Path, capsys) -> None:
+    out = tmp_path / "cost.json"
+    table = bench_cost(tiny_profile, data=tiny_data(), device="cpu", measure_images=2, measure_size=32, out=out).set_index(
+        ["stage", "variant"]
+    )
+    box = table.loc[("01_train_box", "")]
+    assert (box["runs"], box["epochs"], box["px"]) == (9, 5, 64)
+    assert box["images_per_epoch"] == np.mean([20, 10 + 30, 60])  # folds 0, 1, -1: every slice of the other folds' segmented studies
+    vertebra = table.loc[("03_train_vertebra", "")]
+    assert vertebra["images_per_epoch"] == np.mean([1, 2]) * 2 * 4  # training studies x samples_per_study x seq_len
+    fracture = table.loc["05_train_fracture"]
+    assert list(fracture["runs"]) == [2, 1] and list(fracture["px"]) == [32, 32]
+    assert (fracture["images_per_epoch"] == 5 * 3 * 4).all()  # fold -1: all five train studies
+    study = table.loc["06_train_study"]
+    assert (study["images_per_epoch"] == 5 * 3 * 4).all()  # 12-slice windows of 4 images: 3 cover 20 or 30 slices + 3 a side
+    for stage in ("01_train_box", "03_train_vertebra", "05_train_fracture"):
+        rows = table.loc[[stage]]
+        np.testing.assert_allclose(rows["train_gflops_per_image"], 3 * rows["fwd_gflops_per_image"])
+    for (_, cfg), (variant, row) in zip(stage_configs("06_train_study", tiny_profile, {}), study.iterrows(), strict=True):
+        network = create_network(cfg)
+        batch = example_batch(network, cfg, 2, device="meta")
+        cnn, forward = forward_flops(network.encoder, batch["image"].flatten(0, 1)) / 2, forward_flops(network, batch) / 2
+        assert cfg.variant == variant and row["fwd_gflops_per_image"] == pytest.approx(forward / 1e9)
+        # frozen CNN embedded once per run (embed_on_the_fly false): 1 / epochs of its forward per image and epoch; head 3x
+        assert row["train_gflops_per_image"] == pytest.approx((cnn / 4 + 3 * (forward - cnn)) / 1e9)
+    expected = table["runs"] * table["epochs"] * table["images_per_epoch"] * table["train_gflops_per_image"] / 1e6
+    np.testing.assert_allclose(table["total_pflops"], expected)
+    np.testing.assert_allclose(table["gpu_h_A100"], table["total_pflops"] * 1e15 / (312e12 * 0.20) / 3600)
+    np.testing.assert_allclose(table["gpu_h_per_run_T4"] * table["runs"], table["gpu_h_T4"])
+    assert (table["measured_img_s_cpu"] > 0).all()
+    saved = json.loads(out.read_text())
+    assert len(saved["rows"]) == len(table) and saved["data"] == "tiny"
+    printed = capsys.readouterr().out
+    assert "GPU h = total FLOPs / (peak x utilisation)" in printed and "cross-check 05_train_fracture a" in printed
+
+
+def test_bench_submission_scales_measured_parts_to_the_ensemble(tiny_profile: str, tmp_path: Path, capsys) -> None:
+    result = bench_submission(
+        tiny_profile, n_slices=8, image_size=64, work_dir=tmp_path, device="cpu", measure_seq_len=2, test_studies=100, data=tiny_data()
+    )
+    measured, families, projection = result["measured"], result["families"], result["projection"]
+    assert (measured["measured_s"] > 0).all() and len(measured) == 5
+    assert list(families["models"]) == [3, 2, 1]  # fold -1 x seeds of each family
+    assert families.loc[0, "images_per_model"] == 300  # the box models see every slice of a 300-slice study
+    assert list(families.loc[1:, "images_per_model"]) == [2 * 3 * 4, 2 * 3 * 4]  # range 25 + 2 x 3 slices / 12 per window, x2 flip TTA
+    np.testing.assert_allclose(
+        families["tflops_per_study"], families["models"] * families["images_per_model"] * families["fwd_gflops_per_image"] / 1e3
+    )
+    np.testing.assert_allclose(families["T4_s_per_study"], families["tflops_per_study"] * 1e12 / (65e12 * 0.15))
+    walls = projection[["stack_s", "box_s", "study_s"]].sum(axis=1).combine(projection["decode_encode_s"], max)
+    np.testing.assert_allclose(projection["study_wall_s"], walls)
+    np.testing.assert_allclose(projection["hours_100"], 100 * projection["study_wall_s"] / 3600)
+    assert list(projection["device"]) == ["cpu", "T4", "P100"]
+    assert ((projection["study_models_that_fit"] == 3) == projection["fits_9h"]).all()
+    assert "projection to 100 studies" in capsys.readouterr().out
+
+
+def test_first_runs_takes_variants_in_turn() -> None:
+    runs = [Path(n) for n in ("a-fold-1-seed0", "a-fold-1-seed1", "a-fold-1-seed2", "b-fold-1-seed0", "b-fold-1-seed1")]
+    names = lambda chosen: [p.name for p in chosen]
+    assert names(first_runs(runs, 0)) == names(runs)  # 0: all, in their order
+    assert names(first_runs(runs, 3)) == ["a-fold-1-seed0", "b-fold-1-seed0", "a-fold-1-seed1"]
+    assert names(first_runs(runs, 9)) == names(runs)
+
+
+def test_load_ensemble_honours_the_model_limits(tmp_path: Path) -> None:
+    import torch
+
+    from rsna22_utils.cervical.models import create_network
+    from rsna22_utils.cervical.submission import load_models
+    from rsna22_utils.core.config import ConfigError, resolve_config, save_config
+    from rsna22_utils.core.registry import run_dir
+    from rsna22_utils.core.runs import save_weights
+
+    for stage, variant, seed in [("01_train_box", "", s) for s in range(3)] + [
+        ("06_train_study", v, s) for v, s in (("a", 0), ("a", 1), ("b", 0))
+    ]:
+        cfg = resolve_config(
+            stage,
+            {"fold": -1, "seed": seed, "variant": variant, "backbone": "mobilenetv3_small_050"}
+            if stage == "01_train_box"
+            else {"fold": -1, "seed": seed, "variant": variant, "lstm_hidden": 8, "slice_evidence": False},
+        )
+        folder = run_dir(tmp_path, stage, -1, seed, variant)
+        folder.mkdir(parents=True)
+        save_weights(create_network(cfg), folder / "model.safetensors")
+        save_config(cfg, folder / "config.json")
+    cfg = resolve_config(
+        "07_inference", {"weights_dir": str(tmp_path), "out": "x.csv", "device": "cpu", "max_box_models": 2, "max_study_models": 2}
+    )
+    ensemble = load_models(cfg)
+    assert len(ensemble.box.models) == 2
+    assert [run.name for run in ensemble.study] == ["06_train_study/a-fold-1-seed0", "06_train_study/b-fold-1-seed0"]
+    assert len(load_models(resolve_config("07_inference", {"weights_dir": str(tmp_path), "out": "x.csv", "device": "cpu"})).study) == 3
+    with pytest.raises(ConfigError, match="max_box_models and max_study_models must be >= 0"):
+        resolve_config("07_inference", {"max_study_models": -1})
+    assert torch.device("cpu") == ensemble.device
