@@ -175,7 +175,15 @@ def test_bench_cost_table_is_runs_x_epochs_x_images_x_flops(tiny_profile: str, t
 
 def test_bench_submission_scales_measured_parts_to_the_ensemble(tiny_profile: str, tmp_path: Path, capsys) -> None:
     result = bench_submission(
-        tiny_profile, n_slices=8, image_size=64, work_dir=tmp_path, device="cpu", measure_seq_len=2, test_studies=100, data=tiny_data()
+        tiny_profile,
+        n_slices=8,
+        image_size=64,
+        work_dir=tmp_path,
+        device="cpu",
+        measure_seq_len=2,
+        overrides={"tta_flip": True, "slice_margin": 3},  # a 07 and a 06 setting
+        test_studies=100,
+        data=tiny_data(),
     )
     measured, families, projection = result["measured"], result["families"], result["projection"]
     assert (measured["measured_s"] > 0).all() and len(measured) == 5
@@ -189,6 +197,7 @@ def test_bench_submission_scales_measured_parts_to_the_ensemble(tiny_profile: st
     walls = projection[["stack_s", "box_s", "study_s"]].sum(axis=1).combine(projection["decode_encode_s"], max)
     np.testing.assert_allclose(projection["study_wall_s"], walls)
     np.testing.assert_allclose(projection["hours_100"], 100 * projection["study_wall_s"] / 3600)
+    np.testing.assert_allclose(projection["hours_models_only"], 100 * (projection["box_s"] + projection["study_s"]) / 3600)
     assert list(projection["device"]) == ["cpu", "T4", "P100"]
     assert ((projection["study_models_that_fit"] == 3) == projection["fits_9h"]).all()
     assert "projection to 100 studies" in capsys.readouterr().out

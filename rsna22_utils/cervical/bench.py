@@ -995,13 +995,15 @@ def bench_submission(
     import json
     import tempfile
 
+    from rsna22_utils.cervical.configs import SubmissionConfig
     from rsna22_utils.cervical.synth import generate_competition
-    from rsna22_utils.core.config import resolve_config
+    from rsna22_utils.core.config import resolve_config, settable_fields
     from rsna22_utils.core.device import resolve_device
 
     data = data or default_training_data()
     dev = resolve_device(device)
-    sub = resolve_config("07_inference", {"profile": profile, "out": "unused.csv", **(overrides or {})})
+    own = {k: v for k, v in (overrides or {}).items() if k in settable_fields(SubmissionConfig)}  # the rest go to 01 / 06
+    sub = resolve_config("07_inference", {"profile": profile, "out": "unused.csv", **own})
     families = submission_families(profile, overrides)
     box, studies = families[0], families[1:]
     work_dir = Path(work_dir or tempfile.mkdtemp(prefix="rsna22-bench-"))
@@ -1101,6 +1103,7 @@ def _projection(families: pd.DataFrame, devices: list[str], cpu_side_s: float, s
                 "study_s": study_s,
                 "study_wall_s": wall,
                 f"hours_{test_studies}": test_studies * wall / 3600,
+                "hours_models_only": test_studies * (box_s + study_s) / 3600,
                 "fits_9h": wall <= budget,
                 "study_models_that_fit": min(fit, n_study),
             }
@@ -1130,7 +1133,7 @@ def _print_submission(
     print(measured.to_string(**fmt))
     print(
         f"\nper test study of {KAGGLE_SLICES} slices (study models over {range_slices} slices: the real segmented studies' mean C1-C7 "
-        "extent + slice_margin a side); {dev.type}_s scales the measured ms per slice / image by images x models; GPU s = "
+        f"extent + slice_margin a side); {dev.type}_s scales the measured ms per slice / image by images x models; GPU s = "
         "FLOPs / (peak x utilisation) with "
         + ", ".join(f"{g} {GPU_PEAK_FP16[g] / 1e12:g} TFLOPS fp16 x {u:.0%}" for g, u in INFER_UTILISATION.items())
     )
@@ -1139,6 +1142,7 @@ def _print_submission(
         f"\nprojection to {test_studies} studies: per study = max(decode + encode on {KAGGLE_DECODE_WORKERS} workers "
         f"(decode {decode_ms:.1f} ms/slice, {decode_source}), stacking + box + study models); Kaggle limit {KAGGLE_HOURS:g} h "
         f"(the kit's time_budget_hours {sub.time_budget_hours:g}); study_models_that_fit: the most study models (all box models kept) "
-        "within the limit (SubmissionConfig.max_study_models)"
+        "within the limit (SubmissionConfig.max_study_models); hours_models_only: box + study models alone (stacking is "
+        "CPU time of this machine, repeated per study model)"
     )
     print(projection.to_string(**fmt))
