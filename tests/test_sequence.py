@@ -88,9 +88,11 @@ def test_vertebra_inference_out_of_fold_uses_only_runs_that_never_saw_the_study(
     assert np.allclose(predictions["a"], 0.1) and np.allclose(predictions["c"], 0.3)
     assert np.allclose(predictions["b"], (0.2 + 0.6) / 2)  # both variants' fold-1 runs, averaged
     every = vertebra_predictions(
-        resolve_config("04_infer_vertebra", {"work_dir": str(work), "device": "cpu", "infer_stride": 2}), cache, fold_of
+        resolve_config("04_infer_vertebra", {"work_dir": str(work), "device": "cpu", "infer_stride": 2, "out_of_fold": False}),
+        cache,
+        fold_of,
     )[0]
-    assert np.allclose(every["a"], (0.1 + 0.2 + 0.3 + 0.6) / 4)  # default: every run on every study
+    assert np.allclose(every["a"], (0.1 + 0.2 + 0.3 + 0.6) / 4)  # every run on every study
     missing = resolve_config("04_infer_vertebra", {"work_dir": str(work), "device": "cpu", "out_of_fold": True})
     with pytest.raises(ValueError, match=r"fold\(s\) \[3\]"):
         vertebra_predictions(missing, cache, {**fold_of, "d": 3})

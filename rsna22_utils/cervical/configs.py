@@ -246,8 +246,9 @@ class VertebraInferConfig(StageConfig, PreparedInput, Hardware):
     infer_batch_size: int = 4  # windows per batch
     # rescale each study's vertebra predictions to peak 1 before they become fracture labels
     rescale_pseudo_labels: bool = True
-    # predict each study only with the runs that did not train on its fold (else with every run)
-    out_of_fold: bool = False
+    # predict each study only with the runs that did not train on its fold (else with every run: in-sample
+    # pseudo-labels for the studies a run trained on)
+    out_of_fold: bool = True
 
     def _check(self) -> list[str]:
         return [f"infer_stride must be >= 1, got {self.infer_stride}"] if self.infer_stride < 1 else []
