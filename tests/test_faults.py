@@ -293,7 +293,7 @@ def test_folder_name_is_the_study_key(tmp_path: Path, caplog: pytest.LogCaptureF
 
 def test_prepare_keys_each_study_by_its_folder_and_warns_once(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
     # before: slices.parquet said the header's UID, the cache the folder's; a zero-byte file left most studies uncached
-    from rsna22_utils.cervical.prepare import Prepared, prepare
+    from rsna22_utils.cervical.prepare import Prepared, PrepareFailed, prepare
     from rsna22_utils.cervical.synth import generate_competition
     from rsna22_utils.core.config import resolve_config
 
@@ -306,11 +306,13 @@ def test_prepare_keys_each_study_by_its_folder_and_warns_once(tmp_path: Path, ca
         ds.save_as(path)
     empty = sorted(broken.glob("*.dcm"))[2]
     empty.write_bytes(b"")
-    cfg = resolve_config(
-        "00_prepare", {"data_dir": str(data), "out_dir": str(tmp_path / "prep"), "image_size": 32, "workers": 2, "n_folds": 2}
-    )
+    settings = {"data_dir": str(data), "out_dir": str(tmp_path / "prep"), "image_size": 32, "workers": 2, "n_folds": 2}
     caplog.set_level(logging.WARNING)
-    outputs = prepare(cfg)
+    with pytest.raises(PrepareFailed, match=rf"1 of 5 studies failed \(e\.g\. {broken.name}: .*max_failed_studies=1"):
+        prepare(resolve_config("00_prepare", settings))  # a failed study fails the stage: exit status non-zero
+    assert (tmp_path / "prep" / "prepare.json").is_file()  # after every output was written
+    caplog.clear()
+    outputs = prepare(resolve_config("00_prepare", {**settings, "max_failed_studies": 1}))  # allowed: a warning
     prepared = Prepared(tmp_path / "prep")
     slices, cache = prepared.read("slices"), prepared.cache()
     folders = sorted(p.name for p in data.glob("*_images/*"))
@@ -506,3 +508,81 @@ def test_truncated_compressed_pixel_data_is_named_as_such(tmp_path: Path, syntax
     path.write_bytes(path.read_bytes()[:-40])
     with pytest.raises(DicomReadError, match="truncated file"):
         read_slice(path, backend)
+
+
+# ------------------------------------------------------------------ honest stages, safe reruns
+
+
+def test_labelled_slices_the_cache_lacks_are_counted_or_an_error(tiny_pipeline: dict, tmp_path: Path, caplog) -> None:
+    import shutil
+
+    from rsna22_utils.cervical.box import box_table
+    from rsna22_utils.cervical.prepare import Prepared
+
+    prepared_dir = tmp_path / "00_prepare"
+    shutil.copytree(tiny_pipeline["work_dir"] / "00_prepare", prepared_dir)
+    prepared = Prepared(prepared_dir)
+    cache = prepared.cache()
+    labelled = sorted(set(prepared.read("slice_boxes")["StudyInstanceUID"]))
+    gone = labelled[0]
+    for path in (cache.root / "volumes" / f"{gone}.npy", cache.root / "slices" / f"{gone}.parquet"):
+        path.unlink()
+    with pytest.raises(ValueError, match=rf"1 labelled studies are not in the cache .*{gone}.*rerun 00_prepare"):
+        box_table(prepared, cache)  # a cache that silently lacks a labelled study
+    pd.DataFrame({"study": [f"/data/train_images/{gone}"], "reason": ["empty file"]}).to_csv(cache.root / "failures.csv", index=False)
+    caplog.set_level(logging.WARNING)
+    table = box_table(prepared, cache)  # 00_prepare reported it (and was allowed to): counted, not silent
+    assert gone not in set(table["StudyInstanceUID"])
+    assert [m for m in warnings_of(caplog) if "labelled slices" in m and gone in m]
+
+
+def test_a_run_folder_holds_a_lock(tmp_path: Path) -> None:
+    from rsna22_utils.core.files import LOCK_FILE, RunLocked, run_lock
+    from rsna22_utils.core.registry import execute
+
+    with run_lock(tmp_path / "run"):
+        with pytest.raises(RunLocked, match=r"another process is running this run \(pid \d+"):
+            with run_lock(tmp_path / "run"):
+                pass
+        cfg = _toy_box_config(tmp_path / "run")
+        with pytest.raises(RunLocked):  # a stage run on a locked folder stops before it trains
+            execute("01_train_box", cfg)
+    assert not (tmp_path / "run" / LOCK_FILE).exists()
+    with run_lock(tmp_path / "run"):  # released
+        pass
+
+
+def _toy_box_config(out_dir: Path, **overrides):
+    from rsna22_utils.core.config import resolve_config
+
+    return resolve_config("01_train_box", {"out_dir": str(out_dir), "device": "cpu", "num_workers": 0, **overrides})
+
+
+def test_resuming_with_settings_that_change_the_result_is_an_error(tmp_path: Path) -> None:
+    sys.path.insert(0, str(Path(__file__).parent))
+    from ddp_toy import run
+
+    from rsna22_utils.core.config import ConfigError
+
+    run(tmp_path, epochs=1)
+    with pytest.raises(ConfigError, match=r"other settings \(lr: 0\.01 in the checkpoint, 0\.02 now\).*--force"):
+        run(tmp_path, epochs=1, lr=0.02)
+    _, metrics = run(tmp_path, epochs=1, num_workers=1)  # where / how fast it runs: resumes (nothing left to do)
+    assert metrics["epoch"] == 1
+
+
+def test_force_starts_a_run_over_without_its_checkpoint(tmp_path: Path) -> None:
+    from rsna22_utils.core.runner import COMPLETE_FILE, _RunSpec, _start_over
+
+    run = tmp_path / "01_train_box" / "fold0-seed0"
+    run.mkdir(parents=True)
+    for name in ("checkpoint.pt", "model.safetensors", COMPLETE_FILE):
+        (run / name).write_text("old")
+    _start_over(_RunSpec("01_train_box", 0, 0, run, {}, {}))
+    assert list(run.iterdir()) == []
+    once = tmp_path / "02_infer_box"
+    once.mkdir()
+    (once / COMPLETE_FILE).write_text("old")
+    (once / "study_boxes.csv").write_text("kept")
+    _start_over(_RunSpec("02_infer_box", None, None, once, {}, {}))  # a stage that runs once: only the mark goes
+    assert [p.name for p in once.iterdir()] == ["study_boxes.csv"]

@@ -38,10 +38,31 @@ TRAIN_STAGE, INFER_STAGE = "01_train_box", "02_infer_box"
 
 
 def box_table(prepared: Prepared, cache: StudyCache) -> pd.DataFrame:
-    """slice_boxes joined with each slice's original rows/cols (box pixels are original pixels)."""
+    """slice_boxes joined with each slice's original rows/cols (box pixels are original pixels).
+
+    Labelled slices the cache lacks (studies 00_prepare was allowed to fail, `max_failed_studies`) are
+    left out with a warning that counts them; a labelled study the cache lacks entirely without 00
+    having reported it is an error (a cache from another run)."""
     boxes = prepared.read("slice_boxes")
     sizes = cache.all_slices()[["StudyInstanceUID", "slice_index", "rows", "cols"]]
     table = boxes.merge(sizes, on=["StudyInstanceUID", "slice_index"], how="inner", validate="one_to_one")
+    if len(table) < len(boxes):
+        missing = sorted(set(boxes["StudyInstanceUID"]) - set(table["StudyInstanceUID"]))
+        reported = set(cache.failed_studies())
+        unreported = [uid for uid in missing if uid not in reported]
+        if unreported:
+            raise ValueError(
+                f"{prepared.slice_boxes}: {len(unreported)} labelled studies are not in the cache {cache.root} and 00_prepare "
+                f"reported no failure for them (e.g. {unreported[:3]}): the cache is not the one these labels were built "
+                "with; rerun 00_prepare"
+            )
+        logger.warning(
+            "box labels: %d of %d labelled slices (%d studies that 00_prepare could not cache: %s) are left out",
+            len(boxes) - len(table),
+            len(boxes),
+            len(missing),
+            ", ".join(missing[:5]),
+        )
     return table.fillna({c: 0.0 for c in BOX_COLUMNS})
 
 

@@ -186,6 +186,8 @@ class PrepareConfig(StageConfig):
     image_size: int = 256
     windows: list[list[float]] = field(default_factory=_bone_window)  # HU (center, width) per cache channel
     workers: int = 0  # processes that decode studies; 0 = all cores
+    # studies that may fail to scan or decode before the stage fails (its outputs are written either way)
+    max_failed_studies: int = 0
 
     def _check(self) -> list[str]:
         out = _check_windows(self.windows, self.image_size)

@@ -106,7 +106,29 @@ def prepare(cfg: PrepareConfig) -> dict[str, Any]:
             prepared.slices.with_name("slices.failures.csv"),
         )
     (out / "prepare.json").write_text(json.dumps({k: str(v) for k, v in outputs.items()}, indent=2))
+    _fail_past_allowance(cfg, len(studies), scan_failures, cache_failures, out)
     return outputs
+
+
+def _fail_past_allowance(cfg: PrepareConfig, n_studies: int, scan_failures: list, cache_failures: list, out: Path) -> None:
+    """More failed studies than `max_failed_studies` fail the stage (non-zero exit), after every output is
+    written: a user learns it now, not from a box model trained on two thirds of the data."""
+    reasons = {Path(study).name: reason for study, reason in cache_failures}
+    reasons.update({failure.study: failure.reason for failure in scan_failures})
+    if len(reasons) <= cfg.max_failed_studies:
+        if reasons:
+            logger.warning("00_prepare: %d studies failed, allowed by max_failed_studies=%d", len(reasons), cfg.max_failed_studies)
+        return
+    shown = "; ".join(f"{uid}: {reason}" for uid, reason in list(reasons.items())[:3])
+    raise PrepareFailed(
+        f"00_prepare: {len(reasons)} of {n_studies} studies failed (e.g. {shown}); every output is written under {out} "
+        f"(lists: slices.failures.csv, cache/*/failures.csv). Fix or remove them, or allow them with "
+        f"-p max_failed_studies={len(reasons)}"
+    )
+
+
+class PrepareFailed(RuntimeError):
+    """00_prepare finished with more failed studies than allowed."""
 
 
 def split_by_fold(table: pd.DataFrame, fold: int) -> tuple[pd.DataFrame, pd.DataFrame | None]:

@@ -185,6 +185,11 @@ class StudyCache:
         """The study's per-slice table in volume order (column `slice_index`)."""
         return pd.read_parquet(self.root / "slices" / f"{uid}.parquet")
 
+    def failed_studies(self) -> list[str]:
+        """Studies the build reported it could not cache (`failures.csv`, keyed by folder name)."""
+        path = self.root / "failures.csv"
+        return [Path(study).name for study in pd.read_csv(path, dtype=str)["study"]] if path.is_file() else []
+
     def all_slices(self) -> pd.DataFrame:
         """Per-slice tables of all cached studies, concatenated."""
         return pd.concat([self.slices(uid) for uid in self.uids], ignore_index=True)

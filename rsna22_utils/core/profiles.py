@@ -3,7 +3,7 @@
 A competition package ships its profiles as `<package>/profiles/<name>.json`:
 
     {
-      "profile": "original", "version": 1, "description": "...",
+      "profile": "original", "version": 1, "description": "...", "sources": {"01_train_box": "cfg_loc_dh_01B.py"},
       "every_stage": {"pretrained": true},              # applied to each stage that has the setting
       "stages": {
         "01_train_box": {"settings": {...}, "folds": [0, 1, 2, 3, 4, -1], "seeds": [0, 1, 2]},
@@ -122,7 +122,8 @@ def _check(profile: Profile, data: dict[str, Any]) -> list[str]:
     from rsna22_utils.core.registry import VARIANT_NAME, stages
 
     known = stages()
-    problems = [f"unknown top-level key {k!r}" for k in data if k not in {"profile", "version", "description", "every_stage", "stages"}]
+    allowed = {"profile", "version", "description", "sources", "every_stage", "stages"}  # sources: where the values come from
+    problems = [f"unknown top-level key {k!r}" for k in data if k not in allowed]
     fields = {name: set(settable_fields(entry.config)) - {"fold", "seed", "variant", "profile"} for name, entry in known.items()}
     for key in profile.every_stage:
         if not any(key in f for f in fields.values()):
