@@ -586,3 +586,23 @@ def test_force_starts_a_run_over_without_its_checkpoint(tmp_path: Path) -> None:
     (once / "study_boxes.csv").write_text("kept")
     _start_over(_RunSpec("02_infer_box", None, None, once, {}, {}))  # a stage that runs once: only the mark goes
     assert [p.name for p in once.iterdir()] == ["study_boxes.csv"]
+
+
+def test_a_rerun_that_fails_leaves_no_finished_looking_run_of_other_settings(tmp_path: Path) -> None:
+    sys.path.insert(0, str(Path(__file__).parent))
+    from ddp_toy import ToyTask, run
+
+    class Crash(Exception):
+        pass
+
+    class CrashingTask(ToyTask):
+        def loss(self, model, batch):
+            if model.training:
+                raise Crash
+            return super().loss(model, batch)
+
+    run(tmp_path, epochs=1)
+    assert (tmp_path / "config.json").is_file() and (tmp_path / "metrics.json").is_file()
+    with pytest.raises(Crash):  # started over (resume=false) with other settings, dies in its first epoch
+        run(tmp_path, epochs=1, lr=0.05, resume=False, task=CrashingTask())
+    assert not (tmp_path / "config.json").exists() and not (tmp_path / "metrics.json").exists()  # the old run's record is gone

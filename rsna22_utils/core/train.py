@@ -308,6 +308,9 @@ def _train(
         model.to(memory_format=torch.channels_last)
     opt = _optimisation(model, cfg, device, plan.total_steps)
     _resume(opt, model, cfg, out / CHECKPOINT, procs)
+    if procs.main:  # until this run ends, the folder must not look like a finished run of other settings or epochs
+        for name in (CONFIG, METRICS):
+            (out / name).unlink(missing_ok=True)
     history, best = opt.history, opt.best
     train_model: nn.Module = model
     if procs.enabled:
