@@ -340,6 +340,7 @@ def bench_inference(data_dir: str | Path, weights_dir: str | Path, n_studies: in
                 cfg,
                 cfg.amp,
                 ensemble.box.input_slices,
+                ensemble.box.norm,
             )
             sync()
             stack_s, model_s = 0.0, time.perf_counter() - t2

@@ -21,7 +21,7 @@ from tqdm import tqdm
 
 from rsna22_utils.cervical.anatomy import BOX_COLUMNS
 from rsna22_utils.cervical.configs import BoxInferConfig, BoxTrainConfig
-from rsna22_utils.cervical.data import BoxSliceDataset, CacheSource
+from rsna22_utils.cervical.data import BoxSliceDataset, CacheSource, InputNorm, common_input_norm
 from rsna22_utils.cervical.models import box_loss, create_model, load_run
 from rsna22_utils.cervical.prepare import Prepared, open_cache, split_by_fold
 from rsna22_utils.cervical.study_box import box_iou, evaluate_study_boxes, predict_box_slices, shared_input_slices, study_boxes
@@ -110,11 +110,11 @@ def train_box(cfg: BoxTrainConfig) -> dict:
     cfg = with_derived(cfg, **cache_settings)
     train, valid = split_by_fold(box_table(prepared, cache), cfg.fold)
     logger.info("box model fold %d: %d training slices, %d validation slices", cfg.fold, len(train), 0 if valid is None else len(valid))
-    source, k = CacheSource(cache), cfg.box_input_slices
+    source, k, norm = CacheSource(cache), cfg.box_input_slices, InputNorm.of(cfg)
     model = create_model(cfg)
     task = BoxTask(valid, cfg.box_weight, cfg.has_box_weight)
-    valid_set = None if valid is None else BoxSliceDataset(valid, source, input_slices=k)
-    return fit(model, task, BoxSliceDataset(train, source, augment=True, input_slices=k), valid_set, cfg)
+    valid_set = None if valid is None else BoxSliceDataset(valid, source, input_slices=k, norm=norm)
+    return fit(model, task, BoxSliceDataset(train, source, augment=cfg.augment, input_slices=k, norm=norm), valid_set, cfg)
 
 
 def box_examples(cfg: BoxTrainConfig, n: int = 8) -> tuple[list[np.ndarray], np.ndarray, np.ndarray]:
@@ -126,13 +126,14 @@ def box_examples(cfg: BoxTrainConfig, n: int = 8) -> tuple[list[np.ndarray], np.
     rows = shown[shown["has_box"] > 0.5]
     rows = rows.iloc[np.linspace(0, len(rows) - 1, min(n, len(rows))).astype(int)].reset_index(drop=True)
     model, run_cfg = load_run(Path(cfg.out_dir), torch.device("cpu"))
-    dataset = BoxSliceDataset(rows, CacheSource(cache), input_slices=run_cfg.box_input_slices)
+    norm = InputNorm.of(run_cfg)
+    dataset = BoxSliceDataset(rows, CacheSource(cache), input_slices=run_cfg.box_input_slices, norm=norm)
     items = [dataset[i] for i in range(len(rows))]
     with torch.inference_mode():
         predicted = model({"image": torch.stack([item["image"] for item in items])})["box"].numpy()
     size = cache.spec.image_size
     centre = (run_cfg.box_input_slices // 2) * len(run_cfg.windows)  # the first window of the predicted slice
-    images = [((item["image"][centre].numpy() + 1) * 127.5).astype(np.uint8) for item in items]
+    images = [norm.to_uint8(item["image"])[..., centre] for item in items]
     true = np.stack([item["box"].numpy() for item in items])
     return images, predicted * size, true * size
 
@@ -173,11 +174,12 @@ def predict_table(
 ) -> tuple[np.ndarray, np.ndarray]:
     """Mean p_box (n,) and box fractions (n, 4) of every row of `table`, each study from its group's runs."""
     input_slices = shared_input_slices({run: run_cfg for run, (_, run_cfg) in loaded.items()})
+    norm = common_input_norm([run_cfg for _, run_cfg in loaded.values()], list(loaded))
     p_box, boxes = np.zeros(len(table)), np.zeros((len(table), 4))
     uids = table["StudyInstanceUID"]
     for _, studies, runs in groups:
         rows = np.flatnonzero(uids.isin(studies).to_numpy())
-        dataset = BoxSliceDataset(table.iloc[rows], CacheSource(cache), input_slices=input_slices)
+        dataset = BoxSliceDataset(table.iloc[rows], CacheSource(cache), input_slices=input_slices, norm=norm)
         loader = DataLoader(dataset, batch_size=cfg.infer_batch_size, num_workers=cfg.num_workers, shuffle=False)
         batches = ((rows[batch["index"].numpy()], batch["image"]) for batch in tqdm(loader, desc=f"box x {len(runs)} models", unit="batch"))
         p, b = predict_box_slices([loaded[run][0] for run in runs], batches, len(table), device, cfg.amp)

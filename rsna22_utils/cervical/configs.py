@@ -137,18 +137,78 @@ class SequenceLoss:
         return out
 
 
+AUGMENTATIONS = ("light", "original")
+INTENSITIES = ("window", "minmax")
+WINDOW_SAMPLINGS = ("random", "every")
+
+
+def _unit_norm() -> list[float]:
+    return [0.5]
+
+
+@dataclass
+class Augmentation:
+    """How training images are augmented (`data.box_augmentation` / `data.sequence_augmentation`)."""
+
+    # light: mild affine + brightness/contrast | original: the 3rd place's hflip, shift/scale/rotate and
+    # contrast (+ grid distortion and cutout holes on sequences)
+    augment: str = "light"
+
+    def _check(self) -> list[str]:
+        return [] if self.augment in AUGMENTATIONS else [f"augment must be one of {', '.join(AUGMENTATIONS)}, got {self.augment!r}"]
+
+
+@dataclass
+class Intensity:
+    """How cached uint8 pixels become network inputs (`data.InputNorm`); saved with the run so inference repeats it.
+
+    Input = (pixels / 255 - norm_mean) / norm_std per channel (one value = every channel); the
+    defaults give pixels / 127.5 - 1.
+    """
+
+    intensity: str = "window"  # window: the cache's windowed pixels | minmax: each image (crop) and channel stretched to 0-255 first
+    norm_mean: list[float] = field(default_factory=_unit_norm)  # per input channel, or one for all
+    norm_std: list[float] = field(default_factory=_unit_norm)
+
+    def _check(self) -> list[str]:
+        out = []
+        if self.intensity not in INTENSITIES:
+            out.append(f"intensity must be one of {', '.join(INTENSITIES)}, got {self.intensity!r}")
+        if not self.norm_mean or len(self.norm_mean) != len(self.norm_std):
+            out.append(f"norm_mean and norm_std need the same number (>= 1) of values, got {self.norm_mean} and {self.norm_std}")
+        if any(s <= 0 for s in self.norm_std):
+            out.append(f"norm_std must be > 0, got {self.norm_std}")
+        return out
+
+
 @dataclass
 class SequenceSampling:
     """Training windows of the sequence stages, and the validation windows' stride."""
 
-    samples_per_study: int = 2  # random training windows per study and epoch
-    positive_window_bias: float = 0.5  # probability that a training window holds a positive slice
+    # random: samples_per_study random windows per study and epoch | every: each epoch visits every window
+    # that starts at a slice divisible by window_step, plus the first and the last window of each study
+    window_sampling: str = "random"
+    samples_per_study: int = 2  # random training windows per study and epoch (window_sampling=random)
+    positive_window_bias: float = 0.5  # probability that a random training window holds a positive slice
+    window_step: int = 12  # slices between the starts of training windows (window_sampling=every)
+    # probability that a training window takes every d-th slice (d drawn from 2..slice_skip_max, at most
+    # what the rest of the study holds) instead of adjacent ones; 0 = never
+    slice_skip_p: float = 0.0
+    slice_skip_max: int = 4
     infer_stride: int = 48  # slices between consecutive validation windows (overlaps are averaged)
 
     def _check(self) -> list[str]:
         out = []
+        if self.window_sampling not in WINDOW_SAMPLINGS:
+            out.append(f"window_sampling must be one of {', '.join(WINDOW_SAMPLINGS)}, got {self.window_sampling!r}")
         if not 0.0 <= self.positive_window_bias <= 1.0:
             out.append(f"positive_window_bias must be in [0, 1], got {self.positive_window_bias}")
+        if self.window_step < 1:
+            out.append(f"window_step must be >= 1, got {self.window_step}")
+        if not 0.0 <= self.slice_skip_p <= 1.0:
+            out.append(f"slice_skip_p must be in [0, 1], got {self.slice_skip_p}")
+        if self.slice_skip_max < 2:
+            out.append(f"slice_skip_max must be >= 2, got {self.slice_skip_max}")
         span = getattr(self, "seq_len", 1) * getattr(self, "slices_per_image", 1)
         if not 1 <= self.infer_stride <= span:
             out.append(f"infer_stride must be in [1, seq_len * slices_per_image = {span}], got {self.infer_stride}")
@@ -165,11 +225,15 @@ class BoxCrop:
     # where crops come from: "cache" = cut from the 00 study cache (image_size px, box as is);
     # "native" = the crop cache (cervical.crops): squared box at the DICOM's resolution, built on first use
     crop_source: str = "cache"
+    crop_square: bool = False  # crop_source=cache: pad the box's short side to a square (centred, clamped to the image)
 
     def _check(self) -> list[str]:
+        out = []
         if self.crop_source not in ("cache", "native"):
-            return [f"crop_source must be 'cache' or 'native', got {self.crop_source!r}"]
-        return []
+            out.append(f"crop_source must be 'cache' or 'native', got {self.crop_source!r}")
+        if self.crop_margin < 0:
+            out.append(f"crop_margin must be >= 0, got {self.crop_margin}")
+        return out
 
 
 # ----------------------------------------------------------------------------- stages
@@ -188,6 +252,7 @@ class PrepareConfig(StageConfig):
     workers: int = 0  # processes that decode studies; 0 = all cores
     # studies that may fail to scan or decode before the stage fails (its outputs are written either way)
     max_failed_studies: int = 0
+    drop_studies: list[str] = field(default_factory=list)  # train studies left out of the folds and labels every stage trains on
 
     def _check(self) -> list[str]:
         out = _check_windows(self.windows, self.image_size)
@@ -197,7 +262,7 @@ class PrepareConfig(StageConfig):
 
 
 @dataclass
-class BoxTrainConfig(TrainConfig, Backbone, CacheInput):
+class BoxTrainConfig(TrainConfig, Backbone, CacheInput, Augmentation, Intensity):
     """01_train_box: 2D model that says, per axial slice, whether C1-C7 are visible and where."""
 
     backbone: str = "mobilenetv3_small_050"
@@ -231,10 +296,19 @@ class BoxInferConfig(StageConfig, PreparedInput, Hardware, StudyBoxRule):
 
 
 @dataclass
-class VertebraTrainConfig(TrainConfig, Backbone, CacheInput, SequenceShape, SequenceSampling, SequenceLoss):
+class VertebraTrainConfig(
+    TrainConfig, Backbone, CacheInput, SequenceShape, SequenceSampling, SequenceLoss, BoxCrop, Augmentation, Intensity
+):
     """03_train_vertebra: CNN over slice windows + BiLSTM -> per-slice C1..C7 ratios."""
 
     backbone: str = "efficientnet_b0"
+    crop_by_box: bool = False  # whole slices; true = the study box of 02_infer_box (then 02 runs before 03)
+
+    def _check(self) -> list[str]:
+        if self.crop_source != "cache":
+            return [f"crop_source must be 'cache' for 03_train_vertebra (its crops come from the study cache), got {self.crop_source!r}"]
+        return []
+
     epochs: int = 15
     batch_size: int = 8
     lr: float = 3e-4
@@ -257,7 +331,9 @@ class VertebraInferConfig(StageConfig, PreparedInput, Hardware):
 
 
 @dataclass
-class FractureTrainConfig(TrainConfig, Backbone, CacheInput, SequenceShape, SequenceSampling, SequenceLoss, BoxCrop):
+class FractureTrainConfig(
+    TrainConfig, Backbone, CacheInput, SequenceShape, SequenceSampling, SequenceLoss, BoxCrop, Augmentation, Intensity
+):
     """05_train_fracture: the sequence model on box crops, 7 vertebra + 7 fracture targets."""
 
     backbone: str = "efficientnet_b0"
@@ -283,7 +359,7 @@ _FROM_05 = "its stage-05 run (fracture_run)"
 
 
 @dataclass
-class StudyTrainConfig(TrainConfig, CacheInput):
+class StudyTrainConfig(TrainConfig, CacheInput, Augmentation):
     """06_train_study: the stage-05 CNN (frozen) embeds every slice; a BiLSTM + attention reads the whole study."""
 
     fracture_run: str = ""  # the stage-05 run whose CNN is frozen; "" -> that of the same variant, fold and seed
@@ -315,6 +391,10 @@ class StudyTrainConfig(TrainConfig, CacheInput):
     crop_margin: float = derived(0.1, source=_FROM_05)
     crop_size: int = derived(256, source=_FROM_05)
     crop_source: str = derived("cache", source=_FROM_05)
+    crop_square: bool = derived(False, source=_FROM_05)
+    intensity: str = derived("window", source=_FROM_05)
+    norm_mean: list[float] = derived(source=_FROM_05, default_factory=_unit_norm)
+    norm_std: list[float] = derived(source=_FROM_05, default_factory=_unit_norm)
     fracture_lstm_hidden: int = derived(256, source=_FROM_05)
     outputs_per_slice: bool = derived(False, source=_FROM_05)
     position_embedding: int = derived(0, source=_FROM_05)

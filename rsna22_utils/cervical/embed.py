@@ -16,7 +16,7 @@ from tqdm import tqdm
 
 from rsna22_utils.cervical.anatomy import BOX_COLUMNS
 from rsna22_utils.cervical.configs import StudyTrainConfig
-from rsna22_utils.cervical.data import SequenceDataset
+from rsna22_utils.cervical.data import SequenceDataset, sequence_inputs
 from rsna22_utils.cervical.models import fit_length
 
 
@@ -25,17 +25,7 @@ def study_windows(
 ) -> SequenceDataset:
     """Back-to-back windows of `seq_len` images (3-slice crops, as its stage-05 CNN saw them) covering each study's slice range."""
     return SequenceDataset(
-        uids,
-        cache,
-        None,
-        seq_len=cfg.seq_len,
-        slices_per_image=cfg.slices_per_image,
-        mode="infer",
-        stride=cfg.seq_len * cfg.slices_per_image,
-        ranges=ranges,
-        crops=crops if cfg.crop_by_box and getattr(cfg, "crop_source", "cache") == "cache" else None,  # native: cut already
-        crop_margin=cfg.crop_margin,
-        output_size=cfg.crop_size if cfg.crop_by_box else None,
+        uids, cache, None, mode="infer", stride=cfg.seq_len * cfg.slices_per_image, ranges=ranges, **sequence_inputs(cfg, crops)
     )
 
 

@@ -248,6 +248,24 @@ def _balanced_folds(targets: np.ndarray, n_folds: int, seed: int, swaps_per_stud
     return fold.astype(np.int64)
 
 
+def drop_studies(train_df: pd.DataFrame, uids: Iterable[str]) -> pd.DataFrame:
+    """`train_df` without the studies `uids` (the 3rd place left out two whose labels it did not trust).
+
+    One log line names the studies dropped; a listed study that `train_df` lacks is a warning.
+    """
+    uids = list(dict.fromkeys(uids))
+    if not uids:
+        return train_df
+    known = set(train_df["StudyInstanceUID"])
+    unknown = [uid for uid in uids if uid not in known]
+    if unknown:
+        logger.warning("drop_studies: %d listed studies are not in train.csv: %s", len(unknown), ", ".join(unknown))
+    dropped = [uid for uid in uids if uid in known]
+    if dropped:
+        logger.info("drop_studies: %d studies left out of the folds and labels: %s", len(dropped), ", ".join(dropped))
+    return train_df[~train_df["StudyInstanceUID"].isin(dropped)].reset_index(drop=True)
+
+
 def make_folds(
     train_df: pd.DataFrame,
     n_folds: int = 5,
@@ -330,6 +348,7 @@ def build_segmentation_labels(
     folds_df: pd.DataFrame | None = None,
     workers: int | None = None,
     slices: pd.DataFrame | None = None,
+    drop: Iterable[str] = (),
 ) -> dict[str, Path]:
     """Slice boxes and vertebra ratios for every segmented train study -> parquet files in `out_dir`.
 
@@ -340,6 +359,7 @@ def build_segmentation_labels(
     (-1 when `folds_df` is None or lacks the study). A study that fails is logged with its file
     and reason, listed in `segmentation_labels.failures.csv`, and skipped. `slices` (the scan's
     table, keyed by folder name) aligns each study to the scan's slices instead of reading its headers again.
+    Studies in `drop` (`drop_studies` of 00_prepare) get no labels.
     Returns {"slice_boxes": path, "vertebra_ratios": path} (+ "failures" when any failed).
     """
     data_dir, out_dir = Path(data_dir), Path(out_dir)
@@ -349,7 +369,9 @@ def build_segmentation_labels(
     nifti = sorted(p for p in seg_dir.iterdir() if p.name.endswith((".nii", ".nii.gz")))
     from rsna22_utils.cervical.segmentation import study_uid_from_path
 
+    dropped = set(drop)
     jobs = [(study_uid_from_path(p), p, data_dir / "train_images" / study_uid_from_path(p)) for p in nifti]
+    jobs = [job for job in jobs if job[0] not in dropped]
     orphans = [uid for uid, _, study_dir in jobs if not study_dir.is_dir()]
     if orphans:
         logger.info("%d segmentations have no train_images folder and are skipped, e.g. %s", len(orphans), orphans[:3])

@@ -11,7 +11,7 @@ from typing import Any
 import pandas as pd
 
 from rsna22_utils.cervical.configs import PrepareConfig
-from rsna22_utils.cervical.labels import build_segmentation_labels, check_study_labels, make_folds
+from rsna22_utils.cervical.labels import build_segmentation_labels, check_study_labels, drop_studies, make_folds
 from rsna22_utils.core.cache import CacheSpec, StudyCache, build_cache
 from rsna22_utils.core.registry import FULL_DATA_FOLD
 from rsna22_utils.core.scan import find_studies, scan_competition
@@ -84,13 +84,14 @@ def prepare(cfg: PrepareConfig) -> dict[str, Any]:
 
     train = pd.read_csv(data_dir / "train.csv")
     check_study_labels(train, data_dir / "train.csv")
+    train = drop_studies(train, cfg.drop_studies)
     folds = make_folds(train, n_folds=cfg.n_folds, seed=cfg.split_seed, fold_file=cfg.fold_file or None)
     folds.to_csv(prepared.folds, index=False)
     logger.info("folds of %d studies written to %s", len(folds), prepared.folds)
 
     outputs: dict[str, Any] = {"slices": prepared.slices, "folds": prepared.folds, "scan_failures": len(scan_failures)}
     if (data_dir / "segmentations").is_dir():
-        outputs.update(build_segmentation_labels(data_dir, out, folds, workers=cfg.workers or None, slices=slices))
+        outputs.update(build_segmentation_labels(data_dir, out, folds, workers=cfg.workers or None, slices=slices, drop=cfg.drop_studies))
     else:
         logger.warning("%s has no segmentations/: the box and vertebra stages will have no labels", data_dir)
 

@@ -23,7 +23,7 @@ from rsna22_utils.cervical.anatomy import VERTEBRAE
 from rsna22_utils.cervical.box import study_crops
 from rsna22_utils.cervical.configs import FractureTrainConfig, VertebraInferConfig, VertebraTrainConfig
 from rsna22_utils.cervical.crops import native_crop_cache
-from rsna22_utils.cervical.data import SequenceDataset, positive_slices, spread_window_predictions
+from rsna22_utils.cervical.data import SequenceDataset, positive_slices, sequence_inputs, spread_window_predictions
 from rsna22_utils.cervical.labels import fracture_slice_labels
 from rsna22_utils.cervical.models import create_model, load_run, sequence_loss
 from rsna22_utils.cervical.prepare import Prepared, open_cache, split_by_fold
@@ -167,8 +167,8 @@ def _sequence_datasets(
     crops: dict[str, tuple] | None = None,
     ranges: dict[str, tuple[int, int]] | None = None,
 ) -> tuple[SequenceDataset, SequenceDataset | None]:
-    """Random training windows (biased towards `positive` slices) and overlapping validation windows of one fold
-    (inside `ranges`, default each whole study; no validation windows for a full-data run)."""
+    """Training windows (`window_sampling`; random ones biased towards `positive` slices) and overlapping validation
+    windows of one fold (inside `ranges`, default each whole study; no validation windows for a full-data run)."""
     train_table, valid_table = split_by_fold(folds, cfg.fold)
     train_uids = sorted(train_table["StudyInstanceUID"])
     common = _window_inputs(cfg, crops, ranges)
@@ -177,9 +177,13 @@ def _sequence_datasets(
         cache,
         labels,
         mode="train",
+        window_sampling=cfg.window_sampling,
         samples_per_study=cfg.samples_per_study,
         positive_bias=cfg.positive_window_bias,
-        augment=True,
+        window_step=cfg.window_step,
+        slice_skip_p=cfg.slice_skip_p,
+        slice_skip_max=cfg.slice_skip_max,
+        augment=cfg.augment,
         positive_labels=positive,
         **common,
     )
@@ -190,20 +194,9 @@ def _sequence_datasets(
 
 
 def _window_inputs(cfg: Any, crops: dict[str, tuple] | None, ranges: dict[str, tuple[int, int]] | None = None) -> dict[str, Any]:
-    """How a sequence run's windows are cut (SequenceDataset arguments): shape, per-slice targets, box crops,
-    slice ranges (native crops: cut already, resized to crop_size)."""
-    common: dict[str, Any] = dict(
-        seq_len=cfg.seq_len,
-        slices_per_image=cfg.slices_per_image,
-        crops=crops,
-        ranges=ranges,
-        per_slice=bool(getattr(cfg, "outputs_per_slice", False)),
-    )
-    if crops:
-        common.update(crop_margin=cfg.crop_margin, output_size=cfg.crop_size)
-    elif ranges is not None:
-        common.update(output_size=cfg.crop_size)
-    return common
+    """How a sequence run's windows are cut (SequenceDataset arguments): shape, box crops and intensity
+    (`data.sequence_inputs`), per-slice targets, slice ranges (native crops: cut already, resized to crop_size)."""
+    return {**sequence_inputs(cfg, crops), "ranges": ranges, "per_slice": bool(getattr(cfg, "outputs_per_slice", False))}
 
 
 def train_vertebra(cfg: VertebraTrainConfig) -> dict:
@@ -211,7 +204,8 @@ def train_vertebra(cfg: VertebraTrainConfig) -> dict:
     prepared, cache, cache_settings = open_cache(cfg)
     cfg = with_derived(cfg, **cache_settings)
     labels, folds = _vertebra_labels(prepared, cache)
-    train, valid = _sequence_datasets(cfg, labels, folds, cache, positive=labels)  # windows that show the spine
+    crops = study_crops(cfg.work_dir)[0] if cfg.crop_by_box else None
+    train, valid = _sequence_datasets(cfg, labels, folds, cache, positive=labels, crops=crops)  # windows that show the spine
     logger.info("vertebra model fold %d: %d training / %d validation studies", cfg.fold, len(train.uids), len(valid.uids) if valid else 0)
     task = SequenceTask(valid, list(VERTEBRAE), loss=cfg.loss, positive_weight=cfg.positive_weight)
     return fit(create_model(cfg), task, train, valid, cfg)

@@ -18,7 +18,7 @@ from rsna22_utils.cervical.anatomy import TARGETS
 from rsna22_utils.cervical.box import study_crops
 from rsna22_utils.cervical.configs import StudyTrainConfig
 from rsna22_utils.cervical.crops import native_crop_cache
-from rsna22_utils.cervical.data import seeded, sequence_augmentation, to_tensor
+from rsna22_utils.cervical.data import augment_sequence, sequence_augmentation
 from rsna22_utils.cervical.embed import embed_studies, study_windows
 from rsna22_utils.cervical.metric import (
     competition_loss,
@@ -52,6 +52,10 @@ SETTINGS_FROM_FRACTURE_RUN = (
     "channel_embedding",
     "position_of",
     "any_fracture_head",
+    "crop_square",
+    "intensity",
+    "norm_mean",
+    "norm_std",
 )
 
 
@@ -95,7 +99,8 @@ class StudyImages(Dataset):
     """Each study's images (3-slice box crops inside its slice range, as `embed_studies` sees them), for
     the frozen CNN to embed at every step (`embed_on_the_fly`); augmented alike across a study's images."""
 
-    def __init__(self, uids: list[str], windows: Any, labels: pd.DataFrame | None, augment: bool = False) -> None:
+    def __init__(self, uids: list[str], windows: Any, labels: pd.DataFrame | None, augment: bool | str = False) -> None:
+        """`augment`: False, True (light) or an augmentation set's name (`data.sequence_augmentation`)."""
         self.uids, self.windows, self.augment = uids, windows, augment
         self.starts: dict[str, list[int]] = {}
         for uid, start in windows.items:
@@ -114,9 +119,9 @@ class StudyImages(Dataset):
     def __getitem__(self, index: int) -> dict[str, torch.Tensor]:
         images = self.images(self.uids[index])
         if self.augment:
-            out = seeded(sequence_augmentation(len(images)))(image=images[0], **{f"image{i}": images[i] for i in range(1, len(images))})
-            images = np.stack([out["image"]] + [out[f"image{i}"] for i in range(1, len(images))])
-        item = {"images": torch.stack([to_tensor(image) for image in images]), "study": torch.tensor(index)}
+            images = augment_sequence(images, sequence_augmentation(len(images), "light" if self.augment is True else self.augment))
+        pixels = torch.from_numpy(np.ascontiguousarray(images.transpose(0, 3, 1, 2)))
+        item = {"images": self.windows.norm.normalise(pixels), "study": torch.tensor(index)}  # as the stage-05 run saw them
         if self.targets is not None:
             item["target"] = torch.from_numpy(self.targets[index])
         return item
@@ -231,7 +236,7 @@ def train_study(cfg: StudyTrainConfig) -> dict:
     logger.info("study model fold %d: %d training / %d validation studies", cfg.fold, len(train), len(valid) if valid else 0)
     if not cfg.embed_on_the_fly:
         return fit(model, StudyTask(valid, folds), train, valid, cfg, collate_fn=pad_collate)
-    train_images = StudyImages(train.uids, study_windows(train.uids, cache, ranges, crops, cfg), folds, augment=True)
+    train_images = StudyImages(train.uids, study_windows(train.uids, cache, ranges, crops, cfg), folds, augment=cfg.augment)
     valid_images = None if valid is None else StudyImages(valid.uids, study_windows(valid.uids, cache, ranges, crops, cfg), folds)
     model = OnTheFlyStudyModel(model, cfg.cnn_chunk_size, cfg.frozen_bn_update)
     return fit(model, StudyTask(valid_images, folds), train_images, valid_images, cfg, collate_fn=images_collate)

@@ -19,7 +19,7 @@ from torch import nn
 
 from rsna22_utils.cervical.anatomy import BOX_COLUMNS
 from rsna22_utils.cervical.configs import StudyBoxRule
-from rsna22_utils.cervical.data import images_to_tensor, stack_slices
+from rsna22_utils.cervical.data import WINDOW_INPUT, InputNorm, images_to_tensor, stack_slices
 from rsna22_utils.core.device import autocast
 
 STUDY_BOX_COLUMNS = ["StudyInstanceUID", *BOX_COLUMNS, "slnum_from", "slnum_to", "slnum_max"]
@@ -181,14 +181,16 @@ def predict_study_box(
     rule: StudyBoxRule,
     amp: bool = True,
     input_slices: int = 1,
+    norm: InputNorm = WINDOW_INPUT,
 ) -> dict[str, float]:
     """Box models on every slice of one encoded study (mean) -> its box in original pixels + slice range.
 
-    `input_slices`: the box runs' `box_input_slices` (consecutive slices per input, as in training).
+    `input_slices`: the box runs' `box_input_slices` (consecutive slices per input, as in training);
+    `norm`: their input intensity (`data.InputNorm`).
     """
     n = volume.shape[0]
     batches = (
-        (index, images_to_tensor(stack_slices(volume, index, input_slices), device))
+        (index, images_to_tensor(stack_slices(volume, index, input_slices), device, norm))
         for index in (np.arange(start, min(start + batch_size, n)) for start in range(0, n, batch_size))
     )
     p_box, boxes = predict_box_slices(models, batches, n, device, amp)

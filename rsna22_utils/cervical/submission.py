@@ -56,6 +56,7 @@ from tqdm import tqdm
 from rsna22_utils.cervical.anatomy import BOX_COLUMNS, TARGETS
 from rsna22_utils.cervical.configs import SubmissionConfig
 from rsna22_utils.cervical.crops import CropCache, NativeSpec, memory_crop_cache
+from rsna22_utils.cervical.data import WINDOW_INPUT, InputNorm, common_input_norm
 from rsna22_utils.cervical.embed import study_images, study_probabilities
 from rsna22_utils.cervical.models import load_run
 from rsna22_utils.cervical.study_box import predict_study_box, shared_input_slices
@@ -93,6 +94,7 @@ class BoxEnsemble:
     models: list[nn.Module]
     spec: CacheSpec
     input_slices: int = 1  # the runs' box_input_slices: consecutive slices per input
+    norm: InputNorm = WINDOW_INPUT  # their input intensity (`data.InputNorm`)
 
 
 @dataclass
@@ -133,7 +135,7 @@ class Ensemble:
 
     def reduced(self) -> Ensemble:
         """One box model and one study model: the fallback when time runs short."""
-        return Ensemble(BoxEnsemble(self.box.models[:1], self.box.spec, self.box.input_slices), self.study[:1], self.device)
+        return Ensemble(BoxEnsemble(self.box.models[:1], self.box.spec, self.box.input_slices, self.box.norm), self.study[:1], self.device)
 
 
 def first_runs(runs: list[Path], limit: int) -> list[Path]:
@@ -160,7 +162,7 @@ def load_box_models(weights_dir: str | Path, device: torch.device, limit: int = 
         spec = CacheSpec.of(cfg)
         models.append(model)
         configs[run] = cfg
-    return BoxEnsemble(models, spec, shared_input_slices(configs))
+    return BoxEnsemble(models, spec, shared_input_slices(configs), common_input_norm(list(configs.values()), list(configs)))
 
 
 def load_study_models(weights_dir: str | Path, device: torch.device, limit: int = 0) -> list[StudyRun]:
@@ -322,6 +324,7 @@ def predict_study(ensemble: Ensemble, study: DecodedStudy, cfg: SubmissionConfig
         cfg,
         cfg.amp,
         ensemble.box.input_slices,
+        ensemble.box.norm,
     )
     outputs, crops = [], {}
     with torch.inference_mode(), autocast(device, cfg.amp):
