@@ -234,3 +234,64 @@ def test_drop_studies_leaves_them_out_and_warns_about_unknown_ones(caplog: pytes
     assert (logging.WARNING, "drop_studies: 1 listed studies are not in train.csv: 9.9.9") in messages
     assert drop_studies(train, []) is train
     assert resolve_config("00_prepare", {}).drop_studies == []
+
+
+# ----------------------------------------------------------------------------- the pipeline with the original's inputs
+
+
+@pytest.mark.slow
+def test_pipeline_with_the_original_inputs(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    """00-07 on a tiny synthetic competition with every input setting of this module at the original's value:
+    each stage runs, the runs record the settings, 06 takes them from its stage-05 run and the dropped study is in no label table."""
+    import json
+
+    from conftest import TINY_COMMON, TINY_STAGES, tiny_settings
+
+    from rsna22_utils.cervical.synth import generate_competition
+    from rsna22_utils.core.registry import execute
+
+    data_dir, work_dir = tmp_path / "competition", tmp_path / "runs"
+    generate_competition(data_dir, n_studies=8, n_test_studies=2, image_size=48, median_slices=60, seed=3, workers=1)
+    dropped = sorted(pd.read_csv(data_dir / "train.csv")["StudyInstanceUID"])[0]
+    sequence = {
+        "augment": "original",
+        "intensity": "minmax",
+        "norm_mean": ORIGINAL_MEAN,
+        "norm_std": ORIGINAL_STD,
+        "window_sampling": "every",
+        "window_step": 12,
+        "crop_by_box": True,
+        "crop_square": True,
+        "crop_margin": 0.0,
+    }
+    settings = {
+        "00_prepare": {"drop_studies": [dropped, "1.2.826.0.1.3680043.0"]},
+        "01_train_box": {"augment": "original", "intensity": "minmax", "norm_mean": [0.2], "norm_std": [0.3]},
+        "03_train_vertebra": {**sequence, "slice_skip_p": 0.6, "slice_skip_max": 4, "crop_size": 32},
+        "05_train_fracture": sequence,
+        "06_train_study": {"batch_size": 3},  # 3 training studies in fold 1 once one is dropped
+    }
+    common = {**TINY_COMMON, "data_dir": str(data_dir), "work_dir": str(work_dir), "prepared_dir": str(work_dir / "00_prepare")}
+    submission = {"weights_dir": str(work_dir), "out": str(work_dir / "07_inference" / "submission.csv")}
+    with caplog.at_level(logging.INFO):
+        for stage, overrides in {**TINY_STAGES, "07_inference": submission}.items():
+            values = {**common, **overrides, **settings.get(stage, {}), "fold": 0, "seed": 0}
+            execute(stage, resolve_config(stage, tiny_settings(stage, values)))
+    assert any("1 listed studies are not in train.csv: 1.2.826.0.1.3680043.0" in r.getMessage() for r in caplog.records)
+    prepared = work_dir / "00_prepare"
+    assert dropped not in set(pd.read_csv(prepared / "folds.csv")["StudyInstanceUID"])
+    for table in ("slice_boxes", "vertebra_ratios"):
+        assert dropped not in set(pd.read_parquet(prepared / f"{table}.parquet")["StudyInstanceUID"])
+    assert dropped not in set(pd.read_parquet(work_dir / "04_infer_vertebra" / "slice_labels.parquet")["StudyInstanceUID"])
+    box = json.loads((work_dir / "01_train_box" / "fold0-seed0" / "config.json").read_text())
+    assert (box["augment"], box["intensity"], box["norm_mean"]) == ("original", "minmax", [0.2])
+    study = json.loads((work_dir / "06_train_study" / "fold0-seed0" / "config.json").read_text())
+    assert {k: study[k] for k in ("intensity", "norm_mean", "norm_std", "crop_square", "crop_margin")} == {
+        "intensity": "minmax",
+        "norm_mean": ORIGINAL_MEAN,
+        "norm_std": ORIGINAL_STD,
+        "crop_square": True,
+        "crop_margin": 0.0,
+    }
+    submission_csv = pd.read_csv(work_dir / "07_inference" / "submission.csv")
+    assert len(submission_csv) > 0 and submission_csv["fractured"].between(0, 1).all()
