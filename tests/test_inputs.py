@@ -171,6 +171,10 @@ def test_every_window_dataset_items_and_targets(tmp_path: Path) -> None:
     assert dataset.items == [("a", 0), ("a", 12), ("a", 24), ("a", 28), ("b", 0)]
     item = dataset[3]
     assert int(item["start"]) == 28 and item["target"][:, 0].tolist() == [29, 32, 35, 38]
+    per_study = SequenceDataset(
+        ["a", "b"], cache, labels, seq_len=4, slices_per_image=3, mode="train", window_sampling="every", window_steps={"a": 10}
+    )
+    assert per_study.items == [("a", 0), ("a", 10), ("a", 20), ("a", 28), ("b", 0)]  # 04F: a step per study
     with pytest.raises(ConfigError, match="window_sampling must be one of random, every"):
         resolve_config("03_train_vertebra", {"window_sampling": "all"})
 
@@ -267,7 +271,7 @@ def test_pipeline_with_the_original_inputs(tmp_path: Path, caplog: pytest.LogCap
     settings = {
         "00_prepare": {"drop_studies": [dropped, "1.2.826.0.1.3680043.0"]},
         "01_train_box": {"augment": "original", "intensity": "minmax", "norm_mean": [0.2], "norm_std": [0.3]},
-        "03_train_vertebra": {**sequence, "slice_skip_p": 0.6, "slice_skip_max": 4, "crop_size": 32},
+        "03_train_vertebra": {**sequence, "slice_skip_p": 0.6, "slice_skip_max": 4, "window_step_range": 2000, "crop_size": 32},
         "05_train_fracture": sequence,
         "06_train_study": {"batch_size": 3},  # 3 training studies in fold 1 once one is dropped
     }

@@ -191,6 +191,9 @@ class SequenceSampling:
     samples_per_study: int = 2  # random training windows per study and epoch (window_sampling=random)
     positive_window_bias: float = 0.5  # probability that a random training window holds a positive slice
     window_step: int = 12  # slices between the starts of training windows (window_sampling=every)
+    # > 0: each study's window_step is round(window_step_range / its C1-C7 slice count), the slice range
+    # of its 02_infer_box study box (then 02 runs before this stage); 0 = window_step for every study
+    window_step_range: float = 0.0
     # probability that a training window takes every d-th slice (d drawn from 2..slice_skip_max, at most
     # what the rest of the study holds) instead of adjacent ones; 0 = never
     slice_skip_p: float = 0.0
@@ -205,6 +208,8 @@ class SequenceSampling:
             out.append(f"positive_window_bias must be in [0, 1], got {self.positive_window_bias}")
         if self.window_step < 1:
             out.append(f"window_step must be >= 1, got {self.window_step}")
+        if self.window_step_range < 0:
+            out.append(f"window_step_range must be >= 0, got {self.window_step_range}")
         if not 0.0 <= self.slice_skip_p <= 1.0:
             out.append(f"slice_skip_p must be in [0, 1], got {self.slice_skip_p}")
         if self.slice_skip_max < 2:

@@ -404,7 +404,8 @@ class SequenceDataset(Dataset):
     - `mode="train"`, `window_sampling="random"`: `samples_per_study` random windows per study and
       epoch; with probability `positive_bias` the window is drawn among those holding a positive
       label (a fracture). `window_sampling="every"`: every window of `training_starts` (slices
-      divisible by `window_step`, plus the first and the last) once per epoch. With probability
+      divisible by `window_step`, or the study's `window_steps[uid]`, plus the first and the last)
+      once per epoch. With probability
       `slice_skip_p` a training window takes every d-th slice instead (d from 2 to `slice_skip_max`,
       at most what the study holds after the start; the 3rd place's ds_dh_seg_2H.py).
     - `mode="infer"`: overlapping windows (`stride` slices apart) that cover each study's range.
@@ -430,6 +431,7 @@ class SequenceDataset(Dataset):
         positive_bias: float = 0.5,
         window_sampling: str = "random",
         window_step: int = 12,
+        window_steps: dict[str, int] | None = None,
         slice_skip_p: float = 0.0,
         slice_skip_max: int = 4,
         stride: int | None = None,
@@ -469,7 +471,8 @@ class SequenceDataset(Dataset):
                     self.crops[uid] = crop_box_in_cache(crops[uid], rows, cols, size, crop_margin, crop_square)
         self.items: list[tuple[str, int | None]]
         if mode == "train" and window_sampling == "every":
-            self.items = [(uid, start) for uid in self.uids for start in training_starts(*self.ranges[uid], self.span, window_step)]
+            steps = {uid: int((window_steps or {}).get(uid, window_step)) for uid in self.uids}
+            self.items = [(uid, start) for uid in self.uids for start in training_starts(*self.ranges[uid], self.span, steps[uid])]
         elif mode == "train":
             self.items = [(uid, None) for uid in self.uids for _ in range(samples_per_study)]
         else:

@@ -172,6 +172,10 @@ def _sequence_datasets(
     train_table, valid_table = split_by_fold(folds, cfg.fold)
     train_uids = sorted(train_table["StudyInstanceUID"])
     common = _window_inputs(cfg, crops, ranges)
+    steps = None
+    if cfg.window_sampling == "every" and cfg.window_step_range > 0:  # C1-C7 slice count of each study box
+        box_ranges = study_crops(cfg.work_dir)[1]
+        steps = {uid: max(1, round(cfg.window_step_range / max(1, last - first))) for uid, (first, last) in box_ranges.items()}
     train = SequenceDataset(
         train_uids,
         cache,
@@ -181,6 +185,7 @@ def _sequence_datasets(
         samples_per_study=cfg.samples_per_study,
         positive_bias=cfg.positive_window_bias,
         window_step=cfg.window_step,
+        window_steps=steps,
         slice_skip_p=cfg.slice_skip_p,
         slice_skip_max=cfg.slice_skip_max,
         augment=cfg.augment,
