@@ -249,7 +249,7 @@ def test_pipeline_with_the_original_inputs(tmp_path: Path, caplog: pytest.LogCap
     each stage runs, the runs record the settings, 06 takes them from its stage-05 run and the dropped study is in no label table."""
     import json
 
-    from conftest import TINY_COMMON, TINY_STAGES, tiny_settings
+    from conftest import TINY_COMMON, TINY_FOLDS, TINY_STAGES, tiny_settings
 
     from rsna22_utils.cervical.synth import generate_competition
     from rsna22_utils.core.registry import execute
@@ -279,8 +279,9 @@ def test_pipeline_with_the_original_inputs(tmp_path: Path, caplog: pytest.LogCap
     submission = {"weights_dir": str(work_dir), "out": str(work_dir / "07_inference" / "submission.csv")}
     with caplog.at_level(logging.INFO):
         for stage, overrides in {**TINY_STAGES, "07_inference": submission}.items():
-            values = {**common, **overrides, **settings.get(stage, {}), "fold": 0, "seed": 0}
-            execute(stage, resolve_config(stage, tiny_settings(stage, values)))
+            for fold in TINY_FOLDS.get(stage, [0]):
+                values = {**common, **overrides, **settings.get(stage, {}), "fold": fold, "seed": 0}
+                execute(stage, resolve_config(stage, tiny_settings(stage, values)))
     assert any("1 listed studies are not in train.csv: 1.2.826.0.1.3680043.0" in r.getMessage() for r in caplog.records)
     prepared = work_dir / "00_prepare"
     assert dropped not in set(pd.read_csv(prepared / "folds.csv")["StudyInstanceUID"])
