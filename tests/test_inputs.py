@@ -10,6 +10,7 @@ import pandas as pd
 import pytest
 import torch
 
+from rsna22_utils.cervical.crops import square_crop
 from rsna22_utils.cervical.data import (
     WINDOW_INPUT,
     BoxSliceDataset,
@@ -203,15 +204,20 @@ def test_slice_skipping_takes_every_dth_slice(tmp_path: Path) -> None:
 # ----------------------------------------------------------------------------- crops
 
 
-def test_square_crop_pads_the_short_side_centred_and_clamps() -> None:
-    # a tall box 20 x 40 in a 64 x 64 image -> 40 x 40 centred on the box
-    assert crop_box((20, 10, 40, 50), (1.0, 1.0), (64, 64), margin=0.0, square=True) == (10, 10, 50, 50)
-    # a wide box near the top edge: padded to 40 x 40, clamped at 0
-    assert crop_box((10, 2, 50, 22), (1.0, 1.0), (64, 64), margin=0.0, square=True) == (10, 0, 50, 32)
-    # the cache version scales the same geometry to cache pixels
+def test_square_crop_in_the_cache_is_the_native_square_scaled() -> None:
+    # a tall box 20 x 40 in a 64 x 64 image -> 40 x 40 centred on the box (native), / 4 in a 16 px cache
+    assert square_crop((20, 10, 40, 50), rows=64, cols=64) == (10, 10, 50, 50)
     assert crop_box_in_cache((20, 10, 40, 50), rows=64, cols=64, size=16, margin=0.0, square=True) == (2, 2, 13, 13)
-    # without square: today's crop
+    # a wide box at the top edge: its square moves inside the image, as the native crop cache's does
+    assert square_crop((10, 2, 50, 22), rows=64, cols=64) == (10, 0, 50, 40)
+    assert crop_box_in_cache((10, 2, 50, 22), rows=64, cols=64, size=16, margin=0.0, square=True) == (2, 0, 13, 10)
+    # a margin is added before squaring, on both paths
+    assert crop_box_in_cache((20, 10, 40, 50), rows=64, cols=64, size=64, margin=0.1, square=True) == square_crop(
+        (20, 10, 40, 50), rows=64, cols=64, margin=0.1
+    )
+    # without square: today's crop (box + margin, clamped)
     assert crop_box_in_cache((20, 10, 40, 50), rows=64, cols=64, size=16, margin=0.0) == (5, 2, 10, 13)
+    assert crop_box((20, 10, 40, 50), (1.0, 1.0), (64, 64), margin=0.5) == (10, 0, 50, 64)
 
 
 def test_vertebra_stage_takes_box_crop_settings() -> None:

@@ -350,20 +350,12 @@ def positive_slices(labels: np.ndarray, fraction: float = 0.5, per_column: bool 
 
 
 def crop_box(
-    box: tuple[float, float, float, float], scale: tuple[float, float], bounds: tuple[int, int], margin: float, square: bool = False
+    box: tuple[float, float, float, float], scale: tuple[float, float], bounds: tuple[int, int], margin: float
 ) -> tuple[int, int, int, int]:
     """A study box in original pixels -> integer crop (x0, y0, x1, y1) of an image of `bounds` (width, height) that is
-    the original scaled by `scale` (sx, sy): (1, 1) and (cols, rows) for native pixels, size / cols etc. for the cache.
-
-    `square` pads the box's short side to its long side (centred, in original pixels) as the 3rd place
-    did; then `margin` x the box's size is added on each side, and the crop is clamped to the image. A
-    crop under 4 pixels a side (a degenerate box) is the whole image.
-    """
+    the original scaled by `scale` (sx, sy): `margin` x the box's size added on each side, clamped to the
+    image. A crop under 4 pixels a side (a degenerate box) is the whole image."""
     x0, y0, x1, y1 = box
-    if square:
-        pad = (y1 - y0) - (x1 - x0)  # > 0: the box is taller than wide
-        x0, x1 = (x0 - pad / 2, x1 + pad / 2) if pad > 0 else (x0, x1)
-        y0, y1 = (y0 + pad / 2, y1 - pad / 2) if pad < 0 else (y0, y1)
     sx, sy = scale
     w, h = (x1 - x0) * sx, (y1 - y0) * sy
     cx0, cy0 = x0 * sx - margin * w, y0 * sy - margin * h
@@ -379,8 +371,16 @@ def crop_box(
 def crop_box_in_cache(
     box: tuple[float, float, float, float], rows: int, cols: int, size: int, margin: float, square: bool = False
 ) -> tuple[int, int, int, int]:
-    """A study box in original pixels -> integer crop (x0, y0, x1, y1) in cache pixels (`crop_box`)."""
-    return crop_box(box, (size / cols, size / rows), (size, size), margin, square)
+    """A study box in original pixels -> integer crop (x0, y0, x1, y1) in cache pixels.
+
+    `square`: the squared box of the native crop cache (`crops.square_crop`: margin, short side padded
+    around the centre, moved inside the image), so cache and native crops cover the same anatomy.
+    """
+    if square:
+        from rsna22_utils.cervical.crops import square_crop
+
+        box, margin = square_crop(box, rows, cols, margin), 0.0
+    return crop_box(box, (size / cols, size / rows), (size, size), margin)
 
 
 def training_starts(first: int, last: int, span: int, step: int) -> list[int]:
