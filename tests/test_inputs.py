@@ -306,30 +306,3 @@ def test_pipeline_with_the_original_inputs(tmp_path: Path, caplog: pytest.LogCap
     }
     submission_csv = pd.read_csv(work_dir / "07_inference" / "submission.csv")
     assert len(submission_csv) > 0 and submission_csv["fractured"].between(0, 1).all()
-
-
-def test_vertebra_inference_feeds_each_run_its_own_inputs(tmp_path: Path) -> None:
-    """04 with runs trained on different inputs (the original's 02G / 04A / 04F): each group of runs gets its own
-    windows, and the per-slice result is the mean over every model."""
-    from types import SimpleNamespace
-
-    from torch import nn
-
-    from rsna22_utils.cervical.sequence import _predict_by_inputs
-
-    class MeanPixel(nn.Module):  # logit = the image's mean input value, so the input settings show in the output
-        def forward(self, batch: dict) -> dict:
-            return {"logits": batch["image"].float().mean(dim=(2, 3, 4))[..., None]}
-
-    cache = make_cache(tmp_path, {"a": 24})
-    shape = dict(seq_len=4, slices_per_image=3)
-    window = SimpleNamespace(**shape)
-    minmax = SimpleNamespace(**shape, intensity="minmax", norm_mean=[0.0], norm_std=[1.0])
-    cfg = SimpleNamespace(work_dir=str(tmp_path), infer_stride=12, infer_batch_size=2, num_workers=0, amp=False)
-    both = _predict_by_inputs([MeanPixel(), MeanPixel(), MeanPixel()], [window, window, minmax], ["a"], cache, cfg, torch.device("cpu"))
-    alone = {
-        name: _predict_by_inputs([MeanPixel()], [c], ["a"], cache, cfg, torch.device("cpu"))["a"]
-        for name, c in {"window": window, "minmax": minmax}.items()
-    }
-    assert not np.allclose(alone["window"], alone["minmax"])
-    assert np.allclose(both["a"], (2 * alone["window"] + alone["minmax"]) / 3)
