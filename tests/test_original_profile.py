@@ -57,7 +57,9 @@ def test_the_original_pipeline_runs_every_variant_on_a_tiny_competition(tmp_path
     data_dir, work_dir = tmp_path / "competition", tmp_path / "runs"
     generate_competition(data_dir, n_studies=8, n_test_studies=3, image_size=48, median_slices=60, seed=5, workers=1)
     weights = _fake_imagenet_weights(tmp_path / "imagenet")
+    dropped = sorted(pd.read_csv(data_dir / "train.csv")["StudyInstanceUID"])[0]  # the original's drop list, on this data
     common = {**TINY, "profile": "original", "data_dir": str(data_dir), "pretrained_dir": str(weights)}
+    common["drop_studies"] = [dropped, "1.2.826.0.1.3680043.0"]
     profile = load_profile("original")
     for stage, entry in stages().items():
         if stage == "07_inference":
@@ -80,6 +82,20 @@ def test_the_original_pipeline_runs_every_variant_on_a_tiny_competition(tmp_path
                     assert saved.pretrained and saved.pretrained_dir == str(weights)
                 if key.fold == -1:  # a full-data run keeps its last epoch and writes no out-of-fold rows
                     assert not (run / "oof.parquet").exists()
+
+    prepared = work_dir / "00_prepare"  # a dropped study is in no label table, nor in the pseudo-labels
+    assert dropped not in set(pd.read_csv(prepared / "folds.csv")["StudyInstanceUID"])
+    for table in (
+        prepared / "slice_boxes.parquet",
+        prepared / "vertebra_ratios.parquet",
+        work_dir / "04_infer_vertebra" / "slice_labels.parquet",
+    ):
+        assert dropped not in set(pd.read_parquet(table)["StudyInstanceUID"])
+    fracture = load_config(work_dir / "05_train_fracture" / "resnest50d-fold-1-seed0" / "config.json")
+    study = load_config(work_dir / "06_train_study" / "resnest50d-fold-1-seed0" / "config.json")
+    for name in ("intensity", "norm_mean", "norm_std", "crop_square", "crop_margin", "crop_source", "any_fracture_head", "position_of"):
+        assert getattr(study, name) == getattr(fracture, name), name  # 06 sees images as its 05 run did
+    assert (fracture.crop_source, fracture.intensity, study.embed_on_the_fly, study.slice_margin) == ("native", "minmax", True, 2)
 
     study_runs = finished_runs(work_dir, "06_train_study")
     assert sorted(r.name for r in study_runs) == ["resnest50d-fold-1-seed0", "seresnext50-fold-1-seed0"]
