@@ -606,3 +606,36 @@ def test_a_rerun_that_fails_leaves_no_finished_looking_run_of_other_settings(tmp
     with pytest.raises(Crash):  # started over (resume=false) with other settings, dies in its first epoch
         run(tmp_path, epochs=1, lr=0.05, resume=False, task=CrashingTask())
     assert not (tmp_path / "config.json").exists() and not (tmp_path / "metrics.json").exists()  # the old run's record is gone
+
+
+def test_a_full_disk_at_the_checkpoint_keeps_weights_oof_and_checkpoint_of_one_epoch(tmp_path: Path, monkeypatch) -> None:
+    import errno
+
+    import torch
+
+    sys.path.insert(0, str(Path(__file__).parent))
+    from ddp_toy import ToyModel, run
+
+    from rsna22_utils.core.runs import load_weights
+
+    whole, _ = run(tmp_path / "whole", epochs=2)
+    real_save = torch.save
+
+    def full_disk_at_epoch_2(obj, f, *args, **kwargs):
+        if isinstance(obj, dict) and obj.get("epoch") == 2:
+            raise OSError(errno.ENOSPC, "No space left on device")
+        return real_save(obj, f, *args, **kwargs)
+
+    monkeypatch.setattr(torch, "save", full_disk_at_epoch_2)
+    with pytest.raises(OSError, match="No space left"):
+        run(tmp_path / "full", epochs=2)
+    monkeypatch.undo()
+    out = tmp_path / "full"
+    checkpoint = torch.load(out / "checkpoint.pt", map_location="cpu", weights_only=True)
+    kept = ToyModel()
+    load_weights(kept, out / "model.safetensors")
+    assert checkpoint["epoch"] == 1 and all(torch.equal(v, checkpoint["model"][k]) for k, v in kept.state_dict().items())
+    assert set(pd.read_parquet(out / "oof.parquet")["id"]) == set(range(24))  # epoch 1's rows, beside epoch 1's weights
+    assert not [p.name for p in out.iterdir() if p.name.startswith(".")]  # no pending or temp files
+    resumed, _ = run(out, epochs=2)  # and the run goes on to what it would have been
+    assert all(torch.equal(a, b) for a, b in zip(whole.state_dict().values(), resumed.state_dict().values()))

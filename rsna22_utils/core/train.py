@@ -49,6 +49,7 @@ logger = logging.getLogger(__name__)
 CHECKPOINT = "checkpoint.pt"
 OOF = "oof.parquet"
 HISTORY = "history.csv"
+PENDING = ".pending-"  # a kept epoch's weights / OOF before its checkpoint is written
 METRICS = "metrics.json"
 
 
@@ -309,8 +310,8 @@ def _train(
     opt = _optimisation(model, cfg, device, plan.total_steps)
     _resume(opt, model, cfg, out / CHECKPOINT, procs)
     if procs.main:  # until this run ends, the folder must not look like a finished run of other settings or epochs
-        for name in (CONFIG, METRICS):
-            (out / name).unlink(missing_ok=True)
+        for path in [out / CONFIG, out / METRICS, *out.glob(f"{PENDING}*")]:
+            path.unlink(missing_ok=True)
     history, best = opt.history, opt.best
     train_model: nn.Module = model
     if procs.enabled:
@@ -573,8 +574,9 @@ def _checkpoint(
         rng_states = [None] * procs.world_size
         dist.all_gather_object(rng_states, _rng_state())
     if procs.main:
-        if improved:
-            _write_selected(model, oof, cfg, out)
+        # the kept epoch's weights / OOF go to pending files first and replace the kept ones only once the
+        # checkpoint is written: a full disk anywhere leaves weights, OOF and checkpoint of one epoch
+        pending = _write_selected(model, oof, cfg, out, pending=True) if improved else []
         state = {
             "model": {k: v.detach().cpu() for k, v in unwrap(model).state_dict().items()},
             "optimizer": opt.optimizer.state_dict(),
@@ -587,8 +589,15 @@ def _checkpoint(
             "seconds": seconds,
             "config": cfg.to_dict(),
         }
-        ckpt_path = atomic_write(out / CHECKPOINT, lambda tmp: torch.save(state, tmp))
-        logger.info("wrote checkpoint %s (epoch %d)", ckpt_path, epoch + 1)
+        try:
+            ckpt_path = atomic_write(out / CHECKPOINT, lambda tmp: torch.save(state, tmp))
+        except BaseException:
+            for path in pending:
+                path.unlink(missing_ok=True)
+            raise
+        for path in pending:  # renames: they need no space
+            os.replace(path, out / path.name[len(PENDING) :])
+        logger.info("wrote checkpoint %s (epoch %d)%s", ckpt_path, epoch + 1, " and its weights" if pending else "")
     procs.barrier()
 
 
@@ -630,16 +639,25 @@ def _final_outputs(
     return result
 
 
-def _write_selected(model: nn.Module, oof: pd.DataFrame | None, cfg: TrainConfig, out: Path) -> None:
-    """Weights (+ OOF rows with fold / seed columns) of the epoch kept by cfg.save."""
-    path = save_weights(model, out / WEIGHTS)
-    logger.info("wrote weights %s", path)
-    if oof is not None:
-        oof = oof.copy()
-        oof["fold"] = cfg.fold
-        oof["seed"] = cfg.seed
-        oof_path = atomic_write(out / OOF, lambda tmp: oof.to_parquet(tmp, index=False))
-        logger.info("wrote out-of-fold predictions %s (%d rows)", oof_path, len(oof))
+def _write_selected(model: nn.Module, oof: pd.DataFrame | None, cfg: TrainConfig, out: Path, pending: bool = False) -> list[Path]:
+    """Weights (+ OOF rows with fold / seed columns) of the epoch kept by cfg.save; with `pending`, under
+    names that `_checkpoint` moves into place after the checkpoint. Returns the paths written."""
+    prefix = PENDING if pending else ""
+    written = []
+    try:
+        written.append(save_weights(model, out / f"{prefix}{WEIGHTS}"))
+        logger.info("wrote weights %s", written[-1])
+        if oof is not None:
+            oof = oof.copy()
+            oof["fold"] = cfg.fold
+            oof["seed"] = cfg.seed
+            written.append(atomic_write(out / f"{prefix}{OOF}", lambda tmp: oof.to_parquet(tmp, index=False)))
+            logger.info("wrote out-of-fold predictions %s (%d rows)", written[-1], len(oof))
+    except BaseException:
+        for path in written if pending else []:
+            path.unlink(missing_ok=True)
+        raise
+    return written
 
 
 __all__ = ["Task", "fit", "seed_everything", "param_groups", "warmup_cosine"]
