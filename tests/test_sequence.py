@@ -3,40 +3,23 @@
 from __future__ import annotations
 
 import json
-from dataclasses import asdict
 from pathlib import Path
 
 import numpy as np
 import pandas as pd
 import pytest
 import torch
+from test_data import make_cache  # a cache whose voxel value is the slice position
 
 from rsna22_utils.cervical.data import SequenceDataset
 from rsna22_utils.cervical.labels import fracture_slice_labels
 from rsna22_utils.cervical.models import create_model
 from rsna22_utils.cervical.sequence import VERTEBRA_STAGE, vertebra_predictions
-from rsna22_utils.core.cache import CacheSpec, StudyCache
 from rsna22_utils.core.config import resolve_config, save_config, with_derived
 from rsna22_utils.core.registry import CONFIG, WEIGHTS, out_of_fold, run_dir
 from rsna22_utils.core.runs import save_weights
 
 BACKBONE = "mobilenetv3_small_050"
-
-
-def make_cache(root: Path, lengths: dict[str, int], size: int = 16) -> StudyCache:
-    """A cache whose voxel value is the slice position: easy to check what a window holds."""
-    spec = CacheSpec(image_size=size)
-    base = root / spec.name
-    (base / "volumes").mkdir(parents=True)
-    (base / "slices").mkdir()
-    (base / "spec.json").write_text(json.dumps(asdict(spec)))
-    for uid, n in lengths.items():
-        volume = np.broadcast_to((np.arange(n) % 256).astype(np.uint8)[:, None, None, None], (n, size, size, 1))
-        np.save(base / "volumes" / f"{uid}.npy", np.ascontiguousarray(volume))
-        pd.DataFrame({"StudyInstanceUID": uid, "slice_index": range(n), "rows": 64, "cols": 64}).to_parquet(
-            base / "slices" / f"{uid}.parquet"
-        )
-    return StudyCache(base)
 
 
 def test_per_slice_items_have_one_target_and_mask_entry_per_slice(tmp_path: Path) -> None:
