@@ -463,6 +463,15 @@ class SubmissionConfig(StageConfig, Hardware, StudyBoxRule):
 # ----------------------------------------------------------------------------- previews
 
 
+def settings_from_fracture_run(fracture: FractureTrainConfig) -> dict:
+    """What a stage-06 config records of the stage-05 run it freezes (its fields derived from that run),
+    so that its config alone rebuilds the model and repeats how the CNN saw images."""
+    from rsna22_utils.core.config import derived_fields
+
+    names = [name for name, source in derived_fields(StudyTrainConfig).items() if source == _FROM_05 and name != "fracture_lstm_hidden"]
+    return {**{name: getattr(fracture, name) for name in names}, "fracture_lstm_hidden": int(fracture.lstm_hidden)}
+
+
 def preview_derived(cfg: StageConfig) -> StageConfig:
     """`cfg` with its derived fields as its stage would fill them when run after the earlier stages of
     its profile: the cache's size and windows from the profile's 00_prepare settings, and for a stage-06
@@ -481,7 +490,5 @@ def preview_derived(cfg: StageConfig) -> StageConfig:
         values.update(image_size=prepare.image_size, windows=prepare.windows)
     if isinstance(cfg, StudyTrainConfig):
         fracture = resolve_config("05_train_fracture", {**base, "variant": cfg.variant} if cfg.profile else {})
-        # a 06 config records the stage-05 settings it depends on under the same names
-        values.update({name: getattr(fracture, name) for name in hidden if name not in values and hasattr(fracture, name)})
-        values["fracture_lstm_hidden"] = fracture.lstm_hidden
+        values.update(settings_from_fracture_run(fracture))
     return dataclasses.replace(cfg, **{k: v for k, v in values.items() if k in hidden})

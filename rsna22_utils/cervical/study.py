@@ -16,7 +16,7 @@ from torch.utils.data import Dataset
 
 from rsna22_utils.cervical.anatomy import TARGETS
 from rsna22_utils.cervical.box import study_crops
-from rsna22_utils.cervical.configs import StudyTrainConfig
+from rsna22_utils.cervical.configs import StudyTrainConfig, settings_from_fracture_run
 from rsna22_utils.cervical.crops import native_crop_cache
 from rsna22_utils.cervical.data import augment_sequence, sequence_augmentation
 from rsna22_utils.cervical.embed import embed_studies, study_windows
@@ -38,25 +38,6 @@ from rsna22_utils.core.train import fit
 logger = logging.getLogger(__name__)
 
 FRACTURE_STAGE = "05_train_fracture"
-# Stage-05 settings a stage-06 run records in its own config (the frozen CNN and how it sees images).
-SETTINGS_FROM_FRACTURE_RUN = (
-    "backbone",
-    "seq_len",
-    "slices_per_image",
-    "crop_by_box",
-    "crop_margin",
-    "crop_size",
-    "crop_source",
-    "outputs_per_slice",
-    "position_embedding",
-    "channel_embedding",
-    "position_of",
-    "any_fracture_head",
-    "crop_square",
-    "intensity",
-    "norm_mean",
-    "norm_std",
-)
 
 
 # ----------------------------------------------------------------------------- training
@@ -210,8 +191,7 @@ def train_study(cfg: StudyTrainConfig) -> dict:
     cfg = with_derived(
         cfg,
         **cache_settings,
-        **{name: getattr(fracture_cfg, name) for name in SETTINGS_FROM_FRACTURE_RUN},
-        fracture_lstm_hidden=int(fracture_cfg.lstm_hidden),
+        **settings_from_fracture_run(fracture_cfg),
     )
 
     folds = prepared.read("folds")
