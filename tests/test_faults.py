@@ -22,10 +22,10 @@ import pandas as pd
 import pydicom
 import pytest
 
-from rsna22_utils.cervical.synth import EXPLICIT_LE, write_dicom_slice
 from rsna22_utils.core import dicom
 from rsna22_utils.core.cache import CacheSpec, StudyCache, build_cache
 from rsna22_utils.core.dicom import DicomReadError, read_slice, read_slice_headers, read_study
+from rsna22_utils.core.dicom_writer import EXPLICIT_LE, write_dicom_slice
 from rsna22_utils.core.pool import WorkerDied, note_item, run_tasks
 from rsna22_utils.core.scan import scan_competition
 

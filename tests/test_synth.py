@@ -1,4 +1,4 @@
-"""Synthetic competition: DICOM encodings, Kaggle layout, geometry, segmentations, fractures, labels."""
+"""Synthetic competition: Kaggle layout, geometry, segmentations, fractures, labels."""
 
 from __future__ import annotations
 
@@ -13,6 +13,7 @@ import pydicom
 import pytest
 
 from rsna22_utils.cervical import synth
+from rsna22_utils.core.dicom_writer import EXPLICIT_LE, IMPLICIT_LE, JPEG_LOSSLESS_70
 
 PARAMS = dict(n_studies=6, n_test_studies=3, seed=3, image_size=64, median_slices=40, segmented_fraction=0.5)
 TYPES = [f"C{k}" for k in range(1, 8)] + ["patient_overall"]
@@ -49,41 +50,6 @@ def _volume(folder: Path) -> np.ndarray:
     return np.stack(slices)
 
 
-@pytest.mark.parametrize("syntax", synth.TRANSFER_SYNTAXES)
-@pytest.mark.parametrize("signed,bits,padding", [(True, 16, -2000), (False, 12, None)])
-def test_write_dicom_slice_round_trips(tmp_path, syntax, signed, bits, padding):
-    rng = np.random.default_rng(1)
-    hu = rng.integers(-1100, 3200, (40, 48)).astype(np.int16)
-    if padding is not None:
-        hu[:4, :4] = synth.padding_hu(padding)
-    path = tmp_path / "1.dcm"
-    synth.write_dicom_slice(
-        path,
-        hu,
-        transfer_syntax=syntax,
-        study_uid="1.2.826.0.1.3680043.7",
-        series_uid="1.2.826.0.1.3680043.7.1",
-        sop_uid="1.2.826.0.1.3680043.7.1.4",
-        instance_number=4,
-        z=-17.25,
-        pixel_spacing=(0.7, 0.7),
-        signed=signed,
-        bits_stored=bits,
-        padding_value=padding,
-    )
-    ds = pydicom.dcmread(path)
-    low, high = synth.stored_range(bits, signed)
-    expected = np.clip(hu.astype(np.int32), low - 1024, high - 1024)
-    got = ds.pixel_array.astype(np.int32) * int(ds.RescaleSlope) + int(ds.RescaleIntercept)
-    assert np.array_equal(got, expected)
-    assert str(ds.file_meta.TransferSyntaxUID) == syntax
-    assert ds.Modality == "CT" and ds.SOPClassUID == pydicom.uid.CTImageStorage
-    assert ds.SOPInstanceUID == "1.2.826.0.1.3680043.7.1.4" and int(ds.InstanceNumber) == 4
-    assert float(ds.ImagePositionPatient[2]) == -17.25 and [float(v) for v in ds.PixelSpacing] == [0.7, 0.7]
-    assert (ds.BitsStored, ds.HighBit, ds.PixelRepresentation) == (bits, bits - 1, int(signed))
-    assert ds.get("PixelPaddingValue") == padding
-
-
 def test_layout_and_csv_formats(comp):
     train = pd.read_csv(comp / "train.csv")
     assert list(train.columns) == ["StudyInstanceUID", "patient_overall", *TYPES[:7]]
@@ -109,7 +75,7 @@ def test_layout_and_csv_formats(comp):
     segs = sorted(p.name for p in (comp / "segmentations").iterdir())
     assert segs == sorted(f"{u}.nii" for u in studies.query("segmented == 1").StudyInstanceUID)
     assert len(segs) == 3 and set(s[:-4] for s in segs) <= set(train.StudyInstanceUID)
-    assert set(studies.transfer_syntax) >= {synth.EXPLICIT_LE, synth.IMPLICIT_LE, synth.JPEG_LOSSLESS_70}
+    assert set(studies.transfer_syntax) >= {EXPLICIT_LE, IMPLICIT_LE, JPEG_LOSSLESS_70}
     assert (comp / "_synthetic" / "generator.json").read_text().count('"version"') == 1
 
 
@@ -225,3 +191,14 @@ def test_refuses_non_empty_output(tmp_path):
     (tmp_path / "keep.txt").write_text("x")
     with pytest.raises(FileExistsError, match=re.escape(str(tmp_path))):
         synth.generate_competition(tmp_path, n_studies=1)
+
+
+def _fail_to_write(spec: synth.StudySpec, out: Path) -> dict:
+    raise OSError(f"disk full while writing {spec.uid}")
+
+
+def test_a_study_that_cannot_be_written_fails_the_build(tmp_path, monkeypatch):
+    monkeypatch.setattr(synth, "write_study", _fail_to_write)  # the fork-started workers see the patched module
+    with pytest.raises(RuntimeError, match=r"3 synthetic studies could not be written.*OSError: disk full"):
+        synth.generate_competition(tmp_path / "comp", n_studies=1, n_test_studies=2, image_size=32, median_slices=8, workers=2)
+    assert not (tmp_path / "comp" / "train.csv").exists()
