@@ -19,7 +19,7 @@ a study without all 8 rows.
 from __future__ import annotations
 
 import logging
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable
 
 import numpy as np
 import pandas as pd
@@ -28,6 +28,7 @@ from torch import nn
 from torch.nn import functional as F
 
 from rsna22_utils.cervical.anatomy import TARGETS, VERTEBRAE
+from rsna22_utils.core.metric import MetricError, binary_column, check_same_ids, check_unique, examples, probability_column, require_columns
 
 logger = logging.getLogger(__name__)
 
@@ -38,25 +39,6 @@ NEGATIVE_WEIGHTS: dict[str, float] = {t: (7.0 if t == "patient_overall" else 1.0
 POSITIVE_WEIGHTS: dict[str, float] = {t: 2.0 * NEGATIVE_WEIGHTS[t] for t in TARGETS}
 EPS = 1e-15
 
-_N_EXAMPLES = 5
-
-
-class MetricError(ValueError):
-    """A solution or submission table that cannot be scored (names the problem, counts and examples)."""
-
-
-def _examples(values: Iterable) -> str:
-    """At most a few items of `values`, for error messages."""
-    values = list(values)
-    shown = ", ".join(repr(v) for v in values[:_N_EXAMPLES])
-    return shown + (f", ... ({len(values) - _N_EXAMPLES} more)" if len(values) > _N_EXAMPLES else "")
-
-
-def _require_columns(df: pd.DataFrame, columns: Sequence[str], what: str) -> None:
-    missing = [c for c in columns if c not in df.columns]
-    if missing:
-        raise MetricError(f"{what}: missing column(s) {missing}; has {list(df.columns)}")
-
 
 def _split_row_ids(row_ids: pd.Series, what: str) -> tuple[pd.Series, pd.Series]:
     """(StudyInstanceUID, target) parsed from `<uid>_<target>` row ids; unknown targets raise."""
@@ -65,32 +47,10 @@ def _split_row_ids(row_ids: pd.Series, what: str) -> tuple[pd.Series, pd.Series]
     if bad.any():
         raise MetricError(
             f"{what}: {int(bad.sum())} row_id(s) are not '<StudyInstanceUID>_<target>' with a target in "
-            f"{list(TARGETS)}: {_examples(row_ids[bad])}"
+            f"{list(TARGETS)}: {examples(row_ids[bad])}"
         )
     study, target = parts[0], parts[1]
     return study, target
-
-
-def _numeric_column(df: pd.DataFrame, column: str, what: str) -> np.ndarray:
-    """`df[column]` as float64; raises MetricError on non-numeric, NaN/inf or out-of-[0, 1] values."""
-    try:
-        values = pd.to_numeric(df[column], errors="raise").to_numpy(dtype=np.float64)
-    except (ValueError, TypeError) as exc:
-        raise MetricError(f"{what}: column {column!r} is not numeric ({exc})") from None
-    bad = ~np.isfinite(values)
-    if bad.any():
-        raise MetricError(f"{what}: {int(bad.sum())} NaN/inf {column!r} value(s), rows {_examples(df['row_id'][bad])}")
-    bad = (values < 0) | (values > 1)
-    if bad.any():
-        rows = [f"{r}={v}" for r, v in zip(df["row_id"][bad], values[bad])]
-        raise MetricError(f"{what}: {int(bad.sum())} {column!r} value(s) outside [0, 1]: {_examples(rows)}")
-    return values
-
-
-def _check_unique(row_ids: pd.Series, what: str) -> None:
-    dup = row_ids[row_ids.duplicated()]
-    if len(dup):
-        raise MetricError(f"{what}: {len(dup)} duplicated row_id(s): {_examples(dup.unique())}")
 
 
 def score(solution: pd.DataFrame, submission: pd.DataFrame, eps: float = EPS) -> float:
@@ -100,26 +60,18 @@ def score(solution: pd.DataFrame, submission: pd.DataFrame, eps: float = EPS) ->
     weights when present, as Kaggle's solution file carries them) and StudyInstanceUID /
     prediction_type (ignored: the row_id says both). submission: row_id, fractured (probability).
     """
-    _require_columns(solution, ("row_id", "fractured"), "solution")
-    _require_columns(submission, ("row_id", "fractured"), "submission")
+    require_columns(solution, ("row_id", "fractured"), "solution")
+    require_columns(submission, ("row_id", "fractured"), "submission")
     if len(solution) == 0:
         raise MetricError("solution: no rows")
     sol = solution.reset_index(drop=True)
     sub = submission.reset_index(drop=True)
     sol_ids = sol["row_id"].astype(str)
     sub_ids = sub["row_id"].astype(str)
-    _check_unique(sol_ids, "solution")
-    _check_unique(sub_ids, "submission")
+    check_unique(sol_ids, "solution")
+    check_unique(sub_ids, "submission")
 
-    missing = sol_ids[~sol_ids.isin(set(sub_ids))]
-    extra = sub_ids[~sub_ids.isin(set(sol_ids))]
-    if len(missing) or len(extra):
-        parts = []
-        if len(missing):
-            parts.append(f"{len(missing)} solution row_id(s) missing from the submission: {_examples(missing)}")
-        if len(extra):
-            parts.append(f"{len(extra)} submission row_id(s) not in the solution: {_examples(extra)}")
-        raise MetricError("; ".join(parts))
+    check_same_ids(sol_ids, sub_ids)
 
     study, target = _split_row_ids(sol_ids, "solution")
     counts = study.value_counts()
@@ -127,14 +79,11 @@ def score(solution: pd.DataFrame, submission: pd.DataFrame, eps: float = EPS) ->
     if len(incomplete):
         raise MetricError(
             f"solution: {len(incomplete)} stud(y/ies) without all {len(TARGETS)} rows "
-            f"({', '.join(TARGETS)}): {_examples(f'{u} ({n} rows)' for u, n in incomplete.items())}"
+            f"({', '.join(TARGETS)}): {examples(f'{u} ({n} rows)' for u, n in incomplete.items())}"
         )
 
-    y = _numeric_column(sol, "fractured", "solution")
-    not_binary = (y != 0) & (y != 1)
-    if not_binary.any():
-        raise MetricError(f"solution: {int(not_binary.sum())} 'fractured' value(s) not 0/1: {_examples(sol_ids[not_binary])}")
-    p = pd.Series(_numeric_column(sub, "fractured", "submission"), index=sub_ids).reindex(sol_ids).to_numpy()
+    y = binary_column(sol, "fractured", "solution")
+    p = pd.Series(probability_column(sub, "fractured", "submission"), index=sub_ids).reindex(sol_ids).to_numpy()
 
     if "sample_weight" in sol.columns:
         w = pd.to_numeric(sol["sample_weight"], errors="coerce").to_numpy(dtype=np.float64)
@@ -152,12 +101,12 @@ def score(solution: pd.DataFrame, submission: pd.DataFrame, eps: float = EPS) ->
 
 def _wide_table(df: pd.DataFrame, what: str, binary: bool) -> pd.DataFrame:
     """Validated copy of a wide table (StudyInstanceUID + TARGETS), values as float."""
-    _require_columns(df, ("StudyInstanceUID",) + TARGETS, what)
+    require_columns(df, ("StudyInstanceUID",) + TARGETS, what)
     out = df[["StudyInstanceUID", *TARGETS]].copy()
     out["StudyInstanceUID"] = out["StudyInstanceUID"].astype(str)
     dup = out["StudyInstanceUID"][out["StudyInstanceUID"].duplicated()]
     if len(dup):
-        raise MetricError(f"{what}: {len(dup)} duplicated StudyInstanceUID(s): {_examples(dup.unique())}")
+        raise MetricError(f"{what}: {len(dup)} duplicated StudyInstanceUID(s): {examples(dup.unique())}")
     for t in TARGETS:
         try:
             values = pd.to_numeric(out[t], errors="raise").to_numpy(dtype=np.float64)
@@ -168,7 +117,7 @@ def _wide_table(df: pd.DataFrame, what: str, binary: bool) -> pd.DataFrame:
             bad |= (values != 0) & (values != 1)
         if bad.any():
             kind = "0/1" if binary else "a probability in [0, 1]"
-            raise MetricError(f"{what}: {int(bad.sum())} {t!r} value(s) not {kind}, studies {_examples(out['StudyInstanceUID'][bad])}")
+            raise MetricError(f"{what}: {int(bad.sum())} {t!r} value(s) not {kind}, studies {examples(out['StudyInstanceUID'][bad])}")
         out[t] = values
     return out
 
@@ -220,7 +169,7 @@ def align_predictions(labels_df: pd.DataFrame, pred_df: pd.DataFrame) -> tuple[p
     preds = _wide_table(pred_df, "predictions", binary=False)
     missing = labels["StudyInstanceUID"][~labels["StudyInstanceUID"].isin(set(preds["StudyInstanceUID"]))]
     if len(missing):
-        raise MetricError(f"predictions: {len(missing)} labelled stud(y/ies) without predictions: {_examples(missing)}")
+        raise MetricError(f"predictions: {len(missing)} labelled stud(y/ies) without predictions: {examples(missing)}")
     preds = preds.set_index("StudyInstanceUID").loc[labels["StudyInstanceUID"]].reset_index()
     return labels.reset_index(drop=True), preds
 
