@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import logging
 import re
-from collections.abc import Mapping, Sequence
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -20,106 +20,13 @@ import numpy as np
 import pandas as pd
 
 from rsna22_utils.cervical.metric import TARGETS, align_predictions
+from rsna22_utils.core.qc import plot_loss_curves, plot_roc, prepare_path, save_figure
 
 logger = logging.getLogger(__name__)
 
-_HISTORY_REQUIRED = ("epoch", "train_loss", "valid_loss")
 _PRED_COLUMN = re.compile(r"^C([1-7])_pred$")
 _FRAC_COLUMN = re.compile(r"^C([1-7])_frac$")
 _VERTEBRA_COLORS = ("#1f77b4", "#ff7f0e", "#2ca02c", "#d62728", "#9467bd", "#8c564b", "#e377c2")
-
-
-def _prepare_path(path: str | Path, suffixes: Sequence[str]) -> Path:
-    path = Path(path)
-    if path.suffix.lower() not in suffixes:
-        raise ValueError(f"{path}: unsupported image type {path.suffix!r}; use one of {list(suffixes)}")
-    path.parent.mkdir(parents=True, exist_ok=True)
-    return path
-
-
-def _save(fig: plt.Figure, path: Path, what: str) -> Path:
-    fig.savefig(path, dpi=100, bbox_inches="tight")
-    plt.close(fig)
-    logger.info("wrote %s to %s", what, path)
-    return path
-
-
-def _read_history(name: str, history: pd.DataFrame | str | Path) -> pd.DataFrame:
-    """A history table from a DataFrame or a csv / parquet file, with the required columns checked."""
-    if isinstance(history, pd.DataFrame):
-        df, source = history, f"run {name!r}"
-    else:
-        source = f"run {name!r} ({history})"
-        p = Path(history)
-        if not p.is_file():
-            raise FileNotFoundError(f"{source}: history file not found")
-        df = pd.read_parquet(p) if p.suffix.lower() in (".parquet", ".pq") else pd.read_csv(p)
-    missing = [c for c in _HISTORY_REQUIRED if c not in df.columns]
-    if missing:
-        raise ValueError(f"{source}: history table lacks column(s) {missing}; has {list(df.columns)}")
-    return df.sort_values("epoch")
-
-
-_STYLES = ("-", ":", "-.", "--", (0, (1, 3)), (0, (5, 1)), (0, (3, 1, 1, 1, 1, 1)))
-
-
-def _headline_metrics(history: pd.DataFrame) -> list[str]:
-    """Numeric per-epoch metrics worth a line: not timings, not the per-target AUCs (auc_C1 ...; see the ROC figure)."""
-    skip = (*_HISTORY_REQUIRED, "lr", "fold", "step", "time", "seconds")
-    return [c for c in history.columns if c not in skip and not c.startswith("auc_") and pd.api.types.is_numeric_dtype(history[c])]
-
-
-def plot_loss_curves(histories: Mapping[str, pd.DataFrame | str | Path], path: str | Path) -> Path:
-    """Train (dashed) and valid (solid) loss per epoch for each run, plus lr and metric panels when present.
-
-    History tables: epoch, train_loss, valid_loss, optionally lr and any numeric metric columns
-    (plotted in a third panel, one line per run and metric).
-    """
-    if not histories:
-        raise ValueError("plot_loss_curves: no histories given")
-    path = _prepare_path(path, (".png", ".jpg", ".jpeg"))
-    tables = {name: _read_history(name, h) for name, h in histories.items()}
-    has_lr = any("lr" in df.columns for df in tables.values())
-    metric_cols = {name: _headline_metrics(df) for name, df in tables.items()}
-    has_metrics = any(metric_cols.values())
-    n_panels = 1 + has_lr + has_metrics
-    fig, axes = plt.subplots(1, n_panels, figsize=(6 * n_panels, 4.2), squeeze=False)
-    axes = axes[0]
-    colors = plt.rcParams["axes.prop_cycle"].by_key()["color"]
-    styles: dict[str, str] = {}  # metric -> line style (colours are runs, as in the loss panel)
-    for i, (name, df) in enumerate(tables.items()):
-        color = colors[i % len(colors)]
-        ax = axes[0]
-        ax.plot(df["epoch"], df["train_loss"], "--", color=color, label=f"{name} train")
-        valid = df.dropna(subset=["valid_loss"])
-        ax.plot(valid["epoch"], valid["valid_loss"], "-o", ms=3, color=color, label=f"{name} valid")
-        if len(valid):
-            best = valid.loc[valid["valid_loss"].idxmin()]
-            ax.scatter([best["epoch"]], [best["valid_loss"]], marker="*", s=120, color=color, zorder=3)
-        k = 1
-        if has_lr:
-            if "lr" in df.columns:
-                axes[k].plot(df["epoch"], df["lr"], color=color, label=name)
-            k += 1
-        if has_metrics:
-            for col in metric_cols[name]:
-                axes[k].plot(df["epoch"], df[col], linestyle=styles.setdefault(col, _STYLES[len(styles) % len(_STYLES)]), color=color)
-    axes[0].set(title="loss (dashed train, solid valid, * best valid)", xlabel="epoch", ylabel="loss")
-    axes[0].legend(fontsize=8)
-    axes[0].grid(alpha=0.3)
-    k = 1
-    if has_lr:
-        axes[k].set(title="learning rate", xlabel="epoch", ylabel="lr")
-        axes[k].ticklabel_format(axis="y", style="sci", scilimits=(0, 0))
-        axes[k].grid(alpha=0.3)
-        axes[k].legend(fontsize=8)
-        k += 1
-    if has_metrics:
-        axes[k].set(title="validation metrics (colour = run)", xlabel="epoch")
-        axes[k].grid(alpha=0.3)
-        axes[k].legend([plt.Line2D([], [], color="k", linestyle=style) for style in styles.values()], list(styles), fontsize=8)
-    fig.tight_layout()
-    return _save(fig, path, f"loss curves of {len(tables)} run(s)")
 
 
 def plot_roc_curves(
@@ -132,36 +39,18 @@ def plot_roc_curves(
 
     A target with only one class in the labels gets AUC NaN and no curve (noted in the legend).
     """
-    from sklearn.metrics import roc_auc_score, roc_curve
-
     unknown = [t for t in targets if t not in TARGETS]
     if unknown or not targets:
         raise ValueError(f"plot_roc_curves: targets must be a non-empty subset of {list(TARGETS)}, got {list(targets)}")
-    path = _prepare_path(path, (".png", ".jpg", ".jpeg"))
+    path = prepare_path(path, (".png", ".jpg", ".jpeg"))
     labels, preds = align_predictions(labels_df, pred_df)
-    fig, ax = plt.subplots(figsize=(6.5, 6))
-    aucs: dict[str, float] = {}
-    for t in targets:
-        y, p = labels[t].to_numpy(), preds[t].to_numpy()
-        color = "black" if t == "patient_overall" else _VERTEBRA_COLORS[int(t[1]) - 1]
-        if len(np.unique(y)) < 2:
-            aucs[t] = float("nan")
-            ax.plot([], [], color=color, label=f"{t}: n/a (one class)")
-            continue
-        aucs[t] = float(roc_auc_score(y, p))
-        fpr, tpr, _ = roc_curve(y, p)
-        ax.plot(fpr, tpr, color=color, lw=2.5 if t == "patient_overall" else 1.3, label=f"{t}: AUC {aucs[t]:.3f} (n+={int(y.sum())})")
-    ax.plot([0, 1], [0, 1], ":", color="grey")
-    ax.set(xlim=(0, 1), ylim=(0, 1.01), xlabel="false positive rate", ylabel="true positive rate", title=f"ROC over {len(labels)} studies")
-    ax.legend(loc="lower right", fontsize=8)
-    ax.grid(alpha=0.3)
-    _save(fig, path, "ROC curves")
-    return aucs
+    colors = {t: "black" if t == "patient_overall" else _VERTEBRA_COLORS[int(t[1]) - 1] for t in targets}
+    return plot_roc(labels, preds, path, targets, colors, bold="patient_overall", unit="studies")
 
 
 def plot_iou_histogram(ious: Sequence[float] | np.ndarray, path: str | Path, threshold: float = 0.7) -> Path:
     """Histogram of box IoUs in [0, 1] with the median and `threshold` marked (NaNs, e.g. empty slices, are dropped)."""
-    path = _prepare_path(path, (".png", ".jpg", ".jpeg"))
+    path = prepare_path(path, (".png", ".jpg", ".jpeg"))
     values = np.asarray(ious, dtype=np.float64).reshape(-1)
     n_nan = int(np.isnan(values).sum())
     values = values[~np.isnan(values)]
@@ -178,7 +67,7 @@ def plot_iou_histogram(ious: Sequence[float] | np.ndarray, path: str | Path, thr
     title = f"box IoU, n={values.size}" + (f" ({n_nan} NaN dropped)" if n_nan else "")
     ax.set(xlim=(0, 1), xlabel="IoU", ylabel="count", title=title)
     ax.legend(loc="upper left")
-    return _save(fig, path, f"IoU histogram (median {median:.3f})")
+    return save_figure(fig, path, f"IoU histogram (median {median:.3f})")
 
 
 def _slice_boxes(box, n_slices: int) -> np.ndarray | None:
@@ -280,7 +169,7 @@ def study_animation(
     """
     from PIL import Image
 
-    path = _prepare_path(path, (".gif", ".png"))
+    path = prepare_path(path, (".gif", ".png"))
     volume = np.asarray(volume)
     if volume.ndim != 3 or volume.shape[0] == 0:
         raise ValueError(f"study_animation: volume must be (slices, rows, cols), got shape {volume.shape}")
@@ -332,7 +221,7 @@ def draw_boxes_grid(
     """A grid of slices with predicted (red) and, when given, true (green) boxes (x0, y0, x1, y1); NaN box = none."""
     from matplotlib.patches import Rectangle
 
-    path = _prepare_path(path, (".png", ".jpg", ".jpeg"))
+    path = prepare_path(path, (".png", ".jpg", ".jpeg"))
     n = len(images)
     if n == 0:
         raise ValueError("draw_boxes_grid: no images")
@@ -366,7 +255,7 @@ def draw_boxes_grid(
     legend = "red = predicted" + (", green = true" if true is not None else "")
     fig.suptitle(legend, fontsize=9)
     fig.tight_layout()
-    return _save(fig, path, f"box grid of {n} image(s)")
+    return save_figure(fig, path, f"box grid of {n} image(s)")
 
 
 def show_training_run(session: Any) -> None:
