@@ -172,3 +172,13 @@ def test_ddp_two_processes_match_single_process(tmp_path: Path) -> None:
     assert sorted(p.name for p in (tmp_path / "ddp").iterdir()) == sorted(p.name for p in (tmp_path / "single").iterdir())
     oof = pd.read_parquet(tmp_path / "ddp" / "oof.parquet")
     assert sorted(oof["id"]) == list(range(24))  # both shards gathered, no padded duplicates
+
+
+def test_early_stopping_ends_the_run_after_patience_epochs_without_improvement(tmp_path: Path) -> None:
+    # the toy's mse falls every epoch, so with monitor_mode="max" the first epoch stays the best
+    settings = dict(save="best", monitor="mse", monitor_mode="max", epochs=6, early_stopping_patience=2)
+    _, metrics = run(tmp_path, **settings)
+    assert [h["epoch"] for h in metrics["history"]] == [1, 2, 3]
+    assert metrics["epoch"] == 1
+    _, again = run(tmp_path, **settings)  # resuming a stopped run trains nothing more
+    assert [h["epoch"] for h in again["history"]] == [1, 2, 3]

@@ -176,9 +176,15 @@ class Checkpointing:
     save: str = "last"  # last | best: which epoch's weights and OOF predictions are kept
     valid_loss: bool = True  # also compute Task.loss on the validation set (one more forward per batch)
     resume: bool = True  # continue from {out_dir}/checkpoint.pt when present
+    # stop once `monitor` has not improved for this many epochs (0 = train every epoch); needs save="best"
+    early_stopping_patience: int = 0
 
     def _check(self) -> list[str]:
         out = []
+        if self.early_stopping_patience < 0:
+            out.append(f"early_stopping_patience must be >= 0, got {self.early_stopping_patience}")
+        elif self.early_stopping_patience and self.save != "best":
+            out.append("early_stopping_patience needs save='best' (the epoch it stops after is not the one to keep)")
         if self.monitor_mode not in ("min", "max"):
             out.append(f"monitor_mode must be 'min' or 'max', got {self.monitor_mode!r}")
         if self.save not in ("last", "best"):

@@ -332,6 +332,8 @@ def _train(
         device,
     )
     for epoch in range(opt.start_epoch, cfg.epochs):
+        if _stale_epochs(history, best, cfg):
+            break
         train_sampler.set_epoch(epoch)
         batches = iter(loader(train_dataset, train_sampler, plan.micro, True, epoch))
         train_loss = _train_epoch(train_model, task, batches, opt, cfg, plan, device, procs, epoch)
@@ -553,6 +555,23 @@ def _improved(entry: dict[str, Any], best: dict[str, Any] | None, cfg: TrainConf
     if cfg.monitor not in entry:
         raise ConfigError(f"monitor={cfg.monitor!r} is not among the epoch metrics {sorted(entry)}")
     return _better(entry[cfg.monitor], best["value"] if best else None, cfg.monitor_mode)
+
+
+def _stale_epochs(history: list[dict[str, Any]], best: dict[str, Any] | None, cfg: TrainConfig) -> bool:
+    """Whether early stopping ends the run: cfg.monitor has not improved for `early_stopping_patience` epochs."""
+    if not cfg.early_stopping_patience or not history or best is None:
+        return False
+    stale = history[-1]["epoch"] - best["epoch"]
+    if stale >= cfg.early_stopping_patience:
+        logger.info(
+            "early stopping after epoch %d: %s has not improved for %d epochs (best: epoch %d)",
+            history[-1]["epoch"],
+            cfg.monitor,
+            stale,
+            best["epoch"],
+        )
+        return True
+    return False
 
 
 def _checkpoint(
