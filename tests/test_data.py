@@ -11,7 +11,8 @@ import pandas as pd
 import pytest
 import torch
 
-from rsna22_utils.cervical.data import SequenceDataset, crop_box_in_cache, positive_slices, sequence_starts, spread_window_predictions
+from rsna22_utils.cervical.data import SequenceDataset, positive_slices, sequence_starts, spread_window_predictions
+from rsna22_utils.cervical.geometry import crop_box_in_cache
 from rsna22_utils.core.cache import CacheSpec, StudyCache
 
 

@@ -10,7 +10,6 @@ import pandas as pd
 import pytest
 import torch
 
-from rsna22_utils.cervical.crops import square_crop
 from rsna22_utils.cervical.data import (
     WINDOW_INPUT,
     BoxSliceDataset,
@@ -20,14 +19,13 @@ from rsna22_utils.cervical.data import (
     augment_sequence,
     box_augmentation,
     common_input_norm,
-    crop_box,
-    crop_box_in_cache,
     images_to_tensor,
     sequence_augmentation,
     sequence_inputs,
     to_tensor,
     training_starts,
 )
+from rsna22_utils.cervical.geometry import crop_box, crop_box_in_cache, square_crop
 from rsna22_utils.cervical.labels import drop_studies
 from rsna22_utils.core.cache import StudyCache
 from rsna22_utils.core.config import ConfigError, resolve_config

@@ -6,7 +6,8 @@ import numpy as np
 import pandas as pd
 
 from rsna22_utils.cervical.configs import StudyBoxRule
-from rsna22_utils.cervical.study_box import box_iou, evaluate_study_boxes, study_boxes
+from rsna22_utils.cervical.geometry import box_iou
+from rsna22_utils.cervical.study_box import evaluate_study_boxes, study_boxes
 
 
 def _slices(n: int, spine: tuple[int, int], box: tuple[float, float, float, float], rng: np.random.Generator) -> pd.DataFrame:

@@ -22,9 +22,10 @@ from tqdm import tqdm
 from rsna22_utils.cervical.anatomy import BOX_COLUMNS
 from rsna22_utils.cervical.configs import BoxInferConfig, BoxTrainConfig
 from rsna22_utils.cervical.data import BoxSliceDataset, CacheSource, InputNorm, common_input_norm
+from rsna22_utils.cervical.geometry import box_iou
 from rsna22_utils.cervical.models import box_loss, create_model, load_run
 from rsna22_utils.cervical.prepare import Prepared, open_cache, split_by_fold
-from rsna22_utils.cervical.study_box import box_iou, evaluate_study_boxes, predict_box_slices, shared_input_slices, study_boxes
+from rsna22_utils.cervical.study_box import evaluate_study_boxes, predict_box_slices, shared_input_slices, study_boxes
 from rsna22_utils.core.cache import StudyCache
 from rsna22_utils.core.config import with_derived
 from rsna22_utils.core.device import resolve_device

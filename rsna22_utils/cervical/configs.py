@@ -230,7 +230,7 @@ class BoxCrop:
     # where crops come from: "cache" = cut from the 00 study cache (image_size px, box as is);
     # "native" = the crop cache (cervical.crops): squared box at the DICOM's resolution, built on first use
     crop_source: str = "cache"
-    crop_square: bool = False  # crop_source=cache: the squared box of the native crops (`crops.square_crop`); native crops always are
+    crop_square: bool = False  # crop_source=cache: the squared box of the native crops (`geometry.square_crop`); native crops always are
 
     def _check(self) -> list[str]:
         out = []

@@ -21,7 +21,6 @@ same study never see a half-written file. The build decodes only the slices it k
 from __future__ import annotations
 
 import logging
-import math
 import os
 import re
 from dataclasses import dataclass
@@ -31,32 +30,16 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
+from rsna22_utils.cervical.box import study_crops
+from rsna22_utils.cervical.geometry import square_crop
 from rsna22_utils.core.cache import CacheSpec, StudyCache, open_npy, remove_stale_npy, write_npy
+from rsna22_utils.core.dicom import read_study, window
 from rsna22_utils.core.pool import run_tasks
 
 logger = logging.getLogger(__name__)
 
 CROP_SOURCES = ("cache", "native")
 _NAME = re.compile(r"^(\d+)_(\d+)_(\d+)_(\d+)_z(\d+)-(\d+)\.npy$")
-
-
-def square_crop(box: tuple[float, float, float, float], rows: int, cols: int, margin: float = 0.0) -> tuple[int, int, int, int]:
-    """A study box (native pixels) -> integer square crop (x0, y0, x1, y1): `margin` x its size added on
-    each side, the short side padded to the long one around the centre (the 3rd place's "square the
-    bbox"), moved inside the image where it sticks out, clipped only where it is larger than the image.
-    A degenerate box (under 4 px) keeps the whole slice."""
-    bx0, by0, bx1, by1 = (float(v) for v in box)
-    w, h = bx1 - bx0, by1 - by0
-    if w < 4 or h < 4:
-        return 0, 0, int(cols), int(rows)
-    side = int(math.ceil(max(w, h) * (1 + 2 * margin)))
-    out = []
-    for centre, limit in (((bx0 + bx1) / 2, int(cols)), ((by0 + by1) / 2, int(rows))):
-        start = int(round(centre - side / 2))
-        start = min(max(start, 0), max(limit - side, 0))
-        out.append((start, min(start + side, limit)))
-    (x0, x1), (y0, y1) = out
-    return x0, y0, x1, y1
 
 
 def stored_range(first: int, last: int, n_slices: int, slice_margin: int) -> tuple[int, int]:
@@ -67,8 +50,6 @@ def stored_range(first: int, last: int, n_slices: int, slice_margin: int) -> tup
 def crop_volume(volume: np.ndarray, crop: tuple[int, int, int, int], z: tuple[int, int], windows: Any | None = None) -> np.ndarray:
     """Slices z[0]..z[1] of a volume (slices, rows, cols[, channels]) cut to `crop`; an int16 HU volume
     is windowed to uint8 (slices, h, w, n_windows) with `windows` (as the crop cache stores it)."""
-    from rsna22_utils.core.dicom import window
-
     x0, y0, x1, y1 = crop
     part = volume[z[0] : z[1] + 1, y0:y1, x0:x1]
     return window(part, windows) if windows is not None else np.ascontiguousarray(part)
@@ -154,8 +135,6 @@ def _existing(folder: Path, crop: tuple[int, int, int, int], z: tuple[int, int])
 
 
 def _write_crop(study_dir: str, rows: pd.DataFrame, crop: tuple[int, int, int, int], windows: tuple, path: Path) -> int:
-    from rsna22_utils.core.dicom import read_study
-
     volume, _ = read_study(study_dir, slices=rows)
     write_npy(path, crop_volume(volume, crop, (0, len(volume) - 1), windows))
     for old in path.parent.glob("*.npy"):  # crops of an earlier box of this study
@@ -215,8 +194,6 @@ def open_crop_cache(
 def native_crop_cache(cfg: Any, cache: StudyCache, slice_margin: int) -> tuple[CropCache, dict[str, tuple[int, int]]]:
     """The crop cache a run of `cfg` (crop_margin, work_dir, num_workers) reads, with each study's slice range
     from 02_infer_box; stores `slice_margin` slices beyond the range (built on first use)."""
-    from rsna22_utils.cervical.box import study_crops
-
     boxes, ranges = study_crops(cfg.work_dir)
     spec = CropSpec(cache.spec.windows, float(cfg.crop_margin))
     crop_cache = open_crop_cache(
@@ -238,8 +215,6 @@ class NativeSpec:
 
     def encode(self, volume_hu: np.ndarray) -> np.ndarray:
         """HU (slices, rows, cols) -> uint8 (slices, rows, cols, n_windows), a slice at a time (no float copy of the study)."""
-        from rsna22_utils.core.dicom import window
-
         out = np.empty((*volume_hu.shape, len(self.windows)), dtype=np.uint8)
         for i, hu in enumerate(volume_hu):
             out[i] = window(hu, self.windows)

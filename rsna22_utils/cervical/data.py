@@ -20,7 +20,9 @@ import torch
 from torch.utils.data import Dataset
 
 from rsna22_utils.cervical.anatomy import BOX_COLUMNS
-from rsna22_utils.core.cache import CacheSpec, StudyCache
+from rsna22_utils.cervical.geometry import crop_box_in_cache
+from rsna22_utils.core.cache import CacheSpec, StudyCache, encode_study
+from rsna22_utils.core.dicom import read_slice
 
 
 class SliceSource(Protocol):
@@ -56,9 +58,6 @@ class DicomSource:
         self._counts = slices.groupby("StudyInstanceUID")["slice_index"].max().add(1).to_dict()
 
     def slice(self, uid: str, slice_index: int) -> np.ndarray:
-        from rsna22_utils.core.cache import encode_study
-        from rsna22_utils.core.dicom import read_slice
-
         hu, _ = read_slice(Path(self._paths[(uid, int(slice_index))]))
         return encode_study(hu[None], self.spec)[0]
 
@@ -349,40 +348,6 @@ def positive_slices(labels: np.ndarray, fraction: float = 0.5, per_column: bool 
     return mask if per_column else mask.any(axis=1)
 
 
-def crop_box(
-    box: tuple[float, float, float, float], scale: tuple[float, float], bounds: tuple[int, int], margin: float
-) -> tuple[int, int, int, int]:
-    """A study box in original pixels -> integer crop (x0, y0, x1, y1) of an image of `bounds` (width, height) that is
-    the original scaled by `scale` (sx, sy): `margin` x the box's size added on each side, clamped to the
-    image. A crop under 4 pixels a side (a degenerate box) is the whole image."""
-    x0, y0, x1, y1 = box
-    sx, sy = scale
-    w, h = (x1 - x0) * sx, (y1 - y0) * sy
-    cx0, cy0 = x0 * sx - margin * w, y0 * sy - margin * h
-    cx1, cy1 = x1 * sx + margin * w, y1 * sy + margin * h
-    width, height = bounds
-    cx0, cy0 = max(0, int(np.floor(cx0))), max(0, int(np.floor(cy0)))
-    cx1, cy1 = min(width, int(np.ceil(cx1))), min(height, int(np.ceil(cy1)))
-    if cx1 - cx0 < 4 or cy1 - cy0 < 4:  # degenerate box: keep the whole slice
-        return 0, 0, width, height
-    return cx0, cy0, cx1, cy1
-
-
-def crop_box_in_cache(
-    box: tuple[float, float, float, float], rows: int, cols: int, size: int, margin: float, square: bool = False
-) -> tuple[int, int, int, int]:
-    """A study box in original pixels -> integer crop (x0, y0, x1, y1) in cache pixels.
-
-    `square`: the squared box of the native crop cache (`crops.square_crop`: margin, short side padded
-    around the centre, moved inside the image), so cache and native crops cover the same anatomy.
-    """
-    if square:
-        from rsna22_utils.cervical.crops import square_crop
-
-        box, margin = square_crop(box, rows, cols, margin), 0.0
-    return crop_box(box, (size / cols, size / rows), (size, size), margin)
-
-
 def training_starts(first: int, last: int, span: int, step: int) -> list[int]:
     """Training window starts that cover first..last (inclusive): every slice position divisible by `step`
     whose window ends inside the range, plus the first and the last window (the 3rd place's sampler,
@@ -414,7 +379,7 @@ class SequenceDataset(Dataset):
     `labels[uid]` is a float array (n_slices, n_targets) (`positive_labels`, default `labels`,
     decides which windows count as positive); `ranges[uid]` = (first, last) slice
     positions to cover (default: the whole study); `crops[uid]` = study box in original pixels
-    (`crop_box`: `crop_margin`, `crop_square`). `augment`: False, True (light) or an augmentation
+    (`geometry.crop_box_in_cache`: `crop_margin`, `crop_square`). `augment`: False, True (light) or an augmentation
     set's name; `norm`: how pixels become network inputs.
     """
 

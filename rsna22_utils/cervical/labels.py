@@ -21,6 +21,8 @@ import pandas as pd
 from tqdm import tqdm
 
 from rsna22_utils.cervical.anatomy import BOX_COLUMNS, CERVICAL, VERTEBRAE
+from rsna22_utils.cervical.segmentation import load_segmentation, study_uid_from_path
+from rsna22_utils.core.dicom import read_slice_headers
 from rsna22_utils.core.files import atomic_write
 from rsna22_utils.core.pool import run_tasks
 
@@ -325,9 +327,6 @@ class LabelFailure:
 
 
 def _study_labels(uid: str, nifti_path: Path, study_dir: Path, table: pd.DataFrame | None = None) -> tuple[pd.DataFrame, pd.DataFrame]:
-    from rsna22_utils.cervical.segmentation import load_segmentation
-    from rsna22_utils.core.dicom import read_slice_headers
-
     if table is None:
         table = read_slice_headers(study_dir)
     elif table.empty:
@@ -367,8 +366,6 @@ def build_segmentation_labels(
     if not seg_dir.is_dir():
         raise FileNotFoundError(f"{seg_dir}: no segmentations folder")
     nifti = sorted(p for p in seg_dir.iterdir() if p.name.endswith((".nii", ".nii.gz")))
-    from rsna22_utils.cervical.segmentation import study_uid_from_path
-
     dropped = set(drop)
     jobs = [(study_uid_from_path(p), p, data_dir / "train_images" / study_uid_from_path(p)) for p in nifti]
     jobs = [job for job in jobs if job[0] not in dropped]

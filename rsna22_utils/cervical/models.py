@@ -20,6 +20,7 @@ from torch import nn
 from torch.nn import functional as F
 
 from rsna22_utils.cervical.anatomy import VERTEBRAE
+from rsna22_utils.cervical.configs import BoxTrainConfig, FractureTrainConfig, StudyTrainConfig, VertebraTrainConfig
 from rsna22_utils.core.runs import load_run as load_run_with
 
 logger = logging.getLogger(__name__)
@@ -464,8 +465,6 @@ def study_model(cfg: Any, sequence_model: SequenceModel) -> StudyModel:
 
 def sequence_outputs(cfg: Any) -> int:
     """Outputs per step of a sequence config's network: 7 vertebra (03); + 7 fracture (+ 1 any-fracture) (05, and 06's stage-05 run)."""
-    from rsna22_utils.cervical.configs import VertebraTrainConfig
-
     if isinstance(cfg, VertebraTrainConfig):
         return len(VERTEBRAE)
     return 2 * len(VERTEBRAE) + int(bool(getattr(cfg, "any_fracture_head", False)))
@@ -503,8 +502,6 @@ def create_model(cfg: Any, load_pretrained: bool = True) -> nn.Module:
     (`slices_per_image` slices x windows as input channels); 06 -> StudyModel on the architecture
     of its stage-05 run (recorded in its config).
     """
-    from rsna22_utils.cervical.configs import BoxTrainConfig, FractureTrainConfig, StudyTrainConfig, VertebraTrainConfig
-
     pretrained = bool(getattr(cfg, "pretrained", False)) and load_pretrained
     pretrained_path = (getattr(cfg, "pretrained_path", "") or None) if load_pretrained else None
     pretrained_dir = getattr(cfg, "pretrained_dir", "") or None

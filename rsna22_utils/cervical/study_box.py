@@ -20,6 +20,7 @@ from torch import nn
 from rsna22_utils.cervical.anatomy import BOX_COLUMNS
 from rsna22_utils.cervical.configs import StudyBoxRule
 from rsna22_utils.cervical.data import WINDOW_INPUT, InputNorm, images_to_tensor, stack_slices
+from rsna22_utils.cervical.geometry import box_iou
 from rsna22_utils.core.device import autocast
 
 STUDY_BOX_COLUMNS = ["StudyInstanceUID", *BOX_COLUMNS, "slnum_from", "slnum_to", "slnum_max"]
@@ -127,16 +128,6 @@ def study_boxes(slice_predictions: pd.DataFrame, rule: StudyBoxRule | None = Non
         result = study_box(group["slice_index"].to_numpy(), group["p_box"].to_numpy(), group[BOX_COLUMNS].to_numpy(float), rule)
         rows.append({"StudyInstanceUID": uid, **result})
     return pd.DataFrame(rows, columns=STUDY_BOX_COLUMNS)
-
-
-def box_iou(a: np.ndarray, b: np.ndarray) -> np.ndarray:
-    """IoU of paired boxes (n, 4) x0, y0, x1, y1."""
-    a, b = np.asarray(a, float), np.asarray(b, float)
-    iw = np.clip(np.minimum(a[:, 2], b[:, 2]) - np.maximum(a[:, 0], b[:, 0]), 0, None)
-    ih = np.clip(np.minimum(a[:, 3], b[:, 3]) - np.maximum(a[:, 1], b[:, 1]), 0, None)
-    inter = iw * ih
-    area = lambda box: (box[:, 2] - box[:, 0]) * (box[:, 3] - box[:, 1])
-    return inter / np.maximum(area(a) + area(b) - inter, 1e-9)
 
 
 def evaluate_study_boxes(predicted: pd.DataFrame, truth: pd.DataFrame) -> pd.DataFrame:
