@@ -32,19 +32,6 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--out", type=Path, required=True, help="output .parquet (or .csv)")
     p.add_argument("--workers", type=int, default=None, help="parallel processes (default: all cores)")
 
-    p = sub.add_parser("bench-decode", help="decode speed (ms/slice, one core) of dicomsdl vs pydicom")
-    p.add_argument("paths", type=Path, nargs="*", help="DICOM files or study folders (default: every real study in ../shared/realdata)")
-    p.add_argument("--repeat", type=int, default=5)
-
-    p = sub.add_parser("bench-epoch", help="one training epoch from the study cache vs decoding DICOMs, side by side")
-    p.add_argument("--data-dir", type=Path, default=None, help="competition folder (default: generate a 512 px synthetic one)")
-    p.add_argument("--work-dir", type=Path, default=None, help="where the cache (and generated data) go (default: a temp folder)")
-    p.add_argument("--studies", type=int, default=4)
-    p.add_argument("--cache-size", type=int, default=256)
-    p.add_argument("--batch-size", type=int, default=16)
-    p.add_argument("--device", default="auto", help="auto: cuda when present, else cpu")
-    p.add_argument("--repeat", type=int, default=3, help="data passes per source (the median is reported)")
-
     p = sub.add_parser("demo", help="synthetic competition -> every stage of the pipeline -> report")
     p.add_argument("--out", type=Path, default=Path("demo"), help="working folder of the demo")
     p.add_argument("--studies", type=int, default=60)
@@ -73,40 +60,6 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--profile", default=None, help="start from a profile's 07_inference settings (original, demo)")
     p.add_argument("-p", "--param", dest="params", action="append", default=[], metavar="KEY=VALUE", help="07_inference config override")
 
-    p = sub.add_parser(
-        "bench-inference",
-        help="per-study seconds of decode / preprocessing / models + projection to the test set (trained runs, or a profile's ensemble)",
-    )
-    p.add_argument("--data-dir", type=Path, default=None, help="competition folder with test_images/ (or train_images/)")
-    p.add_argument("--weights", type=Path, default=None, help="weights folder <stage>/fold<f>-seed<s>/, e.g. runs")
-    p.add_argument("--studies", type=int, default=5)
-    p.add_argument(
-        "--profile", default=None, help="instead of --data-dir / --weights: a profile's ensemble (random weights) on a synthetic study"
-    )
-    p.add_argument("--slices", type=int, default=24, help="--profile: slices of the synthetic study measured")
-    p.add_argument("--device", default="auto", help="--profile: where to measure (auto: cuda when present, else cpu)")
-    p.add_argument("--out", type=Path, default=None, help="--profile: also write the tables as JSON")
-    p.add_argument("-p", "--param", dest="params", action="append", default=[], metavar="KEY=VALUE", help="--profile: setting overrides")
-
-    p = sub.add_parser("bench-backbones", help="training / inference images per second and parameters of the 3rd place's networks")
-    p.add_argument("--image-size", type=int, default=512)
-    p.add_argument("--batch-images", type=int, default=64, help="images per step (sequence networks: windows of --seq-len)")
-    p.add_argument("--seq-len", type=int, default=32)
-    p.add_argument("--device", default="auto", help="auto: cuda when present, else cpu")
-    p.add_argument("--steps", type=int, default=10)
-    p.add_argument("--backbones", nargs="*", default=None, metavar="FAMILY:NAME", help="e.g. box:efficientnet_b1 sequence:resnest50d")
-
-    p = sub.add_parser("bench-cost", help="expected training cost of a profile: runs, images, FLOPs, measured img/s, GPU hours per stage")
-    p.add_argument("--profile", default="original", help="a shipped profile (original, demo) or a .json path")
-    p.add_argument("--device", default="auto", help="where to measure training images/s (auto: cuda when present, else cpu)")
-    p.add_argument("--out", type=Path, default=None, help="also write the table as JSON")
-    p.add_argument("--measure-images", type=int, default=2, help="images per measured training step (few: keeps CPU runs short)")
-    p.add_argument("--measure-size", type=int, default=None, help="px of the measured step (default: the config's, 512 in original)")
-    p.add_argument("--stages", nargs="*", default=None, help="training stages to cost (default: 01 03 05 06)")
-    p.add_argument(
-        "-p", "--param", dest="params", action="append", default=[], metavar="KEY=VALUE", help="setting of every stage that has it"
-    )
-
     # Modules that own their commands register them here (each parser sets func=callable(args) -> int).
     import importlib
 
@@ -122,6 +75,11 @@ COMMAND_MODULES: tuple[str, ...] = (
     "rsna22_utils.core.notebooks",
     "rsna22_utils.core.profiles",
     "rsna22_utils.core.weights",
+    "rsna22_utils.cervical.bench.decode",
+    "rsna22_utils.cervical.bench.epoch",
+    "rsna22_utils.cervical.bench.backbones",
+    "rsna22_utils.cervical.bench.cost",
+    "rsna22_utils.cervical.bench.inference",
 )
 
 
@@ -168,60 +126,10 @@ def main(argv: list[str] | None = None) -> int:
 
         failures = scan_competition(args.data_dir, args.out, workers=args.workers)
         return 1 if failures and not args.out.exists() else 0
-    if args.command == "bench-decode":
-        from rsna22_utils.cervical.bench import bench_decode
-
-        bench_decode(args.paths, repeat=args.repeat)
-        return 0
-    if args.command == "bench-epoch":
-        from rsna22_utils.cervical.bench import bench_epoch
-
-        bench_epoch(
-            args.data_dir,
-            args.work_dir,
-            n_studies=args.studies,
-            cache_size=args.cache_size,
-            batch_size=args.batch_size,
-            device=args.device,
-            repeat=args.repeat,
-        )
-        return 0
     if args.command == "predict":
         from rsna22_utils.cervical.submission import run_cli
 
         return run_cli(args)
-    if args.command == "bench-backbones":
-        from rsna22_utils.cervical.bench import ORIGINAL_BACKBONES, bench_backbones
-
-        chosen = tuple(tuple(b.split(":", 1)) for b in args.backbones) if args.backbones else ORIGINAL_BACKBONES
-        bench_backbones(chosen, args.image_size, args.batch_images, args.seq_len, args.device, steps=args.steps)
-        return 0
-    if args.command == "bench-cost":
-        from rsna22_utils.cervical.bench import bench_cost
-        from rsna22_utils.core.config import parse_overrides
-
-        bench_cost(
-            args.profile,
-            overrides=parse_overrides(args.params),
-            device=args.device,
-            measure_images=args.measure_images,
-            measure_size=args.measure_size,
-            stages=args.stages,
-            out=args.out,
-        )
-        return 0
-    if args.command == "bench-inference":
-        from rsna22_utils.cervical.bench import bench_inference, bench_submission
-        from rsna22_utils.core.config import parse_overrides
-
-        if args.profile:
-            bench_submission(args.profile, n_slices=args.slices, device=args.device, overrides=parse_overrides(args.params), out=args.out)
-            return 0
-        if args.data_dir is None or args.weights is None:
-            print("error: bench-inference needs --data-dir and --weights (trained runs), or --profile NAME", file=sys.stderr)
-            return 2
-        bench_inference(args.data_dir, args.weights, n_studies=args.studies)
-        return 0
     if args.command == "demo":
         from rsna22_utils.cervical.demo import parse_demo_overrides, run_demo
 

@@ -8,15 +8,9 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from rsna22_utils.cervical.bench import (
-    TrainingData,
-    bench_cost,
-    bench_epoch,
-    bench_submission,
-    example_batch,
-    forward_flops,
-    stage_configs,
-)
+from rsna22_utils.cervical.bench.cost import TrainingData, bench_cost, example_batch, forward_flops, stage_configs
+from rsna22_utils.cervical.bench.epoch import bench_epoch
+from rsna22_utils.cervical.bench.inference import bench_submission
 from rsna22_utils.cervical.data import CacheSource, DicomSource
 from rsna22_utils.cervical.models import create_network
 from rsna22_utils.cervical.submission import first_runs
@@ -50,7 +44,7 @@ def test_bench_epoch_reports_both_sources(tmp_path: Path, capsys) -> None:
 
 
 def test_bench_backbones_reports_throughput_and_parameters(capsys) -> None:
-    from rsna22_utils.cervical.bench import bench_backbones
+    from rsna22_utils.cervical.bench.backbones import bench_backbones
     from rsna22_utils.cervical.models import BoxModel, SequenceModel, feature_size
 
     networks = (("box", "mobilenetv3_small_050"), ("sequence", "mobilenetv3_small_050"))
