@@ -10,7 +10,8 @@
     07_inference        the offline Kaggle submission
 
 Adding a stage: one `Stage` entry here, one config class (configs.py), one stage function, one
-notebook `notebooks/<name>.py`.
+notebook `notebooks/<name>.py`. Adding a command: an `add_commands(subparsers)` in its module, listed in
+`COMMAND_MODULES`.
 """
 
 from __future__ import annotations
@@ -19,11 +20,21 @@ from rsna22_utils.cervical import configs
 from rsna22_utils.core.registry import Stage, register
 
 _PACKAGE = "rsna22_utils.cervical"
+
+# The competition's command-line modules: the CLI calls `add_commands(subparsers)` of each (beside the core's).
+COMMAND_MODULES: tuple[str, ...] = (
+    f"{_PACKAGE}.commands",
+    f"{_PACKAGE}.bench.decode",
+    f"{_PACKAGE}.bench.epoch",
+    f"{_PACKAGE}.bench.backbones",
+    f"{_PACKAGE}.bench.cost",
+    f"{_PACKAGE}.bench.inference",
+)
 _NETWORK = f"{_PACKAGE}.models:create_network"
 _PREVIEW = f"{_PACKAGE}.configs:preview_derived"
 
 STAGES: tuple[Stage, ...] = tuple(
-    register(stage)
+    register(stage, _PACKAGE)
     for stage in (
         Stage("00_prepare", configs.PrepareConfig, f"{_PACKAGE}.prepare:prepare"),
         Stage(

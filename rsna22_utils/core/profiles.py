@@ -84,9 +84,9 @@ class Profile:
 
 
 def _profiles_folder() -> Path:
-    from rsna22_utils.core.registry import COMPETITION
+    from rsna22_utils.core.registry import competition
 
-    return Path(str(importlib.resources.files(COMPETITION) / "profiles"))
+    return Path(str(importlib.resources.files(competition()) / "profiles"))
 
 
 def available_profiles() -> list[str]:

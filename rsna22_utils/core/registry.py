@@ -1,8 +1,10 @@
 """The stage registry and the run-folder layout: the one table every part of the kit reads.
 
-A competition package registers its stages in order (`register(Stage(...))`); the config system,
-the runner, the Kaggle metadata, the demo, the notebook checks and the tests all read `stages()`.
-Importing this module imports no competition and no torch: a stage names its function as
+A competition package (`rsna22_utils.<name>` with a `stages` module) registers its stages in order
+(`register(Stage(...))`); the config system, the runner, the Kaggle metadata, the demo, the notebook
+checks and the tests all read `stages()`, the stages of the selected competition
+(`select_competition`, `--competition NAME` on the command line, else $RSNA22_KIT_COMPETITION, else
+cervical). Importing this module imports no competition and no torch: a stage names its function as
 "module:function", imported when the stage runs.
 
 Run folders (the only place that knows their names):
@@ -19,7 +21,9 @@ from __future__ import annotations
 
 import contextlib
 import importlib
+import importlib.util
 import os
+import pkgutil
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -27,8 +31,12 @@ from typing import Any, NamedTuple
 
 from rsna22_utils.core.paths import NOTEBOOKS_DIR
 
-# The competition whose stages the kit runs: a package whose `stages` module registers them.
-COMPETITION = os.environ.get("RSNA22_KIT_COMPETITION", "rsna22_utils.cervical")
+# The competition whose stages the kit runs: a package `rsna22_utils.<name>` whose `stages` module registers
+# them. The selection is also written to this environment variable, so notebook kernels and subprocesses
+# (papermill, torchrun) run the same competition.
+COMPETITION_ENV = "RSNA22_KIT_COMPETITION"
+DEFAULT_COMPETITION = "cervical"
+_PACKAGE_ROOT = "rsna22_utils"
 
 WEIGHTS = "model.safetensors"
 CONFIG = "config.json"
@@ -84,27 +92,78 @@ class Stage:
             return self.call("function", cfg)
 
 
-_STAGES: dict[str, Stage] = {}
+_STAGES: dict[str, dict[str, Stage]] = {}  # competition package -> its stages in pipeline order
+_selected: str | None = None
 
 
-def register(stage: Stage) -> Stage:
-    """Add a stage after the competition's own (in pipeline order); registering a name twice is an error."""
-    importlib.import_module(COMPETITION + ".stages")  # a no-op while that module itself registers
-    if stage.name in _STAGES and _STAGES[stage.name] != stage:
+def competition_package(name: str) -> str:
+    """The package of a competition named `cervical` (or, as older settings spell it, `rsna22_utils.cervical`)."""
+    name = name.strip()
+    return name if name.startswith(_PACKAGE_ROOT + ".") else f"{_PACKAGE_ROOT}.{name}"
+
+
+def available_competitions() -> list[str]:
+    """Short names of the packages under rsna22_utils that have a `stages` module."""
+    root = importlib.import_module(_PACKAGE_ROOT)
+    return sorted(
+        info.name
+        for info in pkgutil.iter_modules(root.__path__)
+        if info.ispkg and importlib.util.find_spec(f"{_PACKAGE_ROOT}.{info.name}.stages") is not None
+    )
+
+
+def select_competition(name: str | None = None) -> str:
+    """Make `name` (default: $RSNA22_KIT_COMPETITION, else cervical) the competition whose stages the kit runs.
+
+    Returns its package. The choice is written to $RSNA22_KIT_COMPETITION so that notebook kernels and
+    subprocesses started from here inherit it. An unknown name is a ValueError naming the choices.
+    """
+    global _selected
+    name = name or os.environ.get(COMPETITION_ENV) or DEFAULT_COMPETITION
+    package = competition_package(name)
+    try:
+        found = importlib.util.find_spec(package + ".stages") is not None
+    except ModuleNotFoundError:
+        found = False
+    if not found:
+        raise ValueError(
+            f"unknown competition {name!r}: no package {package} with a stages module (competitions: {', '.join(available_competitions())})"
+        )
+    _selected = package
+    os.environ[COMPETITION_ENV] = package
+    return package
+
+
+def competition() -> str:
+    """The package of the selected competition (selected from the environment on first use)."""
+    return _selected if _selected is not None else select_competition()
+
+
+def register(stage: Stage, package: str | None = None) -> Stage:
+    """Add a stage to a competition (default: the selected one) after its own stages (in pipeline order).
+
+    A competition's `stages` module passes its own package, so importing it registers its stages there
+    whichever competition is selected. Registering another stage under a taken name is an error.
+    """
+    package = competition_package(package) if package else competition()
+    importlib.import_module(package + ".stages")  # its own stages first (a no-op while that module itself registers)
+    table = _STAGES.setdefault(package, {})
+    if stage.name in table and table[stage.name] != stage:
         raise ValueError(f"stage {stage.name!r} is already registered")
-    _STAGES[stage.name] = stage
+    table[stage.name] = stage
     return stage
 
 
 def unregister(name: str) -> None:
-    """Remove a stage (tests that register a toy stage)."""
-    _STAGES.pop(name, None)
+    """Remove a stage of the selected competition (tests that register a toy stage)."""
+    _STAGES.get(competition(), {}).pop(name, None)
 
 
 def stages() -> dict[str, Stage]:
-    """Every registered stage, in pipeline order (importing the competition registers its stages once)."""
-    importlib.import_module(COMPETITION + ".stages")
-    return dict(_STAGES)
+    """Every stage of the selected competition, in pipeline order (importing its `stages` module registers them once)."""
+    package = competition()
+    importlib.import_module(package + ".stages")
+    return dict(_STAGES.get(package, {}))
 
 
 def get_stage(name: str) -> Stage:

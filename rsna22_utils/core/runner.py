@@ -34,9 +34,9 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
-from rsna22_utils.core.config import parse_overrides, parse_value
+from rsna22_utils.core.config import parse_overrides, parse_value, resolve_config
 from rsna22_utils.core.paths import NOTEBOOKS_DIR, REPO_ROOT
-from rsna22_utils.core.registry import run_name, stage_dir
+from rsna22_utils.core.registry import execute, run_name, stage_dir
 
 logger = logging.getLogger(__name__)
 
@@ -636,8 +636,26 @@ def _cmd_run(args: argparse.Namespace) -> int:
     return 0 if summary.ok else 1
 
 
+def _cmd_train(args: argparse.Namespace) -> int:
+    overrides = parse_overrides(args.params)
+    if args.profile:
+        overrides["profile"] = args.profile
+    cfg = resolve_config(args.stage, overrides)
+    metrics = execute(args.stage, cfg)
+    summary = {k: v for k, v in metrics.items() if isinstance(v, (int, float, str))}
+    if int(os.environ.get("RANK", "0")) == 0:  # under torchrun every rank gets here; one line is enough
+        logger.info("%s done (%s): %s", args.stage, cfg.out_dir, json.dumps(summary, default=str))
+    return 0
+
+
 def add_commands(subparsers: Any) -> None:
-    """Add `run STAGE ...` to the CLI."""
+    """Add `run STAGE ...` (notebooks per fold x seed) and `train STAGE ...` (one run in this process) to the CLI."""
+    p = subparsers.add_parser("train", help="run one stage with a config (torchrun-compatible): train STAGE -p key=value ...")
+    p.add_argument("stage", help="stage name, e.g. 01_train_box (also the infer stages and 00_prepare)")
+    p.add_argument("--profile", default=None, help="start from a profile's settings (original, demo); -p values apply on top")
+    p.add_argument("-p", "--param", dest="params", action="append", default=[], metavar="KEY=VALUE", help="config override (repeatable)")
+    p.set_defaults(func=_cmd_train)
+
     p = subparsers.add_parser(
         "run",
         help="execute a stage notebook per fold x seed with papermill (skips finished runs)",

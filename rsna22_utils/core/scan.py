@@ -7,15 +7,18 @@ worker process (`core.pool.run_tasks` reruns the tasks it took down and names th
 
 from __future__ import annotations
 
+import argparse
 import logging
 import os
 from dataclasses import dataclass
 from pathlib import Path
-
-import pandas as pd
+from typing import TYPE_CHECKING, Any
 
 from rsna22_utils.core.files import atomic_write
 from rsna22_utils.core.pool import run_tasks
+
+if TYPE_CHECKING:
+    import pandas as pd
 
 logger = logging.getLogger(__name__)
 
@@ -71,6 +74,8 @@ def scan_competition(data_dir: Path, out: Path, workers: int | None = None) -> l
 
     Failures are also written beside the output as `<out stem>.failures.csv`.
     """
+    import pandas as pd  # lazy: the CLI imports this module to register `scan`
+
     data_dir, out = Path(data_dir), Path(out)
     if out.suffix not in (".parquet", ".csv"):
         raise ValueError(f"{out}: output must end in .parquet or .csv")
@@ -104,3 +109,17 @@ def scan_competition(data_dir: Path, out: Path, workers: int | None = None) -> l
         atomic_write(out, lambda tmp: table.to_csv(tmp, index=False))
     logger.info("wrote %d slices of %d studies to %s", len(table), table["StudyInstanceUID"].nunique(), out)
     return failures
+
+
+def _cmd_scan(args: argparse.Namespace) -> int:
+    failures = scan_competition(args.data_dir, args.out, workers=args.workers)
+    return 1 if failures and not args.out.exists() else 0
+
+
+def add_commands(subparsers: Any) -> None:
+    """Add `scan DATA_DIR --out FILE` to the CLI."""
+    p = subparsers.add_parser("scan", help="read every study's DICOM headers into one table (one row per slice)")
+    p.add_argument("data_dir", type=Path, help="competition folder holding train_images/ and/or test_images/")
+    p.add_argument("--out", type=Path, required=True, help="output .parquet (or .csv)")
+    p.add_argument("--workers", type=int, default=None, help="parallel processes (default: all cores)")
+    p.set_defaults(func=_cmd_scan)
