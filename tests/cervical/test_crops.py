@@ -15,7 +15,7 @@ from rsna22_utils.cervical.crops import CropVolume, NativeSpec, memory_crop_cach
 from rsna22_utils.cervical.geometry import square_crop
 from rsna22_utils.cervical.prepare import Prepared
 from rsna22_utils.core.dicom import read_study, window
-from tests.conftest import TINY_COMMON, TINY_STAGES, tiny_settings
+from tests.helpers import TINY_COMMON, TINY_STAGES, tiny_settings
 
 
 def test_square_crop_pads_the_short_side_and_stays_inside_the_image() -> None:

@@ -80,10 +80,10 @@ def test_report_scores_oof_and_submission_and_writes_figures(tiny_pipeline: dict
 
 def test_fracture_cnn_can_start_from_the_vertebra_cnn(tiny_pipeline: dict) -> None:
     import torch
-    from conftest import TINY_COMMON, TINY_STAGES, tiny_settings
 
     from rsna22_utils.cervical.models import create_model, load_run
     from rsna22_utils.cervical.sequence import _init_encoder
+    from tests.helpers import TINY_COMMON, TINY_STAGES, tiny_settings
 
     work_dir = tiny_pipeline["work_dir"]
     cfg = resolve_config(

@@ -29,7 +29,7 @@ from rsna22_utils.cervical.geometry import crop_box, crop_box_in_cache, square_c
 from rsna22_utils.cervical.labels import drop_studies
 from rsna22_utils.core.cache import StudyCache
 from rsna22_utils.core.config import ConfigError, resolve_config
-from tests.test_data import make_cache
+from tests.cervical.test_data import make_cache
 
 ORIGINAL_MEAN = [0.22363983, 0.18190407, 0.2523437]
 ORIGINAL_STD = [0.32451536, 0.2956294, 0.31335256]

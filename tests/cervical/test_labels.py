@@ -292,7 +292,7 @@ def test_build_segmentation_labels(tmp_path):
     dicom = pytest.importorskip("rsna22_utils.core.dicom")
     if not hasattr(dicom, "read_slice_headers"):
         pytest.skip("rsna22_utils.core.dicom.read_slice_headers not available yet")
-    from test_segmentation import head_to_feet_labels, write_competition_nifti
+    from tests.cervical.test_segmentation import head_to_feet_labels, write_competition_nifti
 
     data = tmp_path / "data"
     (data / "segmentations").mkdir(parents=True)

@@ -185,7 +185,7 @@ def test_a_missing_decoder_fails_before_the_first_study(tiny_pipeline: dict, tmp
         "runpy.run_module('rsna22_utils', run_name='__main__')\n"
     )
     args = ["predict", "--data-dir", str(tiny_pipeline["data_dir"]), "--weights", str(tiny_pipeline["work_dir"]), "--out", str(out)]
-    env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[1])}
+    env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[2])}
     proc = subprocess.run([sys.executable, "-c", code, *args, "-p", "device=cpu"], capture_output=True, text=True, env=env, timeout=600)
     assert proc.returncode == 2, proc.stderr[-3000:]
     error = proc.stderr.strip().splitlines()
@@ -281,11 +281,10 @@ def test_notebook_on_kaggle_with_every_slug_renamed_and_the_network_cut(tiny_pip
     the utils dataset (nothing of the repo on the path), the network cut (unshare -rn where allowed, a socket guard always)."""
     import json
 
-    from conftest import make_wheel, network_namespace, offline_env
-
     from rsna22_utils.core.kaggle import KaggleSettings, build_utils_dataset, build_weights_dataset
     from rsna22_utils.core.paths import KAGGLE_INPUT_ENV, NOTEBOOKS_DIR
     from rsna22_utils.core.runner import default_kernel_name
+    from tests.helpers import make_wheel, network_namespace, offline_env
 
     slugs = {"utils_dataset": "renamed-kit-code", "weights_dataset": "renamed-kit-models", "wheels_dataset": "renamed-kit-decoders"}
     settings = KaggleSettings(owner="kit-tester", competition="renamed-competition", **slugs)
@@ -476,7 +475,7 @@ def test_native_study_run_sees_in_the_submission_what_06_trained_on(
     from rsna22_utils.cervical.prepare import Prepared
     from rsna22_utils.cervical.study import study_inputs, train_study
     from rsna22_utils.core.config import load_config
-    from tests.conftest import TINY_COMMON, TINY_STAGES, tiny_settings
+    from tests.helpers import TINY_COMMON, TINY_STAGES, tiny_settings
 
     work_dir = tmp_path / "runs"
     shutil.copytree(tiny_pipeline["work_dir"], work_dir)

@@ -9,7 +9,6 @@ import numpy as np
 import pandas as pd
 import pytest
 import torch
-from test_data import make_cache  # a cache whose voxel value is the slice position
 
 from rsna22_utils.cervical.data import SequenceDataset
 from rsna22_utils.cervical.labels import fracture_slice_labels
@@ -18,6 +17,7 @@ from rsna22_utils.cervical.sequence import VERTEBRA_STAGE, vertebra_predictions
 from rsna22_utils.core.config import resolve_config, save_config, with_derived
 from rsna22_utils.core.registry import CONFIG, WEIGHTS, out_of_fold, run_dir
 from rsna22_utils.core.runs import save_weights
+from tests.cervical.test_data import make_cache  # a cache whose voxel value is the slice position
 
 BACKBONE = "mobilenetv3_small_050"
 

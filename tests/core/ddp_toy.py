@@ -1,6 +1,6 @@
 """Tiny learnable toy problem for the trainer tests; run as a script (also under torchrun) it trains once.
 
-    python -m torch.distributed.run --nproc_per_node 2 tests/ddp_toy.py OUT_DIR [key=value ...]
+    python -m torch.distributed.run --nproc_per_node 2 tests/core/ddp_toy.py OUT_DIR [key=value ...]
 
 Regression y = x @ w + noise with a small MLP; its first layer can be frozen (`freeze=true`).
 """
@@ -15,7 +15,7 @@ import torch
 from torch import nn
 from torch.utils.data import Dataset
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 
 from rsna22_utils.core.config import parse_overrides, resolve_config
 from rsna22_utils.core.train import fit

@@ -6,9 +6,9 @@ import subprocess
 import sys
 
 import pytest
-from conftest import REPO_ROOT
 
 from rsna22_utils.core.decoders import decoder_problems
+from tests.helpers import REPO_ROOT
 
 EXPLICIT_LE, JPEG_LOSSLESS = "1.2.840.10008.1.2.1", "1.2.840.10008.1.2.4.70"
 

@@ -444,7 +444,7 @@ def test_workers_end_with_their_parent(tmp_path: Path) -> None:
     pid_dir = tmp_path / "pids"
     pid_dir.mkdir()
     script = tmp_path / "parent.py"
-    script.write_text(textwrap.dedent(WORKER_SCRIPT.format(repo=str(Path(__file__).resolve().parents[1]), pid_dir=str(pid_dir))))
+    script.write_text(textwrap.dedent(WORKER_SCRIPT.format(repo=str(Path(__file__).resolve().parents[2]), pid_dir=str(pid_dir))))
     parent = subprocess.Popen([sys.executable, str(script)], stderr=subprocess.DEVNULL)
     try:
         deadline = time.monotonic() + 60
@@ -559,10 +559,8 @@ def _toy_box_config(out_dir: Path, **overrides):
 
 
 def test_resuming_with_settings_that_change_the_result_is_an_error(tmp_path: Path) -> None:
-    sys.path.insert(0, str(Path(__file__).parent))
-    from ddp_toy import run
-
     from rsna22_utils.core.config import ConfigError
+    from tests.core.ddp_toy import run
 
     run(tmp_path, epochs=1)
     with pytest.raises(ConfigError, match=r"other settings \(lr: 0\.01 in the checkpoint, 0\.02 now\).*--force"):
@@ -589,8 +587,7 @@ def test_force_starts_a_run_over_without_its_checkpoint(tmp_path: Path) -> None:
 
 
 def test_a_rerun_that_fails_leaves_no_finished_looking_run_of_other_settings(tmp_path: Path) -> None:
-    sys.path.insert(0, str(Path(__file__).parent))
-    from ddp_toy import ToyTask, run
+    from tests.core.ddp_toy import ToyTask, run
 
     class Crash(Exception):
         pass
@@ -613,10 +610,8 @@ def test_a_full_disk_at_the_checkpoint_keeps_weights_oof_and_checkpoint_of_one_e
 
     import torch
 
-    sys.path.insert(0, str(Path(__file__).parent))
-    from ddp_toy import ToyModel, run
-
     from rsna22_utils.core.runs import load_weights
+    from tests.core.ddp_toy import ToyModel, run
 
     whole, _ = run(tmp_path / "whole", epochs=2)
     real_save = torch.save

@@ -15,12 +15,12 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
 import pytest
-from conftest import make_wheel
 
 from rsna22_utils.core import kaggle as k
 from rsna22_utils.core.wheels import KaggleImage, check_wheels, install_wheels, load_image
+from tests.helpers import make_wheel
 
-ROOT = Path(__file__).resolve().parent.parent
+ROOT = Path(__file__).resolve().parents[2]
 
 
 def _settings(**kw) -> k.KaggleSettings:

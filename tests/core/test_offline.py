@@ -7,9 +7,8 @@ import subprocess
 import sys
 from pathlib import Path
 
-from conftest import REPO_ROOT, offline_env
-
 import rsna22_utils
+from tests.helpers import REPO_ROOT, offline_env
 
 
 def _run(code: str, env: dict[str, str], *args: str) -> subprocess.CompletedProcess:

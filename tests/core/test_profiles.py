@@ -14,7 +14,7 @@ from rsna22_utils.core.profiles import available_profiles, load_profile, show_co
 from rsna22_utils.core.registry import stages
 from rsna22_utils.core.runner import plan_runs
 
-REPO_ROOT = Path(__file__).resolve().parents[1]
+REPO_ROOT = Path(__file__).resolve().parents[2]
 
 
 def test_shipped_profiles_load_and_name_only_settings_that_apply() -> None:

@@ -22,7 +22,7 @@ from rsna22_utils.core.notebooks import check_pairs, check_thin, sync_pairs
 from rsna22_utils.core.registry import execute, finished_runs, parse_run_name, run_dir, run_dirs, stages, unregister
 from rsna22_utils.core.runner import run_stage
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 
 # A toy stage as a user would add one: a config class, a stage function, a registry entry (in one
 # module the kernel can import), and a notebook.
@@ -176,8 +176,9 @@ def test_the_submission_does_not_import_the_trainer() -> None:
 def test_a_training_stage_run_twice_gives_the_same_weights(tiny_pipeline: dict, tmp_path: Path) -> None:
     """Every random number (initial weights, window choice, augmentation) follows the run's seed."""
     import torch
-    from conftest import TINY_COMMON, TINY_STAGES, tiny_settings
     from safetensors.torch import load_file
+
+    from tests.helpers import TINY_COMMON, TINY_STAGES, tiny_settings
 
     prepared = tiny_pipeline["work_dir"] / "00_prepare"
     for stage in ("01_train_box", "03_train_vertebra"):

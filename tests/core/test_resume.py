@@ -14,10 +14,11 @@ from pathlib import Path
 import pandas as pd
 import pytest
 import torch
-from conftest import TINY_COMMON, TINY_STAGES, tiny_settings
 from safetensors.torch import load_file
 
-REPO_ROOT = Path(__file__).resolve().parents[1]
+from tests.helpers import TINY_COMMON, TINY_STAGES, tiny_settings
+
+REPO_ROOT = Path(__file__).resolve().parents[2]
 
 
 def _command(stage: str, settings: dict) -> list[str]:

@@ -68,7 +68,7 @@ def _seen(out_dir: Path) -> dict:
 def test_runs_per_fold_seed_skip_and_failure(notebooks: Path, tmp_path: Path) -> None:
     work = tmp_path / "runs"
     summary = run_stage("01_stage", folds=[0, 1], seeds=[3], overrides={"lr": 0.5}, work_dir=work, notebooks_dir=notebooks)
-    repo = Path(__file__).resolve().parents[1]
+    repo = Path(__file__).resolve().parents[2]
 
     assert (notebooks / "01_stage.ipynb").exists()  # built from the .py
     assert not any("01_stage" in p for p in check_pairs(notebooks))

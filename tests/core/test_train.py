@@ -12,11 +12,11 @@ from pathlib import Path
 import pandas as pd
 import pytest
 import torch
-from ddp_toy import ToyDataset, ToyModel, ToyTask, run, toy_config
 
 from rsna22_utils.core.config import load_config
 from rsna22_utils.core.runs import load_weights
 from rsna22_utils.core.train import param_groups
+from tests.core.ddp_toy import ToyDataset, ToyModel, ToyTask, run, toy_config
 
 STATIC = ["train_loss", "valid_loss", "mse", "mae", "lr"]
 
@@ -93,9 +93,8 @@ def test_outputs_written_and_loadable(tmp_path: Path) -> None:
 
 
 def test_a_full_data_run_trains_on_everything_and_validates_nothing(tmp_path: Path) -> None:
-    from ddp_toy import ToyDataset, toy_config
-
     from rsna22_utils.core.train import fit
+    from tests.core.ddp_toy import ToyDataset, toy_config
 
     cfg = toy_config(tmp_path, fold=-1, epochs=2)
     model = ToyModel()
