@@ -17,7 +17,7 @@ from rsna22_utils.core.registry import COMPETITION_ENV, DEFAULT_COMPETITION, ava
 CORE_COMMAND_MODULES: tuple[str, ...] = (
     "rsna22_utils.core.scan",
     "rsna22_utils.core.runner",
-    "rsna22_utils.core.profiles",
+    "rsna22_utils.core.resolve",
     "rsna22_utils.core.notebooks",
     "rsna22_utils.core.kaggle",
     "rsna22_utils.core.weights",

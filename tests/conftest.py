@@ -35,8 +35,9 @@ def tiny_pipeline(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
     Tests must not write into either folder.
     """
     from rsna22_utils.cervical.synth import generate_competition
-    from rsna22_utils.core.config import config_diff, resolve_config
+    from rsna22_utils.core.config import config_diff
     from rsna22_utils.core.registry import execute
+    from rsna22_utils.core.resolve import resolve_config
 
     root = tmp_path_factory.mktemp("tiny_pipeline")
     data_dir, work_dir = root / "competition", root / "runs"
@@ -51,3 +52,4 @@ def tiny_pipeline(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
             execute(stage, cfg)
             changes[stage] = {**changes.get(stage, {}), **config_diff(given, cfg)}
     return {"data_dir": data_dir, "work_dir": work_dir, "config_changes": changes}
+

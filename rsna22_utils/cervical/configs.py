@@ -478,7 +478,8 @@ def preview_derived(cfg: StageConfig) -> StageConfig:
     run the frozen CNN's settings from the stage-05 variant of the same name (`config show`)."""
     import dataclasses
 
-    from rsna22_utils.core.config import derived_fields, resolve_config
+    from rsna22_utils.core.config import derived_fields
+    from rsna22_utils.core.resolve import resolve_config
 
     hidden = derived_fields(type(cfg))
     if not hidden:

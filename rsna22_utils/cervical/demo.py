@@ -39,7 +39,8 @@ def _stage_fields(stage: str) -> set[str]:
 
 def parse_demo_overrides(items: list[str] | None) -> dict[str, dict[str, Any]]:
     """`-p key=value` (every stage) and `-p STAGE:key=value` (one stage) -> {stage or "*": {key: value}}."""
-    from rsna22_utils.core.config import ConfigError, parse_overrides
+    from rsna22_utils.core.config import parse_overrides
+    from rsna22_utils.core.errors import ConfigError
     from rsna22_utils.core.registry import stages
 
     out: dict[str, dict[str, Any]] = {}

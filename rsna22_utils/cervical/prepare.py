@@ -13,7 +13,7 @@ import pandas as pd
 from rsna22_utils.cervical.configs import PrepareConfig
 from rsna22_utils.cervical.labels import build_segmentation_labels, check_study_labels, drop_studies, make_folds
 from rsna22_utils.core.cache import CacheSpec, StudyCache, build_cache
-from rsna22_utils.core.registry import FULL_DATA_FOLD
+from rsna22_utils.core.config import FULL_DATA_FOLD
 from rsna22_utils.core.scan import find_studies, scan_competition
 
 logger = logging.getLogger(__name__)

@@ -36,7 +36,7 @@ _PREVIEW = f"{_PACKAGE}.configs:preview_derived"
 STAGES: tuple[Stage, ...] = tuple(
     register(stage, _PACKAGE)
     for stage in (
-        Stage("00_prepare", configs.PrepareConfig, f"{_PACKAGE}.prepare:prepare"),
+        Stage("00_prepare", configs.PrepareConfig, f"{_PACKAGE}.prepare:prepare", prepares=True),
         Stage(
             "01_train_box",
             configs.BoxTrainConfig,

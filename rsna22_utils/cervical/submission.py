@@ -734,7 +734,8 @@ def predict_submission(cfg: Any) -> pd.DataFrame:
 
 def run_cli(args: argparse.Namespace) -> int:
     """`predict`: resolve the 07_inference config from the arguments and write the submission."""
-    from rsna22_utils.core.config import parse_overrides, resolve_config
+    from rsna22_utils.core.config import parse_overrides
+    from rsna22_utils.core.resolve import resolve_config
 
     overrides = parse_overrides(args.params)
     for key, value in (("profile", args.profile), ("data_dir", args.data_dir), ("weights_dir", args.weights), ("out", args.out)):

@@ -28,6 +28,7 @@ import cv2
 import numpy as np
 import pandas as pd
 
+from rsna22_utils.core.dicom import read_study, window
 from rsna22_utils.core.files import atomic_write, atomic_write_text, remove_stale_temp_files
 from rsna22_utils.core.pool import run_tasks
 
@@ -63,8 +64,6 @@ class CacheSpec:
 
 def encode_study(volume_hu: np.ndarray, spec: CacheSpec) -> np.ndarray:
     """HU volume (slices, rows, cols) -> cached uint8 (slices, size, size, n_windows)."""
-    from rsna22_utils.core.dicom import window
-
     size = spec.image_size
     out = np.empty((volume_hu.shape[0], size, size, len(spec.windows)), dtype=np.uint8)
     interpolation = cv2.INTER_AREA if volume_hu.shape[1] > size else cv2.INTER_LINEAR
@@ -75,8 +74,6 @@ def encode_study(volume_hu: np.ndarray, spec: CacheSpec) -> np.ndarray:
 
 
 def _write_study(study_dir: Path, root: Path, spec: CacheSpec, slices: pd.DataFrame | None = None) -> str:
-    from rsna22_utils.core.dicom import read_study
-
     volume, table = read_study(study_dir, slices=slices)
     uid = study_dir.name
     table = table.reset_index(drop=True).assign(slice_index=np.arange(len(table)))

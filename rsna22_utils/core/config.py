@@ -1,12 +1,9 @@
-"""Typed stage configs built from small field groups, and the one way to resolve, save and load them.
+"""Typed stage configs built from small field groups: the groups, value parsing and coercion, saving.
 
 A stage's config is a dataclass that composes only the groups it uses (`StageConfig` + e.g.
 `FoldSeed`, `Hardware`, `Optimisation`, `Checkpointing`, `Backbone`); the registry
-(`rsna22_utils.core.registry`) says which class serves which stage. The same call serves the CLI,
-notebooks and the runner:
-
-    cfg = resolve_config("01_train_box", {"epochs": 1, "fold": 0})           # notebooks / runner
-    cfg = resolve_config("01_train_box", parse_overrides(["epochs=1"]))     # CLI `-p epochs=1`
+(`rsna22_utils.core.registry`) says which class serves which stage, and `core.resolve` builds a
+stage's config from a profile and overrides (`resolve_config`) or reads a run's back (`load_config`).
 
 Overrides are coerced by the field's annotation (``"3"`` -> 3 for an int field, ``"true"`` -> True,
 ``"[[400,1800]]"`` -> [[400.0, 1800.0]]). A key the stage does not have is an error: it names the
@@ -15,8 +12,8 @@ in by the stage from its inputs (the study cache's image size, the stage-05 run 
 freezes) and saved in the run's config.json; the user cannot set it, `load_config` reads it back.
 
 ``out_dir`` is derived when empty: ``registry.run_dir(work_dir, stage, fold, seed)``;
-``prepared_dir`` (what 00_prepare wrote) is ``{work_dir}/00_prepare`` when empty, so one
-``work_dir`` (the runner's ``--work-dir``) locates every stage.
+``prepared_dir`` (what the data-preparing stage wrote, e.g. 00_prepare) is ``{work_dir}/{that stage}``
+when empty, so one ``work_dir`` (the runner's ``--work-dir``) locates every stage.
 
 Batch size convention: ``batch_size`` is the GLOBAL batch of one optimizer step. The trainer splits it
 into ``grad_accum`` micro-steps on each of ``world_size`` processes, so the micro-batch is
@@ -27,25 +24,22 @@ from __future__ import annotations
 
 import ast
 import dataclasses
-import difflib
 import json
 import logging
 import os
+import re
 import typing
-from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from rsna22_utils.core.errors import ConfigError
 from rsna22_utils.core.files import atomic_write_text
 
 logger = logging.getLogger(__name__)
 
-PREPARE_STAGE = "00_prepare"  # the stage whose folder every later stage reads (prepared_dir)
-
-
-class ConfigError(ValueError):
-    """A configuration value or key is invalid (the message says which and what is allowed)."""
+FULL_DATA_FOLD = -1  # trains on every fold, no validation set
+VARIANT_NAME = re.compile(r"^[A-Za-z0-9_]*$")  # "" is the stage's one unnamed variant
 
 
 def derived(default: Any = None, *, source: str, default_factory: Any = None) -> Any:
@@ -86,7 +80,7 @@ class StageConfig:
 class PreparedInput:
     """Stages that read what 00_prepare wrote."""
 
-    prepared_dir: str = ""  # "" -> {work_dir}/00_prepare
+    prepared_dir: str = ""  # "" -> {work_dir}/{the stage that prepares the data}
 
 
 @dataclass
@@ -99,8 +93,6 @@ class FoldSeed:
     variant: str = ""  # which of the profile's models of this stage ("" = the stage's only one)
 
     def _check(self) -> list[str]:
-        from rsna22_utils.core.registry import FULL_DATA_FOLD, VARIANT_NAME
-
         out = []
         if self.n_folds < 2:
             out.append(f"n_folds must be >= 2, got {self.n_folds}")
@@ -113,8 +105,6 @@ class FoldSeed:
     @property
     def full_data(self) -> bool:
         """A fold -1 run: every fold trains, none validates, the last epoch is kept."""
-        from rsna22_utils.core.registry import FULL_DATA_FOLD
-
         return self.fold == FULL_DATA_FOLD
 
 
@@ -214,7 +204,7 @@ class TrainConfig(StageConfig, PreparedInput, FoldSeed, Hardware, Optimisation, 
         return []
 
 
-# ----------------------------------------------------------------------------- resolving
+# ----------------------------------------------------------------------------- values
 
 
 def field_types(cls: type) -> dict[str, Any]:
@@ -262,7 +252,7 @@ def parse_overrides(items: list[str] | tuple[str, ...] | None) -> dict[str, Any]
     return out
 
 
-def _coerce(value: Any, tp: Any, key: str) -> Any:
+def coerce_value(value: Any, tp: Any, key: str) -> Any:
     """Convert `value` to the field type `tp` or raise ConfigError naming the key."""
     origin = typing.get_origin(tp)
     bad = ConfigError(f"config key {key!r}: cannot convert {value!r} ({type(value).__name__}) to {getattr(tp, '__name__', tp)}")
@@ -298,60 +288,10 @@ def _coerce(value: Any, tp: Any, key: str) -> Any:
         (inner,) = typing.get_args(tp) or (Any,)
         if not isinstance(value, (list, tuple)):
             raise bad
-        return [_coerce(v, inner, key) for v in value]
+        return [coerce_value(v, inner, key) for v in value]
     if tp is Any:
         return value
     raise bad
-
-
-def _unknown_key_error(key: str, cls: type, stage: str) -> ConfigError:
-    from rsna22_utils.core.registry import stages
-
-    elsewhere = [name for name, entry in stages().items() if key in settable_fields(entry.config)]
-    if elsewhere:
-        return ConfigError(f"setting {key!r} does not apply to stage {stage!r}; it applies to {', '.join(elsewhere)}")
-    valid = settable_fields(cls)
-    close = difflib.get_close_matches(key, valid, n=3, cutoff=0.6)
-    hint = f" Did you mean {', '.join(repr(c) for c in close)}?" if close else ""
-    return ConfigError(f"unknown config key {key!r} for stage {stage!r} ({cls.__name__}).{hint} Valid keys: {', '.join(sorted(valid))}")
-
-
-def resolve_config(stage: str, overrides: Mapping[str, Any] | None = None, *, saved: bool = False) -> Any:
-    """Stage name + overrides -> the stage's typed, validated config (out_dir / prepared_dir derived when empty).
-
-    With `profile=NAME` among the overrides, the profile's settings for the stage (and for
-    `variant`, when given) come first and the other overrides on top. `saved=True` reads back a
-    run's config.json: every value is already there (the profile is not applied again) and
-    derived fields are accepted.
-    """
-    from rsna22_utils.core.registry import get_stage, run_dir
-
-    entry = get_stage(stage)
-    cls = entry.config
-    types = field_types(cls)
-    hidden = derived_fields(cls)
-    values = dict(overrides or {})
-    given_stage = values.pop("stage", stage)
-    if given_stage != stage:
-        raise ConfigError(f"override stage={given_stage!r} contradicts the requested stage {stage!r}")
-    if values.get("profile") and not saved:
-        from rsna22_utils.core.profiles import profile_settings
-
-        values = {**profile_settings(str(values["profile"]), stage, str(values.get("variant", ""))), **values}
-    kwargs: dict[str, Any] = {}
-    for key, value in values.items():
-        if key not in types:
-            raise _unknown_key_error(key, cls, stage)
-        if key in hidden and not saved:
-            raise ConfigError(f"{key!r} of stage {stage!r} is not a setting: the stage takes it from {hidden[key]}")
-        kwargs[key] = _coerce(value, types[key], key)
-    cfg = cls(stage=stage, **kwargs)
-    if not cfg.out_dir:
-        cfg.out_dir = str(run_dir(cfg.work_dir, stage, getattr(cfg, "fold", None), getattr(cfg, "seed", None), getattr(cfg, "variant", "")))
-    if hasattr(cfg, "prepared_dir") and not cfg.prepared_dir:
-        cfg.prepared_dir = str(Path(cfg.work_dir) / PREPARE_STAGE)
-    cfg.validate()
-    return cfg
 
 
 def with_derived(cfg: Any, **values: Any) -> Any:
@@ -371,30 +311,6 @@ def save_config(cfg: Any, path: str | Path) -> Path:
     atomic_write_text(path, json.dumps(payload, indent=2) + "\n")
     logger.info("wrote config %s", path)
     return path
-
-
-def load_config(path: str | Path) -> Any:
-    """Read a config written by save_config (re-validated; keys unknown to this version are an error)."""
-    from rsna22_utils.core.registry import get_stage
-
-    path = Path(path)
-    try:
-        payload = json.loads(path.read_text())
-    except (OSError, ValueError) as exc:
-        raise ConfigError(f"{path}: cannot read config JSON ({exc})") from None
-    if not isinstance(payload, dict) or "stage" not in payload:
-        raise ConfigError(f"{path}: not a config file (no 'stage' key)")
-    class_name = payload.pop("_class", None)
-    stage = payload["stage"]
-    try:
-        entry = get_stage(stage)
-        for key, value in entry.older_run_defaults.items():
-            payload.setdefault(key, value)
-        if class_name and class_name != entry.config.__name__:
-            logger.warning("%s: written by class %s, stage %s now uses %s", path, class_name, stage, entry.config.__name__)
-        return resolve_config(stage, payload, saved=True)
-    except ConfigError as exc:
-        raise ConfigError(f"{path}: {exc}") from None
 
 
 # Settings that say where or how fast a run goes, not what it computes: a run may resume under other values.

@@ -17,7 +17,7 @@ from rsna22_utils.core.dicom import BACKENDS
 
 def transfer_syntax(path: str | Path) -> str:
     """The Transfer Syntax UID of one DICOM file (its meta header only; nothing else is read)."""
-    from pydicom.filereader import read_file_meta_info
+    from pydicom.filereader import read_file_meta_info  # lazy: as below, a broken pydicom must not stop the module
 
     return str(read_file_meta_info(str(path)).get("TransferSyntaxUID", ""))
 
@@ -34,7 +34,7 @@ def dicomsdl_problem() -> str | None:
 def pydicom_problem(syntax: str) -> str | None:
     """Why pydicom cannot decode `syntax` here: the plugins it lacks (None when one of them is installed)."""
     try:
-        from pydicom.pixels import get_decoder
+        from pydicom.pixels import get_decoder  # lazy: a pydicom that fails to import is reported, not raised
         from pydicom.uid import UID
     except Exception as error:
         return f"pydicom does not import ({type(error).__name__}: {error})"

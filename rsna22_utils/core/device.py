@@ -9,7 +9,7 @@ import random
 import numpy as np
 import torch
 
-from rsna22_utils.core.config import ConfigError
+from rsna22_utils.core.errors import ConfigError
 
 
 def resolve_device(want: str) -> torch.device:

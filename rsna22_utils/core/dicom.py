@@ -401,7 +401,7 @@ def _quiet(name: str) -> Iterator[None]:
 
 
 def _read_pydicom(path: Path, pixels: bool = True, strict: bool = True) -> tuple[dict, _Pixels | None, np.ndarray | None]:
-    import pydicom
+    import pydicom  # lazy: pydicom is the fallback; reads dicomsdl serves never pay its import
     from pydicom.errors import InvalidDicomError
 
     try:

@@ -57,7 +57,7 @@ def padding_hu(padding_value: int, *, rescale_intercept: float = -1024.0, rescal
 def _gdcm_change_syntax(path: Path, transfer_syntax: str) -> None:
     """Re-encode an uncompressed DICOM file in place into JPEG Lossless (.57 / .70) with GDCM."""
     try:
-        import gdcm
+        import gdcm  # lazy: only the JPEG Lossless syntaxes need python-gdcm
     except ImportError as error:  # pragma: no cover - gdcm is in requirements
         raise RuntimeError(f"{path}: writing {transfer_syntax} needs python-gdcm (pip install python-gdcm)") from error
     reader = gdcm.ImageReader()

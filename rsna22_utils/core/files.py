@@ -64,7 +64,7 @@ class RunLocked(RuntimeError):
 def run_lock(folder: str | Path) -> Iterator[None]:
     """Hold `{folder}/.run.lock` while a run writes there: a second process on the same run stops with
     a clear message instead of training alongside (the OS releases the lock if the holder dies)."""
-    import fcntl
+    import fcntl  # lazy: POSIX only; the rest of the module works anywhere
 
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)

@@ -31,8 +31,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from rsna22_utils import setup_logging
 from rsna22_utils.core.paths import KAGGLE_INPUT, NOTEBOOKS_DIR, REPO_ROOT, kaggle_input_dir
-from rsna22_utils.core.registry import CONFIG, WEIGHTS, finished_runs, parse_run_name, run_dir, serving_runs
+from rsna22_utils.core.registry import CONFIG, WEIGHTS, finished_runs, get_stage, parse_run_name, run_dir, serving_runs, stages
 from rsna22_utils.core.wheels import IMAGE_FILE, PLATFORM, KaggleImage, check_wheels, load_image, wheel_name_version
 
 logger = logging.getLogger(__name__)
@@ -44,8 +45,6 @@ PLACEHOLDER_OWNER = "YOUR_KAGGLE_USERNAME"
 
 def stage_names() -> list[str]:
     """Every stage of the registry, in order: one notebook and one kernel each."""
-    from rsna22_utils.core.registry import stages
-
     return list(stages())
 
 
@@ -129,7 +128,7 @@ def load_settings(path: Path | str | None = None, **overrides: Any) -> KaggleSet
     if file.exists():
         try:
             if file.suffix == ".toml":
-                import tomllib
+                import tomllib  # lazy: Python >= 3.11 only (the kit supports 3.10)
 
                 data = tomllib.loads(file.read_text())
                 data = data.get("kaggle", data)
@@ -290,8 +289,6 @@ RUN_FILES = (WEIGHTS, CONFIG, "metrics.json")
 
 def submission_stages() -> list[str]:
     """The stages whose runs the submission loads (registry entries with `submission=True`)."""
-    from rsna22_utils.core.registry import stages
-
     return [name for name, stage in stages().items() if stage.submission]
 
 
@@ -305,8 +302,6 @@ def portable_config(config: dict[str, Any], stage: str) -> dict[str, Any]:
     Why: the submission rebuilds each network from its config alone, and `/home/me/runs/...` means
     nothing on Kaggle (it only leaks the trainer's folders).
     """
-    from rsna22_utils.core.registry import get_stage
-
     defaults = {f.name: f.default for f in dataclasses.fields(get_stage(stage).config) if f.default is not dataclasses.MISSING}
     return {key: (defaults.get(key, "") if _is_local_path(value) else value) for key, value in config.items()}
 
@@ -459,8 +454,6 @@ def kernel_metadata(stage: str, settings: KaggleSettings, gpu: bool = True, inte
     07_inference (competition rule for code submissions).
     """
     if internet is None:
-        from rsna22_utils.core.registry import get_stage
-
         internet = get_stage(stage).kaggle_internet
     meta = {
         "id": settings.kernel_ref(stage),
@@ -529,12 +522,12 @@ def kaggle_api() -> Any:
     captured = io.StringIO()
     try:
         with contextlib.redirect_stdout(captured), contextlib.redirect_stderr(captured):
-            from kaggle.api.kaggle_api_extended import KaggleApi
+            from kaggle.api.kaggle_api_extended import KaggleApi  # lazy: optional client, needed only to push
     except ImportError as exc:
         raise KaggleError(f"cannot import the kaggle client ({exc}); install it with `pip install kaggle six`") from exc
     api = KaggleApi()
     if os.environ.get("KAGGLE_API_ENVIRONMENT") == "TEST":
-        from kagglesdk import KaggleClient, KaggleEnv
+        from kagglesdk import KaggleClient, KaggleEnv  # lazy: optional, comes with the kaggle client
 
         def build_test_client() -> Any:
             return KaggleClient(
@@ -746,7 +739,6 @@ def main(argv: list[str] | None = None) -> int:
     if not argv or argv[0] != "kaggle":
         argv = [a for a in argv if a in ("-v", "--verbose")] + ["kaggle"] + [a for a in argv if a not in ("-v", "--verbose")]
     args = parser.parse_args(argv)
-    from rsna22_utils import setup_logging  # stdlib only
 
     setup_logging(args.verbose)
     return int(args.func(args) or 0)

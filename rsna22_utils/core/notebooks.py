@@ -21,7 +21,10 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from rsna22_utils import setup_logging
 from rsna22_utils.core.paths import NOTEBOOKS_DIR
+from rsna22_utils.core.registry import CONFIG, execute
+from rsna22_utils.core.resolve import load_config, resolve_config
 
 logger = logging.getLogger(__name__)
 
@@ -31,7 +34,7 @@ KERNELSPEC = {"name": "python3", "display_name": "Python 3", "language": "python
 
 def _read(path: Path) -> Any:
     """A notebook read with jupytext (either form), with an error that names the file."""
-    import jupytext
+    import jupytext  # lazy: CLI start-up (jupytext loads nbformat)
 
     try:
         return jupytext.read(path)
@@ -106,7 +109,7 @@ def _clean_for_ipynb(nb: Any) -> Any:
 
 def write_ipynb(py: Path, ipynb: Path) -> bool:
     """Write `ipynb` from the percent-format `py` unless it already matches; True when written."""
-    import jupytext
+    import jupytext  # lazy: CLI start-up (jupytext loads nbformat)
 
     nb = _clean_for_ipynb(_read(Path(py)))
     ipynb = Path(ipynb)
@@ -129,7 +132,7 @@ def write_ipynb(py: Path, ipynb: Path) -> bool:
 
 def sync_pairs(notebooks_dir: Path = NOTEBOOKS_DIR) -> list[Path]:
     """Rewrite every .ipynb from its .py (a lone .ipynb gets its .py created); the paths written."""
-    import jupytext
+    import jupytext  # lazy: CLI start-up (jupytext loads nbformat)
 
     changed = []
     for py, ipynb in pair_paths(notebooks_dir).values():
@@ -160,16 +163,11 @@ class StageSession:
 
     def run(self) -> Any:
         """Run the stage (its registered function) on this config."""
-        from rsna22_utils.core.registry import execute
-
         return execute(self.stage, self.config)
 
     @property
     def saved_config(self) -> Any:
         """The run's config.json (derived values filled in), or the resolved config when the stage saves none."""
-        from rsna22_utils.core.config import load_config
-        from rsna22_utils.core.registry import CONFIG
-
         path = self.out_dir / CONFIG
         return load_config(path) if path.is_file() else self.config
 
@@ -179,9 +177,6 @@ def start_stage(stage: str, overrides: dict[str, Any] | None = None, profile: st
 
     `profile` / `variant` (the notebook's parameters) apply unless `overrides` name their own (the runner's).
     """
-    from rsna22_utils import setup_logging
-    from rsna22_utils.core.config import resolve_config
-
     setup_logging()
     values = {**(overrides or {}), **run}
     for key, value in (("profile", profile), ("variant", variant)):

@@ -11,6 +11,7 @@ a notebook, pytest) whatever the start method.
 
 from __future__ import annotations
 
+import ctypes
 import logging
 import logging.handlers
 import multiprocessing
@@ -70,8 +71,6 @@ def die_with_parent(parent_pid: int) -> None:
     Linux: the kernel sends SIGKILL (prctl PR_SET_PDEATHSIG); elsewhere a daemon thread polls the parent.
     """
     if sys.platform.startswith("linux"):
-        import ctypes
-
         libc = ctypes.CDLL(None, use_errno=True)
         pr_set_pdeathsig = 1
         if libc.prctl(pr_set_pdeathsig, int(signal.SIGKILL), 0, 0, 0) == 0:

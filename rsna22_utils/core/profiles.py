@@ -24,12 +24,13 @@ from __future__ import annotations
 
 import importlib.resources
 import json
-import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from rsna22_utils.core.config import ConfigError
+from rsna22_utils.core.config import VARIANT_NAME, derived_fields, settable_fields
+from rsna22_utils.core.errors import ConfigError
+from rsna22_utils.core.registry import competition, get_stage, stages
 
 
 @dataclass(frozen=True)
@@ -53,8 +54,6 @@ class Profile:
 
     def variants(self, stage: str) -> list[Variant]:
         """The variants of `stage` in this profile (one unnamed variant when the profile names none)."""
-        from rsna22_utils.core.config import settable_fields
-        from rsna22_utils.core.registry import get_stage
 
         entry = get_stage(stage)
         fields = set(settable_fields(entry.config))
@@ -84,8 +83,7 @@ class Profile:
 
 
 def _profiles_folder() -> Path:
-    from rsna22_utils.core.registry import competition
-
+    """`<competition package>/profiles`, of the selected competition."""
     return Path(str(importlib.resources.files(competition()) / "profiles"))
 
 
@@ -118,8 +116,6 @@ def load_profile(name: str) -> Profile:
 
 
 def _check(profile: Profile, data: dict[str, Any]) -> list[str]:
-    from rsna22_utils.core.config import derived_fields, settable_fields
-    from rsna22_utils.core.registry import VARIANT_NAME, stages
 
     known = stages()
     allowed = {"profile", "version", "description", "sources", "every_stage", "stages"}  # sources: where the values come from
@@ -159,91 +155,3 @@ def _check(profile: Profile, data: dict[str, Any]) -> list[str]:
 def profile_settings(name: str, stage: str, variant: str = "") -> dict[str, Any]:
     """The settings profile `name` gives one variant of `stage` (before the user's overrides)."""
     return dict(load_profile(name).variant(stage, variant).settings)
-
-
-# ----------------------------------------------------------------------------- config show
-
-
-def show_configs(
-    stage: str, profile: str = "", overrides: dict[str, Any] | None = None, count_params: bool = False
-) -> list[dict[str, Any]]:
-    """The resolved configuration of each variant of `stage` under `profile` (+ `overrides`), one dict each:
-    every config field (derived ones as the profile's earlier stages would fill them), `variant`, the sweep's
-    `folds` / `seeds`, and with `count_params` the trainable parameters of the network it builds."""
-    from rsna22_utils.core.config import resolve_config
-    from rsna22_utils.core.registry import get_stage
-
-    entry = get_stage(stage)
-    variants = (
-        load_profile(profile).variants(stage)
-        if profile
-        else [Variant("", {}, [0] if entry.per_fold else None, [0] if entry.per_fold else None)]
-    )
-    out = []
-    for variant in variants:
-        values = {**(overrides or {})}
-        if profile:
-            values["profile"] = profile
-        if entry.per_fold:
-            values.setdefault("fold", variant.folds[0])
-            values.setdefault("seed", variant.seeds[0])
-            if variant.name:
-                values["variant"] = variant.name
-        cfg = resolve_config(stage, values)
-        if entry.preview:
-            cfg = entry.call("preview", cfg)
-        fields = cfg.to_dict()
-        first = {key: fields.pop(key) for key in ("stage", "profile")}
-        row = {**first, "variant": variant.name, "folds": variant.folds, "seeds": variant.seeds, **fields}
-        if count_params:
-            if not entry.network:
-                raise ValueError(f"stage {stage!r} builds no network: nothing to count")
-            network = entry.call("network", cfg)
-            row["params_trainable"] = int(sum(p.numel() for p in network.parameters() if p.requires_grad))
-        for key in ("fold", "seed", "out_dir"):  # one run's values; the sweep is folds x seeds
-            row.pop(key, None)
-        out.append(row)
-    return out
-
-
-def _cmd_show(args: Any) -> int:
-    from rsna22_utils.core.config import parse_overrides
-
-    try:
-        rows = show_configs(args.stage, args.profile or "", parse_overrides(args.param), args.count_params)
-    except ValueError as error:
-        print(f"error: {error}", file=sys.stderr)
-        return 2
-    if args.json:
-        print(json.dumps(rows, indent=2))
-        return 0
-    for row in rows:
-        title = (
-            f"{args.stage}"
-            + (f" · variant {row['variant']}" if row["variant"] else "")
-            + (f" · profile {args.profile}" if args.profile else "")
-        )
-        print(f"# {title}")
-        if row["folds"] is not None:
-            print(f"  runs: folds {row['folds']} x seeds {row['seeds']}")
-        width = max(len(k) for k in row)
-        for key, value in row.items():
-            if key not in ("stage", "profile", "variant", "folds", "seeds"):
-                print(f"  {key:<{width}} {value}")
-        print()
-    return 0
-
-
-def add_commands(subparsers: Any) -> None:
-    """Add `config show STAGE [--profile P] [--json] [--count-params]` to the CLI."""
-    p = subparsers.add_parser("config", help="show the resolved configuration of a stage under a profile")
-    sub = p.add_subparsers(dest="config_command", required=True)
-    s = sub.add_parser("show", help="every variant of STAGE: its settings, sweep and (with --count-params) trainable parameters")
-    s.add_argument("stage", help="e.g. 05_train_fracture")
-    s.add_argument("--profile", default=None, help=f"a shipped profile ({', '.join(available_profiles()) or 'none'}) or a .json path")
-    s.add_argument("--json", action="store_true", help="one JSON list, one object per variant")
-    s.add_argument(
-        "--count-params", action="store_true", help="build each variant's network (random weights) and count its trainable parameters"
-    )
-    s.add_argument("-p", "--param", action="append", default=[], metavar="KEY=VALUE", help="override on top of the profile (repeatable)")
-    s.set_defaults(func=_cmd_show)

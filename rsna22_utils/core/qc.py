@@ -13,6 +13,7 @@ from pathlib import Path
 import matplotlib.pyplot as plt
 import numpy as np
 import pandas as pd
+from sklearn.metrics import roc_auc_score, roc_curve
 
 logger = logging.getLogger(__name__)
 
@@ -127,8 +128,6 @@ def plot_roc(
 
     A target with only one class in the labels gets AUC NaN and no curve (noted in the legend); `bold` is drawn thicker.
     """
-    from sklearn.metrics import roc_auc_score, roc_curve
-
     path = prepare_path(path, (".png", ".jpg", ".jpeg"))
     if len(labels) != len(preds):
         raise ValueError(f"plot_roc: {len(labels)} label rows but {len(preds)} prediction rows")

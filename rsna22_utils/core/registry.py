@@ -20,6 +20,7 @@ Fold -1 is a full-data run: it trains on every fold and validates on none.
 from __future__ import annotations
 
 import contextlib
+import difflib
 import importlib
 import importlib.util
 import os
@@ -29,6 +30,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, NamedTuple
 
+from rsna22_utils.core.config import FULL_DATA_FOLD, VARIANT_NAME
+from rsna22_utils.core.errors import ConfigError
+from rsna22_utils.core.files import run_lock
 from rsna22_utils.core.paths import NOTEBOOKS_DIR
 
 # The competition whose stages the kit runs: a package `rsna22_utils.<name>` whose `stages` module registers
@@ -41,8 +45,6 @@ _PACKAGE_ROOT = "rsna22_utils"
 WEIGHTS = "model.safetensors"
 CONFIG = "config.json"
 _RUN_NAME = re.compile(r"^(?:(?P<variant>[A-Za-z0-9_]+)-)?fold(?P<fold>-?\d+)-seed(?P<seed>\d+)$")
-VARIANT_NAME = re.compile(r"^[A-Za-z0-9_]*$")  # "" is the stage's one unnamed variant
-FULL_DATA_FOLD = -1  # trains on every fold, no validation set
 
 
 @dataclass(frozen=True)
@@ -53,6 +55,7 @@ class Stage:
     config: type  # the stage's config dataclass (core.config groups)
     function: str  # "module:function" taking the resolved config, returning its results (a dict of metrics, a table)
     per_fold: bool = False  # one run per fold x seed, else one run
+    prepares: bool = False  # prepares the data every later stage reads (their `prepared_dir`); one stage per competition
     trains: bool = False  # writes weights (its runs can be loaded with core.runs.load_run)
     submission: bool = False  # the Kaggle submission loads this stage's runs (they go in the weights dataset)
     kaggle_internet: bool = True  # its Kaggle kernel may use the internet (a code-competition submission may not)
@@ -81,8 +84,7 @@ class Stage:
         """Run the stage function on a resolved config, holding the run folder's lock (a second process on
         the same run stops), every random number generator seeded from the run's seed first (networks
         are built before the trainer starts: their initial weights too)."""
-        from rsna22_utils.core.device import seed_everything
-        from rsna22_utils.core.files import run_lock
+        from rsna22_utils.core.device import seed_everything  # lazy: imports torch, which the registry never needs otherwise
 
         Path(cfg.out_dir).mkdir(parents=True, exist_ok=True)
         # one process per run folder (under torchrun the first rank holds it for the group)
@@ -97,7 +99,7 @@ _selected: str | None = None
 
 
 def competition_package(name: str) -> str:
-    """The package of a competition named `cervical` (or, as older settings spell it, `rsna22_utils.cervical`)."""
+    """The package `rsna22_utils.<name>` of a competition `<name>` (a full package name, as older settings give it, is kept)."""
     name = name.strip()
     return name if name.startswith(_PACKAGE_ROOT + ".") else f"{_PACKAGE_ROOT}.{name}"
 
@@ -116,7 +118,7 @@ def select_competition(name: str | None = None) -> str:
     """Make `name` (default: $RSNA22_KIT_COMPETITION, else cervical) the competition whose stages the kit runs.
 
     Returns its package. The choice is written to $RSNA22_KIT_COMPETITION so that notebook kernels and
-    subprocesses started from here inherit it. An unknown name is a ValueError naming the choices.
+    subprocesses started from here inherit it. An unknown name is a ConfigError naming the choices.
     """
     global _selected
     name = name or os.environ.get(COMPETITION_ENV) or DEFAULT_COMPETITION
@@ -168,16 +170,21 @@ def stages() -> dict[str, Stage]:
 
 def get_stage(name: str) -> Stage:
     """The registered stage `name`, or an error that suggests close names."""
-    import difflib
-
-    from rsna22_utils.core.config import ConfigError
-
     known = stages()
     if name not in known:
         close = difflib.get_close_matches(name, list(known), n=3, cutoff=0.4)
         hint = f" Did you mean {', '.join(repr(c) for c in close)}?" if close else ""
         raise ConfigError(f"unknown stage {name!r}.{hint} Stages: {', '.join(known)}")
     return known[name]
+
+
+def prepare_stage() -> Stage:
+    """The stage that prepares the data the others read (the one registered with `prepares=True`)."""
+    found = [stage for stage in stages().values() if stage.prepares]
+    if len(found) != 1:
+        names = ", ".join(stage.name for stage in found) or "none"
+        raise ConfigError(f"competition {competition()}: exactly one stage must prepare the data (prepares=True), found {names}")
+    return found[0]
 
 
 # ----------------------------------------------------------------------------- run folders

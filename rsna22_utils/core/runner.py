@@ -25,18 +25,29 @@ import hashlib
 import json
 import logging
 import os
+import queue
+import shutil
 import subprocess
 import sys
+import tempfile
 import time
 from collections.abc import Iterator, Sequence
+from concurrent.futures import ThreadPoolExecutor, as_completed
 from dataclasses import asdict, dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
-from rsna22_utils.core.config import parse_overrides, parse_value, resolve_config
+from tqdm import tqdm
+
+from rsna22_utils.core.config import parse_overrides, parse_value
+from rsna22_utils.core.errors import ConfigError
+from rsna22_utils.core.files import LOCK_FILE, run_lock
+from rsna22_utils.core.notebooks import write_ipynb
 from rsna22_utils.core.paths import NOTEBOOKS_DIR, REPO_ROOT
-from rsna22_utils.core.registry import execute, run_name, stage_dir
+from rsna22_utils.core.profiles import load_profile
+from rsna22_utils.core.registry import execute, get_stage, run_name, stage_dir
+from rsna22_utils.core.resolve import resolve_config
 
 logger = logging.getLogger(__name__)
 
@@ -132,7 +143,7 @@ def _is_this_python(executable: str) -> bool:
 
 def default_kernel_name() -> str:
     """A Jupyter kernel that runs THIS interpreter: `python3` when it does, else a kernelspec registered for it."""
-    from jupyter_client.kernelspec import KernelSpecManager, NoSuchKernel
+    from jupyter_client.kernelspec import KernelSpecManager, NoSuchKernel  # lazy: CLI start-up
 
     manager = KernelSpecManager()
     try:
@@ -149,7 +160,7 @@ def default_kernel_name() -> str:
             return name
     except NoSuchKernel:
         pass
-    from ipykernel.kernelspec import install
+    from ipykernel.kernelspec import install  # lazy: CLI start-up
 
     try:
         path = install(kernel_name=name, display_name=f"rsna22-kit ({sys.executable})", prefix=sys.prefix)
@@ -169,8 +180,6 @@ def ensure_ipynb(stage: str, notebooks_dir: Path | None = None) -> Path:
             f"stage {stage!r}: neither {py} nor {ipynb} exists (stages in {notebooks_dir}: {', '.join(known) or 'none'})"
         )
     if py.exists() and (not ipynb.exists() or ipynb.stat().st_mtime < py.stat().st_mtime):
-        from rsna22_utils.core.notebooks import write_ipynb
-
         write_ipynb(py, ipynb)
     return ipynb
 
@@ -204,7 +213,7 @@ def _last_line(text: str) -> str:
 
 
 def _error_line(error: BaseException) -> str:
-    from papermill.exceptions import PapermillExecutionError
+    from papermill.exceptions import PapermillExecutionError  # lazy: CLI start-up
 
     if isinstance(error, PapermillExecutionError):
         return f"{error.ename}: {_last_line(error.evalue)}"
@@ -257,9 +266,8 @@ def _kernel_sockets() -> Iterator[dict[str, Any]]:
     if os.name == "nt":  # no ipc transport there
         yield {}
         return
-    import tempfile
 
-    from traitlets.config import Config
+    from traitlets.config import Config  # lazy: CLI start-up
 
     with tempfile.TemporaryDirectory(prefix="rsna22-kernel-") as folder:
         yield {"config": Config({"KernelManager": {"transport": "ipc", "ip": os.path.join(folder, "kernel")}})}
@@ -271,7 +279,7 @@ def _execute_notebook(spec: _RunSpec, source: Path, kernel_name: str, timeout: f
     The kernel's stdout / stderr (its logs and progress bars) stream straight to ours, as if the
     stage ran here; the executed notebook keeps them too.
     """
-    import papermill
+    import papermill  # lazy: CLI start-up
 
     device = os.environ.get("CUDA_VISIBLE_DEVICES")
     executed = spec.out_dir / f"{spec.stage}.ipynb"
@@ -368,8 +376,6 @@ def _run_in_child(spec: _RunSpec, source: Path, kernel_name: str, timeout: float
     A subprocess rather than multiprocessing: it works whatever the caller's __main__ is (a
     script, stdin, a notebook) and each process has its own environment and working directory.
     """
-    import tempfile
-
     executed = spec.out_dir / f"{spec.stage}.ipynb"
     with tempfile.TemporaryDirectory(prefix="rsna22-run-") as tmp:
         request_path, result_path = Path(tmp, "request.json"), Path(tmp, "result.json")
@@ -417,10 +423,6 @@ def plan_runs(
     (or those named in `variants`), each over its folds and seeds unless `folds` / `seeds` are given.
     Without a profile: one spec per fold x seed, or a single fold-less run when both are None.
     """
-    from rsna22_utils.core.config import ConfigError
-    from rsna22_utils.core.profiles import load_profile
-    from rsna22_utils.core.registry import get_stage
-
     work_dir = Path(work_dir).absolute()
     # plain JSON values (Path -> str, tuple -> list): what papermill injects and _complete.json records
     overrides = json.loads(json.dumps(dict(overrides or {}), default=str))
@@ -554,10 +556,6 @@ def _start_over(spec: _RunSpec) -> None:
     """`force`: a run of a per-fold stage starts clean (its folder, checkpoint included, is removed);
     a stage that runs once loses only its completion mark (its folder may hold e.g. the study cache,
     which it reuses or rebuilds itself). A run another process holds is left alone (an error)."""
-    import shutil
-
-    from rsna22_utils.core.files import LOCK_FILE, run_lock
-
     if not spec.out_dir.exists():
         return
     with run_lock(spec.out_dir):
@@ -580,11 +578,6 @@ def _run_on_devices(
     runs_path: Path,
 ) -> None:
     """Spread runs over GPUs: at most one run per device at a time, each in a process with its CUDA_VISIBLE_DEVICES."""
-    import queue
-    from concurrent.futures import ThreadPoolExecutor, as_completed
-
-    from tqdm import tqdm
-
     free: queue.Queue[str] = queue.Queue()
     for device in devices:
         free.put(device)

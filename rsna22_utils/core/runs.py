@@ -11,11 +11,12 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from safetensors.torch import load_file, save_file
 from torch import nn
 
-from rsna22_utils.core.config import load_config
 from rsna22_utils.core.files import atomic_write
 from rsna22_utils.core.registry import CONFIG, WEIGHTS
+from rsna22_utils.core.resolve import load_config
 
 logger = logging.getLogger(__name__)
 
@@ -27,8 +28,6 @@ def unwrap(model: nn.Module) -> nn.Module:
 
 def save_weights(model: nn.Module, path: str | Path) -> Path:
     """Model state_dict -> safetensors (CPU, contiguous copies so tied weights do not fail), atomically."""
-    from safetensors.torch import save_file
-
     state = {k: v.detach().cpu().clone().contiguous() for k, v in unwrap(model).state_dict().items()}
     return atomic_write(path, lambda tmp: save_file(state, str(tmp)))
 
@@ -40,8 +39,6 @@ def load_weights(model: nn.Module, path: str | Path, strict: bool = True) -> Any
         raise FileNotFoundError(f"weights file not found: {path}")
     try:
         if path.suffix == ".safetensors":
-            from safetensors.torch import load_file
-
             state = load_file(str(path))
         else:
             state = torch.load(path, map_location="cpu", weights_only=True)

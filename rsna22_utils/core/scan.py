@@ -51,7 +51,7 @@ def find_studies(data_dir: Path) -> list[tuple[str, Path]]:
 
 
 def _scan_one(split: str, study_dir: Path) -> pd.DataFrame:
-    from rsna22_utils.core.dicom import read_slice_headers
+    from rsna22_utils.core.dicom import read_slice_headers  # lazy: the CLI imports this module to register `scan`
 
     table = read_slice_headers(study_dir)
     table.insert(0, "split", split.removesuffix("_images"))

@@ -82,7 +82,7 @@ def one_core() -> Iterator[str]:
     os.environ.update({k: "1" for k in saved_env})
     restore = []
     try:
-        import torch
+        import torch  # lazy: optional here; without torch the other libraries are still pinned
 
         torch_threads = torch.get_num_threads()
         restore.append(lambda: torch.set_num_threads(torch_threads))
@@ -90,7 +90,7 @@ def one_core() -> Iterator[str]:
     except ImportError:
         pass
     try:
-        import cv2
+        import cv2  # lazy: optional here, as torch
 
         cv2_threads = cv2.getNumThreads()
         restore.append(lambda: cv2.setNumThreads(cv2_threads))

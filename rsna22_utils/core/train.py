@@ -36,12 +36,15 @@ import torch
 import torch.distributed as dist
 from torch import nn
 from torch.utils.data import DataLoader, Dataset, Sampler
+from torch.utils.data.distributed import DistributedSampler
 from tqdm import tqdm  # text bars (not tqdm.auto): they stream through papermill to the runner's console
 
-from rsna22_utils.core.config import RESULT_NEUTRAL, ConfigError, TrainConfig, config_diff, resolve_config, save_config
+from rsna22_utils.core.config import RESULT_NEUTRAL, TrainConfig, config_diff, save_config
 from rsna22_utils.core.device import amp_dtype, resolve_device, seed_everything
+from rsna22_utils.core.errors import ConfigError
 from rsna22_utils.core.files import atomic_write
 from rsna22_utils.core.registry import CONFIG, WEIGHTS
+from rsna22_utils.core.resolve import resolve_config
 from rsna22_utils.core.runs import save_weights, unwrap
 
 logger = logging.getLogger(__name__)
@@ -385,8 +388,6 @@ def _plan(cfg: TrainConfig, procs: _Processes, n_train: int, n_valid: int) -> _P
 def _samplers(cfg: TrainConfig, procs: _Processes, plan: _Plan) -> tuple[Any, Sampler]:
     """The training order (the same global permutation with or without DDP) and this process's validation shard."""
     if procs.enabled:
-        from torch.utils.data.distributed import DistributedSampler
-
         train: Any = DistributedSampler(range(plan.n_train), procs.world_size, procs.rank, shuffle=True, seed=cfg.seed)
     else:
         train = _EpochPermutation(plan.n_train, cfg.seed)

@@ -13,15 +13,15 @@ import logging
 from pathlib import Path
 from typing import Any
 
+from rsna22_utils.core.config import settable_fields
+from rsna22_utils.core.profiles import load_profile
+from rsna22_utils.core.registry import stages
+
 logger = logging.getLogger(__name__)
 
 
 def profile_backbones(profile: str) -> list[str]:
     """Every backbone a profile's stages and variants build (the stage's default where the profile sets none)."""
-    from rsna22_utils.core.config import settable_fields
-    from rsna22_utils.core.profiles import load_profile
-    from rsna22_utils.core.registry import stages
-
     loaded = load_profile(profile)
     names = set()
     for stage, entry in stages().items():
@@ -34,9 +34,9 @@ def profile_backbones(profile: str) -> list[str]:
 
 def fetch_weights(backbones: list[str], out: str | Path, force: bool = False) -> list[Path]:
     """timm's ImageNet weights of each backbone -> `{out}/{backbone}.safetensors` (kept when present unless `force`)."""
-    import timm
+    import timm  # lazy: CLI start-up (timm loads torch)
 
-    from rsna22_utils.core.runs import save_weights
+    from rsna22_utils.core.runs import save_weights  # lazy: CLI start-up (torch)
 
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)

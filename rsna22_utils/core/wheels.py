@@ -85,7 +85,7 @@ def load_image(path: Path | str = IMAGE_FILE) -> KaggleImage:
 def _packaging() -> Any:
     """The `packaging` modules (requirements, version): the package when installed, else pip's vendored copy."""
     try:
-        from packaging import requirements, version
+        from packaging import requirements, version  # lazy: whichever packaging this Python has
     except ImportError:
         from pip._vendor.packaging import requirements, version
     return requirements, version

@@ -210,8 +210,10 @@ def test_load_ensemble_honours_the_model_limits(tmp_path: Path) -> None:
 
     from rsna22_utils.cervical.models import create_network
     from rsna22_utils.cervical.submission import load_models
-    from rsna22_utils.core.config import ConfigError, resolve_config, save_config
+    from rsna22_utils.core.config import save_config
+    from rsna22_utils.core.errors import ConfigError
     from rsna22_utils.core.registry import run_dir
+    from rsna22_utils.core.resolve import resolve_config
     from rsna22_utils.core.runs import save_weights
 
     for stage, variant, seed in [("01_train_box", "", s) for s in range(3)] + [

@@ -17,8 +17,10 @@ from rsna22_utils.cervical.models import box_loss, create_model
 from rsna22_utils.cervical.study_box import predict_study_box
 from rsna22_utils.cervical.submission import load_box_models
 from rsna22_utils.core.cache import StudyCache
-from rsna22_utils.core.config import ConfigError, resolve_config, save_config, with_derived
+from rsna22_utils.core.config import save_config, with_derived
+from rsna22_utils.core.errors import ConfigError
 from rsna22_utils.core.registry import CONFIG, WEIGHTS, out_of_fold, run_dir
+from rsna22_utils.core.resolve import resolve_config
 from rsna22_utils.core.runs import save_weights
 
 SIZE, ROWS_COLS = 32, 64

@@ -72,7 +72,7 @@ def test_crop_cache_holds_the_squared_box_at_native_resolution_and_is_reused(tin
 
 
 def _study_config(tiny_pipeline, work_dir: Path, **changes):
-    from rsna22_utils.core.config import resolve_config
+    from rsna22_utils.core.resolve import resolve_config
 
     common = {**TINY_COMMON, "work_dir": str(work_dir), "prepared_dir": str(work_dir / "00_prepare"), "fold": 0, "seed": 0}
     values = {**common, **TINY_STAGES["06_train_study"], "max_steps_per_epoch": 1, "out_dir": str(work_dir / "06_test"), **changes}
@@ -138,7 +138,7 @@ def test_study_model_on_native_crops_with_slice_margin(tiny_pipeline, tmp_path: 
 
 def test_fracture_model_trains_on_native_crops_built_on_first_use(tiny_pipeline, tmp_path: Path) -> None:
     from rsna22_utils.cervical.sequence import train_fracture
-    from rsna22_utils.core.config import resolve_config
+    from rsna22_utils.core.resolve import resolve_config
 
     work_dir = tmp_path / "runs"
     shutil.copytree(tiny_pipeline["work_dir"], work_dir)

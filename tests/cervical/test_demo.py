@@ -12,8 +12,9 @@ import pytest
 from rsna22_utils.cervical.demo import DEMO_PROFILE, demo_overrides, parse_demo_overrides, write_report
 from rsna22_utils.cervical.metric import TARGETS
 from rsna22_utils.cervical.submission import predict_submission
-from rsna22_utils.core.config import ConfigError, resolve_config
+from rsna22_utils.core.errors import ConfigError
 from rsna22_utils.core.registry import stages
+from rsna22_utils.core.resolve import resolve_config
 
 
 def test_demo_profile_sets_every_stage_and_trains_every_fold() -> None:

@@ -28,7 +28,8 @@ from rsna22_utils.cervical.data import (
 from rsna22_utils.cervical.geometry import crop_box, crop_box_in_cache, square_crop
 from rsna22_utils.cervical.labels import drop_studies
 from rsna22_utils.core.cache import StudyCache
-from rsna22_utils.core.config import ConfigError, resolve_config
+from rsna22_utils.core.errors import ConfigError
+from rsna22_utils.core.resolve import resolve_config
 from tests.cervical.test_data import make_cache
 
 ORIGINAL_MEAN = [0.22363983, 0.18190407, 0.2523437]

@@ -143,7 +143,8 @@ def test_study_head_starts_from_logistic_fits_of_the_evidence() -> None:
 
 def test_create_model_builds_each_stage_network_from_its_config() -> None:
     from rsna22_utils.cervical.models import StudyModel, create_model
-    from rsna22_utils.core.config import resolve_config, with_derived
+    from rsna22_utils.core.config import with_derived
+    from rsna22_utils.core.resolve import resolve_config
 
     windows = [[400.0, 1800.0], [40.0, 400.0]]  # from the study cache
 
@@ -179,7 +180,7 @@ def test_create_model_builds_each_stage_network_from_its_config() -> None:
 def test_loading_a_run_never_fetches_pretrained_weights(tmp_path) -> None:
     """A run trained from ImageNet weights is rebuilt offline: its own weights are loaded next."""
     from rsna22_utils.cervical.models import create_model
-    from rsna22_utils.core.config import resolve_config
+    from rsna22_utils.core.resolve import resolve_config
 
     cfg = resolve_config("01_train_box", {"backbone": BACKBONE, "pretrained": True, "pretrained_path": str(tmp_path / "gone.safetensors")})
     with pytest.raises(FileNotFoundError, match="gone.safetensors"):
@@ -282,7 +283,7 @@ def test_study_head_auto_size_and_the_original_attention_ignore_padding() -> Non
 
 def test_slice_evidence_refuses_a_stage05_model_with_position_features() -> None:
     from rsna22_utils.cervical.models import study_model
-    from rsna22_utils.core.config import resolve_config
+    from rsna22_utils.core.resolve import resolve_config
 
     sequence_model = SequenceModel(BACKBONE, in_chans=3, n_outputs=14, lstm_hidden=8, position_dim=16)
     with pytest.raises(ValueError, match="slice_evidence=false"):
@@ -316,7 +317,7 @@ def _trainable(model: nn.Module) -> int:
 )
 def test_sequence_models_have_the_originals_parameter_counts(stage: str, settings: dict, original: int) -> None:
     from rsna22_utils.cervical.models import create_model
-    from rsna22_utils.core.config import resolve_config
+    from rsna22_utils.core.resolve import resolve_config
 
     cfg = resolve_config(stage, {**settings, "lstm_hidden": 0, "pretrained": False, "loss": "mse", "positive_weight": 2.0})
     count = _trainable(create_model(cfg))
@@ -327,7 +328,8 @@ def test_sequence_models_have_the_originals_parameter_counts(stage: str, setting
 def test_study_head_has_the_originals_parameter_count() -> None:
     """models/mdl_dh_seg_3G_gx1.py on resnest50d: BiLSTM hidden = features, linear attention over 192 steps, 8 logits."""
     from rsna22_utils.cervical.models import create_model
-    from rsna22_utils.core.config import resolve_config, with_derived
+    from rsna22_utils.core.config import with_derived
+    from rsna22_utils.core.resolve import resolve_config
 
     cfg = with_derived(
         resolve_config("06_train_study", {"lstm_hidden": 0, "attention": "linear", "slice_evidence": False, "dropout": 0.0}),

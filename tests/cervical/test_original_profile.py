@@ -10,9 +10,9 @@ from pathlib import Path
 import pandas as pd
 import pytest
 
-from rsna22_utils.core.config import load_config, resolve_config
 from rsna22_utils.core.profiles import load_profile
 from rsna22_utils.core.registry import execute, finished_runs, parse_run_name, stages
+from rsna22_utils.core.resolve import load_config, resolve_config
 from rsna22_utils.core.runner import plan_runs
 from tests.helpers import tiny_settings
 

@@ -15,7 +15,7 @@ import pytest
 
 from rsna22_utils.cervical.metric import TARGETS, score, solution_from_labels
 from rsna22_utils.cervical.submission import SetupError, TimeBudget, TooManyFailures, predict_submission, train_prevalence
-from rsna22_utils.core.config import resolve_config
+from rsna22_utils.core.resolve import resolve_config
 
 
 def _config(data_dir: Path, weights: Path, out: Path, **extra) -> object:
@@ -338,8 +338,8 @@ def test_inference_path_matches_the_training_pipeline(tiny_pipeline: dict) -> No
     from rsna22_utils.cervical.prepare import Prepared
     from rsna22_utils.cervical.study_box import predict_study_box
     from rsna22_utils.cervical.submission import MemoryCache, load_ensemble
-    from rsna22_utils.core.config import load_config
     from rsna22_utils.core.registry import finished_runs, out_of_fold
+    from rsna22_utils.core.resolve import load_config
 
     work_dir = tiny_pipeline["work_dir"]
     ensemble = load_ensemble(work_dir, torch.device("cpu"))
@@ -399,9 +399,9 @@ def test_weights_dataset_holds_what_the_submission_loads_and_loads(tiny_pipeline
     import torch
 
     from rsna22_utils.cervical.submission import load_ensemble
-    from rsna22_utils.core.config import load_config
     from rsna22_utils.core.kaggle import KaggleSettings, build_weights_dataset
     from rsna22_utils.core.registry import finished_runs
+    from rsna22_utils.core.resolve import load_config
 
     work_dir = tiny_pipeline["work_dir"]
     out = build_weights_dataset(work_dir, tmp_path / "weights", KaggleSettings(owner="kit-tester"))
@@ -474,7 +474,7 @@ def test_native_study_run_sees_in_the_submission_what_06_trained_on(
     from rsna22_utils.cervical.embed import study_windows
     from rsna22_utils.cervical.prepare import Prepared
     from rsna22_utils.cervical.study import study_inputs, train_study
-    from rsna22_utils.core.config import load_config
+    from rsna22_utils.core.resolve import load_config
     from tests.helpers import TINY_COMMON, TINY_STAGES, tiny_settings
 
     work_dir = tmp_path / "runs"

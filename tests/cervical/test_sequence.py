@@ -14,8 +14,9 @@ from rsna22_utils.cervical.data import SequenceDataset
 from rsna22_utils.cervical.labels import fracture_slice_labels
 from rsna22_utils.cervical.models import create_model
 from rsna22_utils.cervical.sequence import VERTEBRA_STAGE, vertebra_predictions
-from rsna22_utils.core.config import resolve_config, save_config, with_derived
+from rsna22_utils.core.config import save_config, with_derived
 from rsna22_utils.core.registry import CONFIG, WEIGHTS, out_of_fold, run_dir
+from rsna22_utils.core.resolve import resolve_config
 from rsna22_utils.core.runs import save_weights
 from tests.cervical.test_data import make_cache  # a cache whose voxel value is the slice position
 

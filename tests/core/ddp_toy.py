@@ -17,7 +17,8 @@ from torch.utils.data import Dataset
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 
-from rsna22_utils.core.config import parse_overrides, resolve_config
+from rsna22_utils.core.config import parse_overrides
+from rsna22_utils.core.resolve import resolve_config
 from rsna22_utils.core.train import fit
 
 N_FEATURES = 8

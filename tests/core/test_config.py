@@ -14,16 +14,10 @@ from rsna22_utils.cervical.configs import (
     VertebraInferConfig,
     VertebraTrainConfig,
 )
-from rsna22_utils.core.config import (
-    ConfigError,
-    config_diff,
-    load_config,
-    parse_overrides,
-    resolve_config,
-    save_config,
-    with_derived,
-)
+from rsna22_utils.core.config import config_diff, parse_overrides, save_config, with_derived
+from rsna22_utils.core.errors import ConfigError
 from rsna22_utils.core.registry import get_stage, stages
+from rsna22_utils.core.resolve import load_config, resolve_config
 
 
 def test_parse_overrides_types() -> None:

@@ -295,7 +295,7 @@ def test_prepare_keys_each_study_by_its_folder_and_warns_once(tmp_path: Path, ca
     # before: slices.parquet said the header's UID, the cache the folder's; a zero-byte file left most studies uncached
     from rsna22_utils.cervical.prepare import Prepared, PrepareFailed, prepare
     from rsna22_utils.cervical.synth import generate_competition
-    from rsna22_utils.core.config import resolve_config
+    from rsna22_utils.core.resolve import resolve_config
 
     data = tmp_path / "data"
     generate_competition(data, n_studies=4, n_test_studies=1, image_size=32, median_slices=30, segmented_fraction=1.0, seed=1, workers=1)
@@ -553,13 +553,13 @@ def test_a_run_folder_holds_a_lock(tmp_path: Path) -> None:
 
 
 def _toy_box_config(out_dir: Path, **overrides):
-    from rsna22_utils.core.config import resolve_config
+    from rsna22_utils.core.resolve import resolve_config
 
     return resolve_config("01_train_box", {"out_dir": str(out_dir), "device": "cpu", "num_workers": 0, **overrides})
 
 
 def test_resuming_with_settings_that_change_the_result_is_an_error(tmp_path: Path) -> None:
-    from rsna22_utils.core.config import ConfigError
+    from rsna22_utils.core.errors import ConfigError
     from tests.core.ddp_toy import run
 
     run(tmp_path, epochs=1)

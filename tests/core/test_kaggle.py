@@ -476,8 +476,8 @@ NOTEBOOK_HEADER = 'sys.path[:0] = sorted(str(p.parent) for p in Path(os.environ.
 
 def test_kaggle_paths_in_config_and_notebooks_come_from_the_dataset_slugs(tmp_path, monkeypatch):
     """Where the notebooks look on Kaggle is where the datasets we push are mounted: the slugs of kaggle-settings.json."""
-    from rsna22_utils.core.config import resolve_config
     from rsna22_utils.core.paths import KAGGLE_INPUT, KAGGLE_INPUT_ENV
+    from rsna22_utils.core.resolve import resolve_config
 
     monkeypatch.delenv(KAGGLE_INPUT_ENV, raising=False)
     settings = k.load_settings()

@@ -9,9 +9,11 @@ from pathlib import Path
 
 import pytest
 
-from rsna22_utils.core.config import ConfigError, load_config, resolve_config, save_config
-from rsna22_utils.core.profiles import available_profiles, load_profile, show_configs
+from rsna22_utils.core.config import save_config
+from rsna22_utils.core.errors import ConfigError
+from rsna22_utils.core.profiles import available_profiles, load_profile
 from rsna22_utils.core.registry import stages
+from rsna22_utils.core.resolve import load_config, resolve_config, show_configs
 from rsna22_utils.core.runner import plan_runs
 
 REPO_ROOT = Path(__file__).resolve().parents[2]

@@ -17,9 +17,10 @@ from pathlib import Path
 import pytest
 
 from rsna22_utils.core import kaggle
-from rsna22_utils.core.config import ConfigError, resolve_config
+from rsna22_utils.core.errors import ConfigError
 from rsna22_utils.core.notebooks import check_pairs, check_thin, sync_pairs
 from rsna22_utils.core.registry import execute, finished_runs, parse_run_name, run_dir, run_dirs, stages, unregister
+from rsna22_utils.core.resolve import resolve_config
 from rsna22_utils.core.runner import run_stage
 
 ROOT = Path(__file__).resolve().parents[2]

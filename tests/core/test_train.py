@@ -13,7 +13,7 @@ import pandas as pd
 import pytest
 import torch
 
-from rsna22_utils.core.config import load_config
+from rsna22_utils.core.resolve import load_config
 from rsna22_utils.core.runs import load_weights
 from rsna22_utils.core.train import param_groups
 from tests.core.ddp_toy import ToyDataset, ToyModel, ToyTask, run, toy_config

@@ -10,7 +10,7 @@ import torch
 
 from rsna22_utils.cervical.models import create_backbone, create_model
 from rsna22_utils.cli import main
-from rsna22_utils.core.config import resolve_config
+from rsna22_utils.core.resolve import resolve_config
 from rsna22_utils.core.runs import save_weights
 from rsna22_utils.core.weights import profile_backbones
 

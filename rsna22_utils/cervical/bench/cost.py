@@ -60,7 +60,7 @@ class TrainingData:
 
     def training_studies(self, uids: list[str], fold: int) -> list[str]:
         """The studies of `uids` a run of `fold` trains on: every other fold, all of them for fold -1."""
-        from rsna22_utils.core.registry import FULL_DATA_FOLD
+        from rsna22_utils.core.config import FULL_DATA_FOLD
 
         return list(uids) if fold == FULL_DATA_FOLD else [u for u in uids if self.folds.get(u, FULL_DATA_FOLD) != fold]
 
@@ -252,9 +252,9 @@ def measure_training(network: Any, cfg: Any, device: Any, n_images: int = 2, siz
 def stage_configs(stage: str, profile: str, overrides: dict[str, Any]) -> list[tuple[dict[str, Any], Any]]:
     """(show_configs row, resolved config with derived fields) of every variant of `stage` in `profile`."""
     from rsna22_utils.cervical.configs import preview_derived
-    from rsna22_utils.core.config import resolve_config, settable_fields
-    from rsna22_utils.core.profiles import show_configs
+    from rsna22_utils.core.config import settable_fields
     from rsna22_utils.core.registry import get_stage
+    from rsna22_utils.core.resolve import resolve_config, show_configs
 
     fields = set(settable_fields(get_stage(stage).config))
     own = {k: v for k, v in overrides.items() if k in fields}

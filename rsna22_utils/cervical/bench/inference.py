@@ -57,9 +57,9 @@ def bench_inference(data_dir: str | Path, weights_dir: str | Path, n_studies: in
     from rsna22_utils.cervical.study_box import predict_study_box
     from rsna22_utils.cervical.submission import MemoryCache, load_ensemble
     from rsna22_utils.core.cache import encode_study
-    from rsna22_utils.core.config import resolve_config
     from rsna22_utils.core.device import autocast
     from rsna22_utils.core.dicom import read_study
+    from rsna22_utils.core.resolve import resolve_config
 
     data_dir = Path(data_dir)
     folders = sorted(p for p in (data_dir / "test_images").glob("*") if p.is_dir()) or sorted(
@@ -169,7 +169,7 @@ KAGGLE_DECODE_WORKERS = 2  # DataLoader workers that decode + encode test studie
 def serving_count(folds: list[int], seeds: list[int]) -> int:
     """Runs of a variant that predict test studies: its full-data runs (fold -1) x seeds when the sweep has
     them, else every fold x seed (`registry.serving_runs`)."""
-    from rsna22_utils.core.registry import FULL_DATA_FOLD
+    from rsna22_utils.core.config import FULL_DATA_FOLD
 
     return len(seeds) * (1 if FULL_DATA_FOLD in folds else len(folds))
 
@@ -281,8 +281,9 @@ def bench_submission(
 
     from rsna22_utils.cervical.configs import SubmissionConfig
     from rsna22_utils.cervical.synth import generate_competition
-    from rsna22_utils.core.config import resolve_config, settable_fields
+    from rsna22_utils.core.config import settable_fields
     from rsna22_utils.core.device import resolve_device
+    from rsna22_utils.core.resolve import resolve_config
 
     data = data or default_training_data()
     dev = resolve_device(device)
