@@ -13,7 +13,7 @@ from __future__ import annotations
 import logging
 import os
 from collections.abc import Iterable, Sequence
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import numpy as np
@@ -23,7 +23,7 @@ from tqdm import tqdm
 from rsna22_utils.cervical.anatomy import BOX_COLUMNS, CERVICAL, VERTEBRAE
 from rsna22_utils.cervical.segmentation import load_segmentation, study_uid_from_path
 from rsna22_utils.core.dicom import read_slice_headers
-from rsna22_utils.core.files import atomic_write
+from rsna22_utils.core.files import atomic_write, write_failures
 from rsna22_utils.core.pool import run_tasks
 
 logger = logging.getLogger(__name__)
@@ -413,12 +413,9 @@ def build_segmentation_labels(
     out_dir.mkdir(parents=True, exist_ok=True)
     written: dict[str, Path] = {}
     failures_path = out_dir / "segmentation_labels.failures.csv"
-    if failures:
-        pd.DataFrame([f.__dict__ for f in failures]).to_csv(failures_path, index=False)
+    if write_failures(failures_path, [asdict(f) for f in failures]):
         logger.warning("%d of %d segmented studies failed; listed in %s", len(failures), len(jobs), failures_path)
         written["failures"] = failures_path
-    elif failures_path.exists():
-        failures_path.unlink()
     if not results:
         raise RuntimeError(f"no segmented study could be labelled; reasons in {failures_path}")
 

@@ -29,7 +29,7 @@ import numpy as np
 import pandas as pd
 
 from rsna22_utils.core.dicom import read_study, window
-from rsna22_utils.core.files import atomic_write, atomic_write_text, remove_stale_temp_files
+from rsna22_utils.core.files import atomic_write, atomic_write_text, remove_stale_temp_files, write_failures
 from rsna22_utils.core.pool import run_tasks
 
 logger = logging.getLogger(__name__)
@@ -146,11 +146,8 @@ def build_cache(
             failures.append((str(tasks[index][0]), f"{type(error).__name__}: {error}"))
             logger.warning("could not cache %s: %s", tasks[index][0], failures[-1][1])
     failures_path = root / "failures.csv"
-    if failures:
-        pd.DataFrame(failures, columns=["study", "reason"]).to_csv(failures_path, index=False)
+    if write_failures(failures_path, [{"study": study, "reason": reason} for study, reason in failures]):
         logger.warning("%d of %d studies could not be cached; listed in %s", len(failures), len(study_dirs), failures_path)
-    elif failures_path.exists():
-        failures_path.unlink()
     logger.info("study cache ready in %s (%d failures)", root, len(failures))
     return root, failures
 

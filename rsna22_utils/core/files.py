@@ -6,11 +6,13 @@ Kept free of heavy imports: scan and cache workers write through it without load
 from __future__ import annotations
 
 import contextlib
+import csv
 import os
 import socket
 import tempfile
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from pathlib import Path
+from typing import Any
 
 TMP_SUFFIX = ".tmp"  # every temp file this module makes is `.<name>.<random>.tmp` beside its target
 
@@ -51,6 +53,27 @@ def remove_stale_temp_files(folder: str | Path, target_suffix: str) -> list[Path
     for path in stale:
         path.unlink(missing_ok=True)
     return stale
+
+
+def write_failures(path: str | Path, rows: Sequence[Mapping[str, Any]]) -> bool:
+    """The failures of a build as a CSV (one row per failure, the keys of the first as columns), atomically.
+
+    With no failures a `path` left by an earlier build is removed, so the file lists only the last build's.
+    Returns whether the file was written.
+    """
+    path = Path(path)
+    if not rows:
+        path.unlink(missing_ok=True)
+        return False
+
+    def write(tmp: Path) -> None:
+        with tmp.open("w", newline="") as file:
+            writer = csv.DictWriter(file, fieldnames=list(rows[0]), lineterminator="\n")
+            writer.writeheader()
+            writer.writerows(rows)
+
+    atomic_write(path, write)
+    return True
 
 
 LOCK_FILE = ".run.lock"

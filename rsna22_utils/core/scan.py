@@ -10,11 +10,11 @@ from __future__ import annotations
 import argparse
 import logging
 import os
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from rsna22_utils.core.files import atomic_write
+from rsna22_utils.core.files import atomic_write, write_failures
 from rsna22_utils.core.pool import run_tasks
 
 if TYPE_CHECKING:
@@ -94,11 +94,8 @@ def scan_competition(data_dir: Path, out: Path, workers: int | None = None) -> l
 
     out.parent.mkdir(parents=True, exist_ok=True)
     failures_path = out.with_name(out.stem + ".failures.csv")
-    if failures:
-        pd.DataFrame([f.__dict__ for f in failures]).to_csv(failures_path, index=False)
+    if write_failures(failures_path, [asdict(f) for f in failures]):
         logger.warning("%d of %d studies failed; listed in %s", len(failures), len(studies), failures_path)
-    elif failures_path.exists():
-        failures_path.unlink()
     if not tables:
         logger.error("no study could be read under %s; nothing written to %s", data_dir, out)
         return failures
