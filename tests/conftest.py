@@ -53,3 +53,9 @@ def tiny_pipeline(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
             changes[stage] = {**changes.get(stage, {}), **config_diff(given, cfg)}
     return {"data_dir": data_dir, "work_dir": work_dir, "config_changes": changes}
 
+
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    """Every test that needs the tiny pipeline (every stage trained once, minutes on CPU) is `slow`."""
+    for item in items:
+        if "tiny_pipeline" in getattr(item, "fixturenames", ()):
+            item.add_marker(pytest.mark.slow)
