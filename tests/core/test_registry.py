@@ -1,17 +1,14 @@
 """The stage registry is the one stage table: a new stage is one entry, one config, one function, one notebook.
 
-Also: the run-folder layout, stage functions that leave their config alone, and a core that imports
-no competition (nor does the submission import the trainer).
+Also: the run-folder layout, and stage functions that leave their config alone (what imports what:
+tests/core/test_imports.py).
 """
 
 from __future__ import annotations
 
-import ast
 import json
 import os
-import subprocess
 import sys
-import textwrap
 from pathlib import Path
 
 import pytest
@@ -137,41 +134,6 @@ def test_no_stage_changes_the_config_it_is_given(tiny_pipeline: dict) -> None:
         fracture["lstm_hidden"],
     )
     assert saved["image_size"] == fracture["image_size"] == 48
-
-
-def _imports(path: Path) -> set[str]:
-    names = set()
-    for node in ast.walk(ast.parse(path.read_text())):
-        if isinstance(node, ast.ImportFrom) and node.module:
-            names.add(node.module)
-        elif isinstance(node, ast.Import):
-            names.update(alias.name for alias in node.names)
-    return names
-
-
-def test_the_core_imports_no_competition() -> None:
-    for path in sorted((ROOT / "rsna22_utils" / "core").glob("*.py")):
-        assert not [m for m in _imports(path) if m.startswith("rsna22_utils.cervical")], path
-    code = textwrap.dedent("""
-        import importlib, pkgutil, sys
-        import rsna22_utils.core as core
-        for module in pkgutil.iter_modules(core.__path__):
-            importlib.import_module(f"rsna22_utils.core.{module.name}")
-        print(sorted(m for m in sys.modules if m.startswith("rsna22_utils.cervical")))
-    """)
-    out = subprocess.run(
-        [sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, check=True, env={**os.environ, "PYTHONPATH": str(ROOT)}
-    )
-    assert out.stdout.strip() == "[]"
-
-
-def test_the_submission_does_not_import_the_trainer() -> None:
-    assert not [m for m in _imports(ROOT / "rsna22_utils" / "cervical" / "submission.py") if m.endswith(".train")]
-    code = "import sys, rsna22_utils.cervical.submission; print('rsna22_utils.core.train' in sys.modules)"
-    out = subprocess.run(
-        [sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, check=True, env={**os.environ, "PYTHONPATH": str(ROOT)}
-    )
-    assert out.stdout.strip() == "False"
 
 
 def test_a_training_stage_run_twice_gives_the_same_weights(tiny_pipeline: dict, tmp_path: Path) -> None:
