@@ -209,30 +209,8 @@ def _vertebra_extents(rng: np.random.Generator, n: int) -> tuple[list[tuple[int,
     return extents, overlaps
 
 
-def make_study_spec(seed: int, index: int, *, uid: str, split: str, image_size: int, median_slices: int, segmented: bool) -> StudySpec:
-    """Draw one study's labels, geometry, headers and fractures from rng(seed, index)."""
-    rng = np.random.default_rng([seed, index])
-    labels = sample_study_labels(rng)
-    low = min(96, median_slices)
-    n = int(np.clip(round(median_slices * np.exp(rng.normal(0, 0.3))), low, round(2.25 * median_slices)))
-    # Header mix; the first studies are pinned so every small competition has the main variants.
-    syntax = str(rng.choice(list(SYNTAX_WEIGHTS), p=np.array(list(SYNTAX_WEIGHTS.values())) / sum(SYNTAX_WEIGHTS.values())))
-    kind = rng.random()
-    signed, bits, padding = (False, 12, None) if kind < 0.2 else (True, 16, -2000 if kind < 0.45 else None)
-    z_falling = bool(rng.random() < REAL_Z_FALLING)
-    pinned = {
-        0: (JPEG_LOSSLESS_70, False, 12, None, True),
-        1: (EXPLICIT_LE, True, 16, None, False),
-        2: (IMPLICIT_LE, True, 16, -2000, True),
-    }
-    if index in pinned:
-        syntax, signed, bits, padding, z_falling = pinned[index]
-    ps512 = float(np.clip(rng.normal(0.30, 0.04), 0.22, 0.40))
-    pixel_spacing = round(ps512 * 512 / image_size, 6)
-    thickness512 = float(rng.choice([0.5, 0.625, 1.0], p=[0.05, 0.6, 0.35]))
-    step = round(thickness512 * REAL_SERIES_SLICES[1] / median_slices, 4)
-    scale = image_size / 128 * (0.30 / ps512) * float(np.exp(rng.normal(0, 0.06)))
-    extents, overlaps = _vertebra_extents(rng, n)
+def _draw_fractures(rng: np.random.Generator, labels: np.ndarray, extents: list[tuple[int, int]]) -> list[Fracture]:
+    """One break per fractured vertebra of `labels`: its part (body or arch), slices and line, drawn from `rng`."""
     fractures = []
     for v in np.flatnonzero(labels[1:]):
         a, b = extents[v]
@@ -259,6 +237,34 @@ def make_study_spec(seed: int, index: int, *, uid: str, split: str, image_size: 
                 side=float(rng.choice([-1, 1]) * rng.uniform(0.35, 1.2)),
             )
         )
+    return fractures
+
+
+def make_study_spec(seed: int, index: int, *, uid: str, split: str, image_size: int, median_slices: int, segmented: bool) -> StudySpec:
+    """Draw one study's labels, geometry, headers and fractures from rng(seed, index)."""
+    rng = np.random.default_rng([seed, index])
+    labels = sample_study_labels(rng)
+    low = min(96, median_slices)
+    n = int(np.clip(round(median_slices * np.exp(rng.normal(0, 0.3))), low, round(2.25 * median_slices)))
+    # Header mix; the first studies are pinned so every small competition has the main variants.
+    syntax = str(rng.choice(list(SYNTAX_WEIGHTS), p=np.array(list(SYNTAX_WEIGHTS.values())) / sum(SYNTAX_WEIGHTS.values())))
+    kind = rng.random()
+    signed, bits, padding = (False, 12, None) if kind < 0.2 else (True, 16, -2000 if kind < 0.45 else None)
+    z_falling = bool(rng.random() < REAL_Z_FALLING)
+    pinned = {
+        0: (JPEG_LOSSLESS_70, False, 12, None, True),
+        1: (EXPLICIT_LE, True, 16, None, False),
+        2: (IMPLICIT_LE, True, 16, -2000, True),
+    }
+    if index in pinned:
+        syntax, signed, bits, padding, z_falling = pinned[index]
+    ps512 = float(np.clip(rng.normal(0.30, 0.04), 0.22, 0.40))
+    pixel_spacing = round(ps512 * 512 / image_size, 6)
+    thickness512 = float(rng.choice([0.5, 0.625, 1.0], p=[0.05, 0.6, 0.35]))
+    step = round(thickness512 * REAL_SERIES_SLICES[1] / median_slices, 4)
+    scale = image_size / 128 * (0.30 / ps512) * float(np.exp(rng.normal(0, 0.06)))
+    extents, overlaps = _vertebra_extents(rng, n)
+    fractures = _draw_fractures(rng, labels, extents)
     return StudySpec(
         index=index,
         uid=uid,
@@ -422,6 +428,59 @@ def _break(cv: _Canvas, fracture: Fracture, part: tuple, i: int, s: float) -> np
     return gap | edge
 
 
+def _paint_body(cv: _Canvas, spec: StudySpec, i: int, cx: float, cy: float) -> None:
+    """Soft tissue of slice i around the spine centre (cx, cy): head above C1, neck, chest widening below C7."""
+    n, S, s = spec.image_size, spec.n_slices, spec.scale
+    c1_top, c7_bottom = spec.extents[0][0], spec.extents[6][1]
+    ncx, ncy = n / 2, n * 0.5
+    head = i < c1_top
+    chest = float(np.clip((i - c7_bottom) / max(1.0, 0.25 * (S - c7_bottom)), 0, 1)) if i > c7_bottom else 0.0
+    rx, ry = (46 + 16 * chest) * s, (40 + 4 * chest) * s
+    if head:
+        h = (c1_top - i) / max(1, c1_top)
+        rx, ry = (48 + 6 * h) * s, (44 + 6 * h) * s
+    cv.frame(ncx, ncy, 0.0)
+    body_r = cv.ellipse(0, 0, rx, ry)
+    cv.fill(body_r < 1, HU_FAT)
+    cv.fill(body_r < 0.88, HU_SOFT)
+    if head:
+        h = (c1_top - i) / max(1, c1_top)
+        skull = (body_r < 0.93) & (body_r > 0.93 - 4.5 * s / ry)
+        if h > 0.45:
+            cv.fill(skull, HU_SKULL)
+        else:  # skull base: only the occipital bone behind the spine
+            cv.fill(skull & (cv.v > ry * (0.5 - h)), HU_SKULL)
+    if i < spec.extents[2][1] and i > c1_top - 0.4 * c1_top:  # mandible in front of the upper neck
+        jaw = cv.ellipse(0, -6 * s, 30 * s, 27 * s)
+        cv.fill((jaw < 1) & (jaw > 1 - 3.5 / 27) & (cv.v < -14 * s), HU_CORTEX)
+    if not head:
+        cv.fill(cv.ellipse(cx - ncx, cy - ncy - 17 * s, 5 * s, 4.5 * s) < 1, HU_AIR)  # trachea
+    if chest > 0:
+        for side in (-1, 1):
+            lung = cv.ellipse(side * 25 * s, -2 * s, 16 * s * chest + 1e-3, 22 * s * chest + 1e-3)
+            cv.fill(lung < 1, HU_LUNG)
+        if (i - c7_bottom) % max(3, round(8 * s)) < max(1, round(2 * s)):  # ribs
+            rib = cv.ellipse(0, 0, rx * 0.9, ry * 0.9)
+            cv.fill((rib < 1) & (rib > 1 - 2.5 * s / ry) & (np.abs(cv.u) > 10 * s), HU_ARCH)
+
+
+def _paint_breaks(cv: _Canvas, spec: StudySpec, drawn: dict[int, dict], i: int) -> list[tuple]:
+    """Draw the fractures that cross slice i on the parts painted there; returns their boxes (i, label, x, y, w, h)."""
+    n, s = spec.image_size, spec.scale
+    boxes = []
+    for f in spec.fractures:
+        part = drawn.get(f.label, {}).get(f.kind)
+        if f.first <= i <= f.last and part is not None:
+            gap = _break(cv, f, part, i, s)
+            if gap.sum() >= 2:
+                rows, cols = np.nonzero(gap)
+                pad = max(2.0, 0.03 * n)
+                x0, y0 = max(0.0, cols.min() - pad), max(0.0, rows.min() - pad)
+                x1, y1 = min(n, cols.max() + 1 + pad), min(n, rows.max() + 1 + pad)
+                boxes.append((i, f.label, float(x0), float(y0), float(x1 - x0), float(y1 - y0)))
+    return boxes
+
+
 def render_study(spec: StudySpec, *, fractures: bool = True) -> tuple[np.ndarray, np.ndarray, list[tuple]]:
     """Pixels of a study: HU int16 and labels uint8, both (slices, rows, cols) head->feet, and boxes.
 
@@ -437,7 +496,6 @@ def render_study(spec: StudySpec, *, fractures: bool = True) -> tuple[np.ndarray
     labels = np.zeros((S, n, n), np.uint8)
     boxes: list[tuple] = []
     c1_top, c7_bottom = spec.extents[0][0], spec.extents[6][1]
-    ncx, ncy = n / 2, n * 0.5
     low, high = stored_range(spec.bits_stored, spec.signed)  # what the DICOM can hold (intercept -1024)
     hu_low, hu_high = max(-3024, low - 1024), min(3071, high - 1024)
     grid = tuple(np.mgrid[0:n, 0:n].astype(np.float32))
@@ -448,36 +506,7 @@ def render_study(spec: StudySpec, *, fractures: bool = True) -> tuple[np.ndarray
         t = np.clip((i - c1_top) / max(1, c7_bottom - c1_top), 0, 1)
         cx = spec.centre[0] + spec.drift[0] * s * (t - 0.5)
         cy = spec.centre[1] + spec.drift[1] * s * (t - 0.5) - spec.lordosis * s * np.sin(np.pi * t)
-        # Soft tissue: head above C1, neck, chest widening below C7.
-        head = i < c1_top
-        chest = float(np.clip((i - c7_bottom) / max(1.0, 0.25 * (S - c7_bottom)), 0, 1)) if i > c7_bottom else 0.0
-        rx, ry = (46 + 16 * chest) * s, (40 + 4 * chest) * s
-        if head:
-            h = (c1_top - i) / max(1, c1_top)
-            rx, ry = (48 + 6 * h) * s, (44 + 6 * h) * s
-        cv.frame(ncx, ncy, 0.0)
-        body_r = cv.ellipse(0, 0, rx, ry)
-        cv.fill(body_r < 1, HU_FAT)
-        cv.fill(body_r < 0.88, HU_SOFT)
-        if head:
-            h = (c1_top - i) / max(1, c1_top)
-            skull = (body_r < 0.93) & (body_r > 0.93 - 4.5 * s / ry)
-            if h > 0.45:
-                cv.fill(skull, HU_SKULL)
-            else:  # skull base: only the occipital bone behind the spine
-                cv.fill(skull & (cv.v > ry * (0.5 - h)), HU_SKULL)
-        if i < spec.extents[2][1] and i > c1_top - 0.4 * c1_top:  # mandible in front of the upper neck
-            jaw = cv.ellipse(0, -6 * s, 30 * s, 27 * s)
-            cv.fill((jaw < 1) & (jaw > 1 - 3.5 / 27) & (cv.v < -14 * s), HU_CORTEX)
-        if not head:
-            cv.fill(cv.ellipse(cx - ncx, cy - ncy - 17 * s, 5 * s, 4.5 * s) < 1, HU_AIR)  # trachea
-        if chest > 0:
-            for side in (-1, 1):
-                lung = cv.ellipse(side * 25 * s, -2 * s, 16 * s * chest + 1e-3, 22 * s * chest + 1e-3)
-                cv.fill(lung < 1, HU_LUNG)
-            if (i - c7_bottom) % max(3, round(8 * s)) < max(1, round(2 * s)):  # ribs
-                rib = cv.ellipse(0, 0, rx * 0.9, ry * 0.9)
-                cv.fill((rib < 1) & (rib > 1 - 2.5 * s / ry) & (np.abs(cv.u) > 10 * s), HU_ARCH)
+        _paint_body(cv, spec, i, cx, cy)
         # Spine: every vertebra whose extent contains the slice.
         cv.frame(cx, cy, spec.rotation)
         drawn: dict[int, dict] = {}
@@ -485,16 +514,7 @@ def render_study(spec: StudySpec, *, fractures: bool = True) -> tuple[np.ndarray
             if a <= i <= b:
                 drawn[level + 1] = _paint_vertebra(cv, spec, level, i, s)
         if fractures:
-            for f in spec.fractures:
-                part = drawn.get(f.label, {}).get(f.kind)
-                if f.first <= i <= f.last and part is not None:
-                    gap = _break(cv, f, part, i, s)
-                    if gap.sum() >= 2:
-                        rows, cols = np.nonzero(gap)
-                        pad = max(2.0, 0.03 * n)
-                        x0, y0 = max(0.0, cols.min() - pad), max(0.0, rows.min() - pad)
-                        x1, y1 = min(n, cols.max() + 1 + pad), min(n, rows.max() + 1 + pad)
-                        boxes.append((i, f.label, float(x0), float(y0), float(x1 - x0), float(y1 - y0)))
+            boxes += _paint_breaks(cv, spec, drawn, i)
         img = cv2.GaussianBlur(cv.hu, (3, 3), 0.6) + noise
         if spec.padding_value is not None:
             img[circle] = padding_hu(spec.padding_value)
