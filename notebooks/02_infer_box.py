@@ -40,13 +40,13 @@ metrics = session.run()
 {k: v for k, v in metrics.items() if k != "models"}
 
 # %%
-import pandas as pd
 from IPython.display import Image, display
 
 from rsna22_utils.cervical import qc
+from rsna22_utils.cervical.study_box import BoxInference
 
-out = session.out_dir
-display(pd.read_csv(out / "study_boxes.csv").head())
-if (out / "box_eval.csv").exists():  # synthetic data: true boxes of studies no box model saw
-    evaluation = pd.read_csv(out / "box_eval.csv")
-    display(Image(qc.plot_iou_histogram(evaluation["iou"], out / "iou.png")))
+out = BoxInference(session.out_dir)
+display(out.read("study_boxes").head())
+if out.path("box_eval").exists():  # synthetic data: true boxes of studies no box model saw
+    evaluation = out.read("box_eval")
+    display(Image(qc.plot_iou_histogram(evaluation["iou"], session.out_dir / "iou.png")))

@@ -40,9 +40,10 @@ metrics
 
 # %%
 import matplotlib.pyplot as plt
-import pandas as pd
 
-labels = pd.read_parquet(session.out_dir / "slice_labels.parquet")
+from rsna22_utils.cervical.sequence import VertebraInference
+
+labels = VertebraInference(session.out_dir).read("slice_labels")
 study = labels["StudyInstanceUID"].iloc[0]
 labels[labels["StudyInstanceUID"] == study].plot(x="slice_index", y=[f"C{k}_pred" for k in range(1, 8)], figsize=(10, 3), title=study)
 plt.show()

@@ -25,17 +25,16 @@ from rsna22_utils.cervical.data import BoxSliceDataset, CacheSource, InputNorm, 
 from rsna22_utils.cervical.geometry import box_iou
 from rsna22_utils.cervical.models import box_loss, create_model, load_run
 from rsna22_utils.cervical.prepare import Prepared, open_cache, split_by_fold
-from rsna22_utils.cervical.study_box import evaluate_study_boxes, predict_box_slices, shared_input_slices, study_boxes
+from rsna22_utils.cervical.stages import TRAIN_BOX
+from rsna22_utils.cervical.study_box import BoxInference, evaluate_study_boxes, predict_box_slices, shared_input_slices, study_boxes
 from rsna22_utils.core.cache import StudyCache
 from rsna22_utils.core.config import with_derived
 from rsna22_utils.core.device import resolve_device
-from rsna22_utils.core.registry import finished_runs, stage_dir
+from rsna22_utils.core.registry import finished_runs
 from rsna22_utils.core.registry import out_of_fold as registry_out_of_fold
 from rsna22_utils.core.train import fit
 
 logger = logging.getLogger(__name__)
-
-TRAIN_STAGE, INFER_STAGE = "01_train_box", "02_infer_box"
 
 
 def box_table(prepared: Prepared, cache: StudyCache) -> pd.DataFrame:
@@ -154,9 +153,9 @@ def box_run_groups(study_folds: pd.Series, runs: list[Path], out_of_fold: bool) 
     if missing:
         listed = " ".join(map(str, missing))
         raise ValueError(
-            f"out_of_fold: no finished {TRAIN_STAGE} run of fold(s) {listed}, so their training studies have no box model "
+            f"out_of_fold: no finished {TRAIN_BOX} run of fold(s) {listed}, so their training studies have no box model "
             f"that did not train on them (a run of fold f trains on every other fold); train those folds "
-            f"(python -m rsna22_utils run {TRAIN_STAGE} --folds {listed}) or set out_of_fold=false"
+            f"(python -m rsna22_utils run {TRAIN_BOX} --folds {listed}) or set out_of_fold=false"
         )
     groups: list[tuple[int | None, list[str], list[Path]]] = [
         (f, list(known.index[known == f]), registry_out_of_fold(runs, f)) for f in folds
@@ -198,12 +197,12 @@ def infer_box(cfg: BoxInferConfig) -> dict:
     trained on.
     """
     prepared, cache, _ = open_cache(cfg)
-    out = Path(cfg.out_dir)
-    out.mkdir(parents=True, exist_ok=True)
+    out = BoxInference(Path(cfg.out_dir))
+    Path(out.root).mkdir(parents=True, exist_ok=True)
     table = cache.all_slices()
     for column in ("has_box", *BOX_COLUMNS):
         table[column] = 0.0
-    runs = finished_runs(cfg.work_dir, TRAIN_STAGE)
+    runs = finished_runs(cfg.work_dir, TRAIN_BOX)
     folds = prepared.read("folds").set_index("StudyInstanceUID")["fold"]
     study_folds = pd.Series(folds.reindex(cache.uids).to_numpy(dtype=float), index=cache.uids)
     groups = box_run_groups(study_folds, runs, cfg.out_of_fold)
@@ -211,10 +210,10 @@ def infer_box(cfg: BoxInferConfig) -> dict:
     loaded = {run: load_run(run, device) for run in runs}
     p_box, boxes = predict_table(table, cache, groups, loaded, cfg, device)
     predictions = box_rows(table, p_box, boxes)
-    predictions.to_parquet(out / "slice_predictions.parquet", index=False)
+    predictions.to_parquet(out.path("slice_predictions"), index=False)
     boxes = study_boxes(predictions, cfg)
-    boxes.to_csv(out / "study_boxes.csv", index=False)
-    logger.info("%d models -> boxes of %d studies written to %s", len(runs), len(boxes), out / "study_boxes.csv")
+    boxes.to_csv(out.path("study_boxes"), index=False)
+    logger.info("%d models -> boxes of %d studies written to %s", len(runs), len(boxes), out.path("study_boxes"))
     metrics: dict[str, Any] = {"models": [str(r) for r in runs], "studies": len(boxes)}
     if cfg.out_of_fold:
         metrics["out_of_fold"] = {"no fold" if f is None else f"fold {f}": [str(r) for r in group] for f, _, group in groups}
@@ -225,7 +224,7 @@ def infer_box(cfg: BoxInferConfig) -> dict:
         trained_on = set(prepared.read("slice_boxes")["StudyInstanceUID"])
         truth = truth[~truth["StudyInstanceUID"].isin(trained_on)]
         evaluation = evaluate_study_boxes(boxes, truth[["StudyInstanceUID", *BOX_COLUMNS, "slnum_from", "slnum_to"]])
-        evaluation.to_csv(out / "box_eval.csv", index=False)
+        evaluation.to_csv(out.path("box_eval"), index=False)
         metrics.update(
             eval_studies=len(evaluation),
             median_iou=float(evaluation["iou"].median()),
@@ -240,21 +239,5 @@ def infer_box(cfg: BoxInferConfig) -> dict:
             metrics["median_from_error"],
             metrics["median_to_error"],
         )
-    (out / "metrics.json").write_text(json.dumps(metrics, indent=2))
+    out.path("metrics").write_text(json.dumps(metrics, indent=2))
     return metrics
-
-
-def read_study_boxes(work_dir: str | Path) -> pd.DataFrame:
-    """study_boxes.csv of 02_infer_box."""
-    path = stage_dir(work_dir, INFER_STAGE) / "study_boxes.csv"
-    if not path.exists():
-        raise FileNotFoundError(f"{path}: missing; run {INFER_STAGE} first")
-    return pd.read_csv(path)
-
-
-def study_crops(work_dir: str | Path) -> tuple[dict[str, tuple], dict[str, tuple[int, int]]]:
-    """Each study's box (original pixels) and slice range (first, last) from 02_infer_box."""
-    boxes = read_study_boxes(work_dir).set_index("StudyInstanceUID")
-    crops = {uid: tuple(row[BOX_COLUMNS]) for uid, row in boxes.iterrows()}
-    ranges = {uid: (int(row["slnum_from"]), int(row["slnum_to"])) for uid, row in boxes.iterrows()}
-    return crops, ranges

@@ -30,8 +30,8 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
-from rsna22_utils.cervical.box import study_crops
 from rsna22_utils.cervical.geometry import square_crop
+from rsna22_utils.cervical.study_box import BoxInference, study_crops
 from rsna22_utils.core.cache import CacheSpec, StudyCache, open_npy, remove_stale_npy, write_npy
 from rsna22_utils.core.dicom import read_study, window
 from rsna22_utils.core.pool import run_tasks
@@ -120,7 +120,7 @@ class CropCache:
 
 def crop_cache_dir(work_dir: str | Path, spec: CropSpec) -> Path:
     """Where the crop cache of `spec` lives: beside the study boxes it is cut from."""
-    return Path(work_dir) / "02_infer_box" / "crops" / spec.name
+    return BoxInference.of(work_dir).crop_cache(spec.name)
 
 
 def _existing(folder: Path, crop: tuple[int, int, int, int], z: tuple[int, int]) -> tuple[Path, int] | None:

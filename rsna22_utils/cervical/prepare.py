@@ -12,34 +12,42 @@ import pandas as pd
 
 from rsna22_utils.cervical.configs import PrepareConfig
 from rsna22_utils.cervical.labels import build_segmentation_labels, check_study_labels, drop_studies, make_folds
+from rsna22_utils.cervical.stages import PREPARE
 from rsna22_utils.core.cache import CacheSpec, StudyCache, build_cache
 from rsna22_utils.core.config import FULL_DATA_FOLD
+from rsna22_utils.core.outputs import StageOutputs
 from rsna22_utils.core.scan import find_studies, scan_competition
 
 logger = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
-class Prepared:
-    """The folder written by 00_prepare, with one property per table so no stage guesses a path."""
+class Prepared(StageOutputs):
+    """The folder written by 00_prepare (`prepared_dir`), with one property per table so no stage guesses a path."""
 
-    root: Path
+    stage = PREPARE
+    files = {
+        "slices": "slices.parquet",
+        "folds": "folds.csv",
+        "slice_boxes": "slice_boxes.parquet",
+        "vertebra_ratios": "vertebra_ratios.parquet",
+    }
 
     @property
     def slices(self) -> Path:
-        return self.root / "slices.parquet"
+        return self.path("slices")
 
     @property
     def folds(self) -> Path:
-        return self.root / "folds.csv"
+        return self.path("folds")
 
     @property
     def slice_boxes(self) -> Path:
-        return self.root / "slice_boxes.parquet"
+        return self.path("slice_boxes")
 
     @property
     def vertebra_ratios(self) -> Path:
-        return self.root / "vertebra_ratios.parquet"
+        return self.path("vertebra_ratios")
 
     def cache(self, spec: CacheSpec | None = None) -> StudyCache:
         """The study cache (the one built with `spec`, or the only one present)."""
@@ -50,12 +58,6 @@ class Prepared:
         if len(found) != 1:
             raise FileNotFoundError(f"{base}: expected one study cache, found {len(found)}; run 00_prepare first")
         return StudyCache(found[0])
-
-    def read(self, name: str) -> pd.DataFrame:
-        path = getattr(self, name)
-        if not path.exists():
-            raise FileNotFoundError(f"{path}: missing; run 00_prepare (prepared_dir={self.root})")
-        return pd.read_parquet(path) if path.suffix == ".parquet" else pd.read_csv(path)
 
 
 def open_cache(cfg: Any) -> tuple[Prepared, StudyCache, dict[str, Any]]:

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import logging
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -20,27 +21,35 @@ from torch.utils.data import DataLoader
 from tqdm import tqdm
 
 from rsna22_utils.cervical.anatomy import VERTEBRAE
-from rsna22_utils.cervical.box import study_crops
 from rsna22_utils.cervical.configs import FractureTrainConfig, VertebraInferConfig, VertebraTrainConfig
 from rsna22_utils.cervical.crops import native_crop_cache
 from rsna22_utils.cervical.data import SequenceDataset, positive_slices, sequence_inputs, spread_window_predictions
 from rsna22_utils.cervical.labels import fracture_slice_labels
 from rsna22_utils.cervical.models import create_model, load_run, sequence_loss
 from rsna22_utils.cervical.prepare import Prepared, open_cache, split_by_fold
+from rsna22_utils.cervical.stages import INFER_VERTEBRA, TRAIN_VERTEBRA
+from rsna22_utils.cervical.study_box import study_crops
 from rsna22_utils.core.cache import StudyCache
 from rsna22_utils.core.config import with_derived
 from rsna22_utils.core.device import autocast, resolve_device
-from rsna22_utils.core.registry import finished_runs, out_of_fold, run_dir, stage_dir
+from rsna22_utils.core.outputs import StageOutputs
+from rsna22_utils.core.registry import finished_runs, out_of_fold, run_dir
 from rsna22_utils.core.train import fit
 
 logger = logging.getLogger(__name__)
 
-VERTEBRA_STAGE, VERTEBRA_INFER_STAGE = "03_train_vertebra", "04_infer_vertebra"
 PREDICTED = [f"{v}_pred" for v in VERTEBRAE]
 FRACTURE = [f"{v}_frac" for v in VERTEBRAE]
 
-
 ANY_FRACTURE = "any_frac"  # the optional 05 output: any vertebra broken (target: the largest of the 7 fracture targets)
+
+
+@dataclass(frozen=True)
+class VertebraInference(StageOutputs):
+    """The folder written by 04_infer_vertebra: per-slice C1..C7 predictions and fracture labels of every train study."""
+
+    stage = INFER_VERTEBRA
+    files = {"slice_labels": "slice_labels.parquet", "metrics": "metrics.json"}  # slice_labels: uid, slice_index, PREDICTED, FRACTURE
 
 
 def _unwrapped(model: nn.Module) -> nn.Module:
@@ -149,10 +158,7 @@ def _vertebra_labels(prepared: Prepared, cache: StudyCache) -> tuple[dict[str, n
 
 
 def _fracture_labels(work_dir: str, prepared: Prepared) -> tuple[dict[str, np.ndarray], pd.DataFrame]:
-    path = stage_dir(work_dir, VERTEBRA_INFER_STAGE) / "slice_labels.parquet"
-    if not path.exists():
-        raise FileNotFoundError(f"{path}: missing; run {VERTEBRA_INFER_STAGE} first")
-    table = pd.read_parquet(path).sort_values(["StudyInstanceUID", "slice_index"])
+    table = VertebraInference.of(work_dir).read("slice_labels").sort_values(["StudyInstanceUID", "slice_index"])
     labels = {uid: group[PREDICTED + FRACTURE].to_numpy(np.float32) for uid, group in table.groupby("StudyInstanceUID")}
     folds = prepared.read("folds")[["StudyInstanceUID", "fold"]]
     return labels, folds[folds["StudyInstanceUID"].isin(labels)]
@@ -241,7 +247,7 @@ def _init_encoder(model: nn.Module, cfg: FractureTrainConfig) -> None:
     """Copy the CNN weights of a stage-03 run (`init_encoder_from`) into `model.encoder`."""
     run = Path(cfg.init_encoder_from)
     if cfg.init_encoder_from == "vertebra":
-        run = run_dir(cfg.work_dir, VERTEBRA_STAGE, cfg.fold, cfg.seed)
+        run = run_dir(cfg.work_dir, TRAIN_VERTEBRA, cfg.fold, cfg.seed)
     source, source_cfg = load_run(run, torch.device("cpu"))
     if source_cfg.backbone != cfg.backbone or source_cfg.slices_per_image != cfg.slices_per_image:
         raise ValueError(
@@ -291,7 +297,7 @@ def _runs_per_fold(runs: list[Path], study_folds: list[int], out_of_fold_only: b
     if missing:
         raise ValueError(
             f"out_of_fold: no run in {runs[0].parent} left fold(s) {missing} out of its training "
-            f"(runs: {', '.join(r.name for r in runs)}); train {VERTEBRA_STAGE} with those folds or set out_of_fold=false"
+            f"(runs: {', '.join(r.name for r in runs)}); train {TRAIN_VERTEBRA} with those folds or set out_of_fold=false"
         )
     return chosen
 
@@ -303,7 +309,7 @@ def vertebra_predictions(cfg: VertebraInferConfig, cache: StudyCache, fold_of: d
     its config has `crop_by_box`), `infer_stride` slices apart; one run is in memory at a time.
     """
     device = resolve_device(cfg.device)
-    runs = finished_runs(cfg.work_dir, VERTEBRA_STAGE)
+    runs = finished_runs(cfg.work_dir, TRAIN_VERTEBRA)
     per_fold = _runs_per_fold(runs, sorted(set(fold_of.values())), cfg.out_of_fold)
     total: dict[str, np.ndarray] = {}
     count: dict[str, int] = {}
@@ -344,8 +350,8 @@ def infer_vertebra(cfg: VertebraInferConfig) -> dict:
     `labels.fracture_slice_labels`. Writes `slice_labels.parquet` (StudyInstanceUID, slice_index, C*_pred, C*_frac).
     """
     prepared, cache, _ = open_cache(cfg)
-    out = Path(cfg.out_dir)
-    out.mkdir(parents=True, exist_ok=True)
+    out = VertebraInference(Path(cfg.out_dir))
+    Path(out.root).mkdir(parents=True, exist_ok=True)
     folds = prepared.read("folds")
     uids = sorted(set(folds["StudyInstanceUID"]) & set(cache.uids))
     fold_of = {uid: int(f) for uid, f in folds.set_index("StudyInstanceUID").loc[uids, "fold"].items()}
@@ -360,12 +366,12 @@ def infer_vertebra(cfg: VertebraInferConfig) -> dict:
         frame.insert(0, "StudyInstanceUID", uid)
         frames.append(frame)
     table = pd.concat(frames, ignore_index=True)
-    table.to_parquet(out / "slice_labels.parquet", index=False)
-    logger.info("per-slice vertebra predictions and fracture labels of %d studies written to %s", len(uids), out / "slice_labels.parquet")
+    table.to_parquet(out.path("slice_labels"), index=False)
+    logger.info("per-slice vertebra predictions and fracture labels of %d studies written to %s", len(uids), out.path("slice_labels"))
     metrics: dict[str, Any] = {"models": n_runs, "studies": len(uids)}
     ratios_path = prepared.vertebra_ratios
     if ratios_path.exists():  # how well the predictions match the segmentation labels (in-sample for segmented studies unless out_of_fold)
         ratios = pd.read_parquet(ratios_path).merge(table, on=["StudyInstanceUID", "slice_index"])
         metrics["mae_vs_segmentation"] = float(np.mean(np.abs(ratios[list(VERTEBRAE)].to_numpy() - ratios[PREDICTED].to_numpy())))
-    (out / "metrics.json").write_text(json.dumps(metrics, indent=2))
+    out.path("metrics").write_text(json.dumps(metrics, indent=2))
     return metrics

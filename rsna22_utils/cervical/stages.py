@@ -19,6 +19,16 @@ from __future__ import annotations
 from rsna22_utils.cervical import configs
 from rsna22_utils.core.registry import Stage, register
 
+# The stage names: the only place they are spelt (modules import these; profiles' JSON and the notebooks spell them too)
+PREPARE = "00_prepare"
+TRAIN_BOX = "01_train_box"
+INFER_BOX = "02_infer_box"
+TRAIN_VERTEBRA = "03_train_vertebra"
+INFER_VERTEBRA = "04_infer_vertebra"
+TRAIN_FRACTURE = "05_train_fracture"
+TRAIN_STUDY = "06_train_study"
+INFERENCE = "07_inference"
+
 _PACKAGE = "rsna22_utils.cervical"
 
 # The competition's command-line modules: the CLI calls `add_commands(subparsers)` of each (beside the core's).
@@ -31,14 +41,14 @@ COMMAND_MODULES: tuple[str, ...] = (
     f"{_PACKAGE}.bench.inference",
 )
 _NETWORK = f"{_PACKAGE}.models:create_network"
-_PREVIEW = f"{_PACKAGE}.configs:preview_derived"
+_PREVIEW = f"{_PACKAGE}.preview:preview_derived"
 
 STAGES: tuple[Stage, ...] = tuple(
     register(stage, _PACKAGE)
     for stage in (
-        Stage("00_prepare", configs.PrepareConfig, f"{_PACKAGE}.prepare:prepare", prepares=True),
+        Stage(PREPARE, configs.PrepareConfig, f"{_PACKAGE}.prepare:prepare", prepares=True),
         Stage(
-            "01_train_box",
+            TRAIN_BOX,
             configs.BoxTrainConfig,
             f"{_PACKAGE}.box:train_box",
             per_fold=True,
@@ -47,9 +57,9 @@ STAGES: tuple[Stage, ...] = tuple(
             network=_NETWORK,
             preview=_PREVIEW,
         ),
-        Stage("02_infer_box", configs.BoxInferConfig, f"{_PACKAGE}.box:infer_box"),
+        Stage(INFER_BOX, configs.BoxInferConfig, f"{_PACKAGE}.box:infer_box"),
         Stage(
-            "03_train_vertebra",
+            TRAIN_VERTEBRA,
             configs.VertebraTrainConfig,
             f"{_PACKAGE}.sequence:train_vertebra",
             per_fold=True,
@@ -57,9 +67,9 @@ STAGES: tuple[Stage, ...] = tuple(
             network=_NETWORK,
             preview=_PREVIEW,
         ),
-        Stage("04_infer_vertebra", configs.VertebraInferConfig, f"{_PACKAGE}.sequence:infer_vertebra"),
+        Stage(INFER_VERTEBRA, configs.VertebraInferConfig, f"{_PACKAGE}.sequence:infer_vertebra"),
         Stage(
-            "05_train_fracture",
+            TRAIN_FRACTURE,
             configs.FractureTrainConfig,
             f"{_PACKAGE}.sequence:train_fracture",
             per_fold=True,
@@ -68,7 +78,7 @@ STAGES: tuple[Stage, ...] = tuple(
             preview=_PREVIEW,
         ),
         Stage(
-            "06_train_study",
+            TRAIN_STUDY,
             configs.StudyTrainConfig,
             f"{_PACKAGE}.study:train_study",
             per_fold=True,
@@ -78,6 +88,6 @@ STAGES: tuple[Stage, ...] = tuple(
             network=_NETWORK,
             preview=_PREVIEW,
         ),
-        Stage("07_inference", configs.SubmissionConfig, f"{_PACKAGE}.submission:predict_submission", kaggle_internet=False),
+        Stage(INFERENCE, configs.SubmissionConfig, f"{_PACKAGE}.submission:predict_submission", kaggle_internet=False),
     )
 )

@@ -15,7 +15,6 @@ from torch import nn
 from torch.utils.data import Dataset
 
 from rsna22_utils.cervical.anatomy import TARGETS
-from rsna22_utils.cervical.box import study_crops
 from rsna22_utils.cervical.configs import StudyTrainConfig, settings_from_fracture_run
 from rsna22_utils.cervical.crops import native_crop_cache
 from rsna22_utils.cervical.data import augment_sequence, sequence_augmentation
@@ -30,14 +29,14 @@ from rsna22_utils.cervical.metric import (
 )
 from rsna22_utils.cervical.models import StudyModel, fit_length, load_run, study_model
 from rsna22_utils.cervical.prepare import open_cache, split_by_fold
+from rsna22_utils.cervical.stages import TRAIN_FRACTURE
+from rsna22_utils.cervical.study_box import study_crops
 from rsna22_utils.core.config import with_derived
 from rsna22_utils.core.device import resolve_device
 from rsna22_utils.core.registry import run_dir
 from rsna22_utils.core.train import fit
 
 logger = logging.getLogger(__name__)
-
-FRACTURE_STAGE = "05_train_fracture"
 
 
 # ----------------------------------------------------------------------------- training
@@ -183,7 +182,7 @@ def train_study(cfg: StudyTrainConfig) -> dict:
     """06_train_study: stage-05 CNN frozen, a new BiLSTM + attention + max pooling head (+ the stage-05 evidence), metric as loss."""
     prepared, cache, cache_settings = open_cache(cfg)
     device = resolve_device(cfg.device)
-    fracture_run = Path(cfg.fracture_run) if cfg.fracture_run else run_dir(cfg.work_dir, FRACTURE_STAGE, cfg.fold, cfg.seed, cfg.variant)
+    fracture_run = Path(cfg.fracture_run) if cfg.fracture_run else run_dir(cfg.work_dir, TRAIN_FRACTURE, cfg.fold, cfg.seed, cfg.variant)
     sequence_model, fracture_cfg = load_run(fracture_run, device)
     if int(fracture_cfg.fold) != int(cfg.fold):
         raise ValueError(f"{fracture_run}: trained for fold {fracture_cfg.fold}, not fold {cfg.fold}: its CNN has seen this fold")

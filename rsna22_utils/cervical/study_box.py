@@ -1,4 +1,5 @@
-"""Study boxes: box models over slices, and per-slice box predictions -> one box and slice range per study (02 and the submission).
+"""Study boxes: box models over slices, and per-slice box predictions -> one box and slice range per study (02 and the submission);
+the folder 02_infer_box writes them to (`BoxInference`) and their reader (`study_crops`).
 
 Box stage: per-slice has-box probability + box (mean over folds/seeds) -> one box per study around
 all C1-C7 slices and the slice range where the spine starts and ends, in the 3rd place's
@@ -10,6 +11,8 @@ and `slnum_max` is the study's slice count.
 from __future__ import annotations
 
 from collections.abc import Iterable
+from dataclasses import dataclass
+from pathlib import Path
 
 import numpy as np
 import pandas as pd
@@ -21,9 +24,37 @@ from rsna22_utils.cervical.anatomy import BOX_COLUMNS
 from rsna22_utils.cervical.configs import StudyBoxRule
 from rsna22_utils.cervical.data import WINDOW_INPUT, InputNorm, images_to_tensor, stack_slices
 from rsna22_utils.cervical.geometry import box_iou
+from rsna22_utils.cervical.stages import INFER_BOX
 from rsna22_utils.core.device import autocast
+from rsna22_utils.core.outputs import StageOutputs
 
 STUDY_BOX_COLUMNS = ["StudyInstanceUID", *BOX_COLUMNS, "slnum_from", "slnum_to", "slnum_max"]
+
+
+@dataclass(frozen=True)
+class BoxInference(StageOutputs):
+    """The folder written by 02_infer_box: per-slice box predictions, one box + slice range per study, and
+    (synthetic data) their evaluation; the native crop caches of 05-07 live beside them (`crops.py`)."""
+
+    stage = INFER_BOX
+    files = {
+        "slice_predictions": "slice_predictions.parquet",
+        "study_boxes": "study_boxes.csv",
+        "box_eval": "box_eval.csv",  # only when the data holds the synthetic generator's truth
+        "metrics": "metrics.json",
+    }
+
+    def crop_cache(self, name: str) -> Path:
+        """The folder of the native crop cache `name` (`crops.CropSpec.name`)."""
+        return Path(self.root) / "crops" / name
+
+
+def study_crops(work_dir: str | Path) -> tuple[dict[str, tuple], dict[str, tuple[int, int]]]:
+    """Each study's box (original pixels) and slice range (first, last) from 02_infer_box."""
+    boxes = BoxInference.of(work_dir).read("study_boxes").set_index("StudyInstanceUID")
+    crops = {uid: tuple(row[BOX_COLUMNS]) for uid, row in boxes.iterrows()}
+    ranges = {uid: (int(row["slnum_from"]), int(row["slnum_to"])) for uid, row in boxes.iterrows()}
+    return crops, ranges
 
 
 def _longest_run(mask: np.ndarray) -> tuple[int, int] | None:

@@ -14,12 +14,12 @@ from rsna22_utils.cervical.box import infer_box
 from rsna22_utils.cervical.configs import StudyBoxRule
 from rsna22_utils.cervical.data import BoxSliceDataset, CacheSource, stack_slices
 from rsna22_utils.cervical.models import box_loss, create_model
-from rsna22_utils.cervical.study_box import predict_study_box
+from rsna22_utils.cervical.study_box import BoxInference, predict_study_box
 from rsna22_utils.cervical.submission import load_box_models
 from rsna22_utils.core.cache import StudyCache
 from rsna22_utils.core.config import save_config, with_derived
 from rsna22_utils.core.errors import ConfigError
-from rsna22_utils.core.registry import CONFIG, WEIGHTS, out_of_fold, run_dir
+from rsna22_utils.core.registry import CONFIG, WEIGHTS, out_of_fold
 from rsna22_utils.core.resolve import resolve_config
 from rsna22_utils.core.runs import save_weights
 
@@ -64,7 +64,7 @@ def _box_run(work_dir: Path, fold: int, box_input_slices: int = 1, box_value: fl
 def _infer(work_dir: Path, **overrides: object) -> pd.DataFrame:
     settings = {"work_dir": str(work_dir), "device": "cpu", "num_workers": 0, "data_dir": str(work_dir / "absent"), **overrides}
     infer_box(resolve_config("02_infer_box", settings))
-    return pd.read_csv(run_dir(work_dir, "02_infer_box") / "study_boxes.csv").set_index("StudyInstanceUID")
+    return BoxInference.of(work_dir).read("study_boxes").set_index("StudyInstanceUID")
 
 
 # ----------------------------------------------------------------------------- out of fold
@@ -88,11 +88,20 @@ def test_02_out_of_fold_boxes_come_only_from_runs_that_did_not_train_on_the_stud
         # a training study: the run of its fold (trained on the others) alone; a study of no fold: every run
         expected = value[fold] if fold is not None else np.mean(list(value.values()))
         assert boxes.loc[uid, "x0"] == pytest.approx(expected * ROWS_COLS, abs=1e-3), uid
-    metrics = json.loads((run_dir(tmp_path, "02_infer_box") / "metrics.json").read_text())
+    metrics = BoxInference.of(tmp_path).read("metrics")
     assert [Path(r).name for r in metrics["out_of_fold"]["fold 1"]] == ["fold1-seed0"]
 
     everything = _infer(tmp_path, out_of_fold=False)  # every run on every study
     assert everything["x0"].to_numpy() == pytest.approx(np.mean(list(value.values())) * ROWS_COLS, abs=1e-3)
+
+
+def test_02_outputs_name_only_what_02_writes(tmp_path: Path) -> None:
+    outputs = BoxInference.of(tmp_path)
+    assert outputs.path("study_boxes") == tmp_path / "02_infer_box" / "study_boxes.csv"
+    with pytest.raises(KeyError, match="02_infer_box writes no 'slice_labels'"):
+        outputs.path("slice_labels")
+    with pytest.raises(FileNotFoundError, match=r"study_boxes\.csv: missing; run 02_infer_box first"):
+        outputs.read("study_boxes")
 
 
 def test_02_out_of_fold_names_the_folds_without_a_run(tmp_path: Path) -> None:

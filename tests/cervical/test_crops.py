@@ -10,10 +10,10 @@ import numpy as np
 import pytest
 import torch
 
-from rsna22_utils.cervical.box import study_crops
 from rsna22_utils.cervical.crops import CropVolume, NativeSpec, memory_crop_cache, open_crop_cache, stored_range
 from rsna22_utils.cervical.geometry import square_crop
 from rsna22_utils.cervical.prepare import Prepared
+from rsna22_utils.cervical.study_box import study_crops
 from rsna22_utils.core.dicom import read_study, window
 from tests.helpers import TINY_COMMON, TINY_STAGES, tiny_settings
 

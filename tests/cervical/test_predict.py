@@ -14,6 +14,7 @@ import pandas as pd
 import pytest
 
 from rsna22_utils.cervical.metric import TARGETS, score, solution_from_labels
+from rsna22_utils.cervical.study_box import BoxInference
 from rsna22_utils.cervical.submission import SetupError, TimeBudget, TooManyFailures, predict_submission, train_prevalence
 from rsna22_utils.core.resolve import resolve_config
 
@@ -352,7 +353,7 @@ def test_inference_path_matches_the_training_pipeline(tiny_pipeline: dict) -> No
     (box_run,) = out_of_fold(finished_runs(work_dir, "01_train_box"), fold)
     box_model, _ = load_run(box_run, torch.device("cpu"))
     box = predict_study_box([box_model], np.asarray(cache.volume(uid)), slices, torch.device("cpu"), 64, StudyBoxRule())
-    expected = pd.read_csv(work_dir / "02_infer_box" / "study_boxes.csv").set_index("StudyInstanceUID").loc[uid]
+    expected = BoxInference.of(work_dir).read("study_boxes").set_index("StudyInstanceUID").loc[uid]
     assert (box["slnum_from"], box["slnum_to"]) == (expected["slnum_from"], expected["slnum_to"])
     assert np.allclose([box[c] for c in ("x0", "y0", "x1", "y1")], expected[["x0", "y0", "x1", "y1"]].to_numpy(float), atol=1e-3)
 
@@ -470,10 +471,10 @@ def test_native_study_run_sees_in_the_submission_what_06_trained_on(
 
     import rsna22_utils.cervical.submission as submission
     from rsna22_utils.cervical.anatomy import BOX_COLUMNS
-    from rsna22_utils.cervical.box import study_crops
     from rsna22_utils.cervical.embed import study_windows
     from rsna22_utils.cervical.prepare import Prepared
     from rsna22_utils.cervical.study import study_inputs, train_study
+    from rsna22_utils.cervical.study_box import study_crops
     from rsna22_utils.core.resolve import load_config
     from tests.helpers import TINY_COMMON, TINY_STAGES, tiny_settings
 

@@ -13,7 +13,8 @@ import torch
 from rsna22_utils.cervical.data import SequenceDataset
 from rsna22_utils.cervical.labels import fracture_slice_labels
 from rsna22_utils.cervical.models import create_model
-from rsna22_utils.cervical.sequence import VERTEBRA_STAGE, vertebra_predictions
+from rsna22_utils.cervical.sequence import vertebra_predictions
+from rsna22_utils.cervical.stages import TRAIN_VERTEBRA
 from rsna22_utils.core.config import save_config, with_derived
 from rsna22_utils.core.registry import CONFIG, WEIGHTS, out_of_fold, run_dir
 from rsna22_utils.core.resolve import resolve_config
@@ -45,14 +46,14 @@ def test_out_of_fold_runs_are_those_that_validated_on_the_fold(tmp_path: Path) -
 def _constant_run(work_dir: Path, fold: int, value: float, variant: str = "", **settings) -> None:
     """A finished 03 run whose every output is `value` (MSE outputs read clipped, so no sigmoid in the way)."""
     cfg = resolve_config(
-        VERTEBRA_STAGE, {"backbone": BACKBONE, "lstm_hidden": 4, "seq_len": 2, "infer_stride": 6, "loss": "mse", "fold": fold, **settings}
+        TRAIN_VERTEBRA, {"backbone": BACKBONE, "lstm_hidden": 4, "seq_len": 2, "infer_stride": 6, "loss": "mse", "fold": fold, **settings}
     )
     cfg = with_derived(cfg, image_size=16, windows=[[400.0, 1800.0]])
     model = create_model(cfg)
     with torch.no_grad():
         model.head.weight.zero_()
         model.head.bias.fill_(value)
-    out = run_dir(work_dir, VERTEBRA_STAGE, fold, 0, variant)
+    out = run_dir(work_dir, TRAIN_VERTEBRA, fold, 0, variant)
     out.mkdir(parents=True)
     save_config(cfg, out / CONFIG)
     save_weights(model, out / WEIGHTS)
@@ -95,7 +96,7 @@ def test_fracture_labels_without_rescaling_are_the_clipped_predictions_times_the
     ("stage", "settings", "steps"),
     [
         # the 3rd place's 03: per-slice steps, position + channel embeddings
-        (VERTEBRA_STAGE, {"outputs_per_slice": True, "position_embedding": 16, "channel_embedding": 16}, 6),
+        (TRAIN_VERTEBRA, {"outputs_per_slice": True, "position_embedding": 16, "channel_embedding": 16}, 6),
         # its 05: per-image steps, position embedding, any-fracture output
         ("05_train_fracture", {"position_embedding": 16, "position_of": "window", "any_fracture_head": True, "crop_by_box": False}, 2),
     ],
@@ -108,7 +109,7 @@ def test_the_originals_sequence_variants_train_and_score_their_oof(tmp_path: Pat
     lengths = {"a": 12, "b": 10}
     cache = make_cache(tmp_path / "cache", lengths)
     rng = np.random.default_rng(0)
-    names = list(VERTEBRAE) + ([] if stage == VERTEBRA_STAGE else FRACTURE)
+    names = list(VERTEBRAE) + ([] if stage == TRAIN_VERTEBRA else FRACTURE)
     labels = {uid: (rng.random((n, len(names))) > 0.5).astype(np.float32) for uid, n in lengths.items()}
     names += [ANY_FRACTURE] if settings.get("any_fracture_head") else []
     shape = {"backbone": BACKBONE, "lstm_hidden": 0, "seq_len": 2, "infer_stride": 6, "epochs": 1, "batch_size": 2}
