@@ -18,7 +18,6 @@ from pathlib import Path
 
 import numpy as np
 import pandas as pd
-from tqdm import tqdm
 
 from rsna22_utils.cervical.anatomy import BOX_COLUMNS, CERVICAL, VERTEBRAE
 from rsna22_utils.cervical.segmentation import load_segmentation, study_uid_from_path
@@ -362,11 +361,39 @@ def build_segmentation_labels(
     Returns {"slice_boxes": path, "vertebra_ratios": path} (+ "failures" when any failed).
     """
     data_dir, out_dir = Path(data_dir), Path(out_dir)
+    jobs = _segmented_studies(data_dir, set(drop))
+    folds: dict[str, int] = {}
+    if folds_df is not None:
+        folds = dict(zip(folds_df["StudyInstanceUID"], folds_df["fold"].astype(int)))
+        unfolded = [uid for uid, _, _ in jobs if uid not in folds]
+        if unfolded:
+            logger.warning("%d segmented studies have no fold (fold -1), e.g. %s", len(unfolded), unfolded[:3])
+    if slices is not None:
+        by_study = dict(iter(slices.groupby("StudyInstanceUID", sort=False)))
+        jobs = [(*job, by_study.get(job[0], slices.iloc[:0])) for job in jobs]
+
+    results: dict[str, tuple[pd.DataFrame, pd.DataFrame]] = {}
+    failures: list[LabelFailure] = []
+    # workers that die with the parent; a dead one fails only its study
+    tasks = run_tasks(
+        _study_labels, jobs, workers or min(4, os.cpu_count() or 1), "segmentation labels", "study", lambda job: f"study {job[0]}"
+    )
+    for index, result, error in tasks:
+        uid, path = jobs[index][:2]
+        if error is None:
+            results[uid] = result
+        else:  # reported, the others go on
+            failures.append(LabelFailure(uid, str(path), f"{type(error).__name__}: {error}"))
+            logger.warning("skipped segmented study %s (%s): %s: %s", uid, path, type(error).__name__, error)
+    return _write_label_tables(out_dir, results, failures, folds, len(jobs))
+
+
+def _segmented_studies(data_dir: Path, dropped: set[str]) -> list[tuple[str, Path, Path]]:
+    """(uid, its segmentation file, its train_images folder) of every segmented study not in `dropped` that has a folder."""
     seg_dir = data_dir / "segmentations"
     if not seg_dir.is_dir():
         raise FileNotFoundError(f"{seg_dir}: no segmentations folder")
     nifti = sorted(p for p in seg_dir.iterdir() if p.name.endswith((".nii", ".nii.gz")))
-    dropped = set(drop)
     jobs = [(study_uid_from_path(p), p, data_dir / "train_images" / study_uid_from_path(p)) for p in nifti]
     jobs = [job for job in jobs if job[0] not in dropped]
     orphans = [uid for uid, _, study_dir in jobs if not study_dir.is_dir()]
@@ -375,46 +402,22 @@ def build_segmentation_labels(
     jobs = [job for job in jobs if job[2].is_dir()]
     if not jobs:
         raise FileNotFoundError(f"{seg_dir}: no segmentation has a study folder under {data_dir / 'train_images'}")
+    return jobs
 
-    folds: dict[str, int] = {}
-    if folds_df is not None:
-        folds = dict(zip(folds_df["StudyInstanceUID"], folds_df["fold"].astype(int)))
-        unfolded = [uid for uid, _, _ in jobs if uid not in folds]
-        if unfolded:
-            logger.warning("%d segmented studies have no fold (fold -1), e.g. %s", len(unfolded), unfolded[:3])
 
-    if slices is not None:
-        by_study = dict(iter(slices.groupby("StudyInstanceUID", sort=False)))
-        jobs = [(*job, by_study.get(job[0], slices.iloc[:0])) for job in jobs]
-    workers = workers or min(4, os.cpu_count() or 1)
-    results: dict[str, tuple[pd.DataFrame, pd.DataFrame]] = {}
-    failures: list[LabelFailure] = []
-
-    def fail(uid: str, path: Path, error: BaseException) -> None:
-        failures.append(LabelFailure(uid, str(path), f"{type(error).__name__}: {error}"))
-        logger.warning("skipped segmented study %s (%s): %s: %s", uid, path, type(error).__name__, error)
-
-    progress = dict(desc="segmentation labels", unit="study")
-    if workers > 1 and len(jobs) > 1:  # workers that die with the parent; a dead one fails only its study
-        for index, result, error in run_tasks(_study_labels, jobs, workers, label=lambda job: f"study {job[0]}", **progress):
-            uid, path = jobs[index][:2]
-            if error is None:
-                results[uid] = result
-            else:  # reported, the others go on
-                fail(uid, path, error)
-    else:
-        for job in tqdm(jobs, total=len(jobs), **progress):
-            uid, path = job[0], job[1]
-            try:
-                results[uid] = _study_labels(*job)
-            except Exception as error:  # reported, the others go on
-                fail(uid, path, error)
-
+def _write_label_tables(
+    out_dir: Path,
+    results: dict[str, tuple[pd.DataFrame, pd.DataFrame]],
+    failures: list[LabelFailure],
+    folds: dict[str, int],
+    n_studies: int,
+) -> dict[str, Path]:
+    """The failure list (or none: an old one is removed) and the two label tables of the labelled studies, with their folds."""
     out_dir.mkdir(parents=True, exist_ok=True)
     written: dict[str, Path] = {}
     failures_path = out_dir / "segmentation_labels.failures.csv"
     if write_failures(failures_path, [asdict(f) for f in failures]):
-        logger.warning("%d of %d segmented studies failed; listed in %s", len(failures), len(jobs), failures_path)
+        logger.warning("%d of %d segmented studies failed; listed in %s", len(failures), n_studies, failures_path)
         written["failures"] = failures_path
     if not results:
         raise RuntimeError(f"no segmented study could be labelled; reasons in {failures_path}")
