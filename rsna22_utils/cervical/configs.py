@@ -14,6 +14,7 @@ from rsna22_utils.core.config import (
     StageConfig,
     TrainConfig,
     derived,
+    derived_fields,
 )
 from rsna22_utils.core.kaggle import mount_path
 from rsna22_utils.core.paths import KAGGLE_WORKING
@@ -460,36 +461,11 @@ class SubmissionConfig(StageConfig, Hardware, StudyBoxRule):
         return out
 
 
-# ----------------------------------------------------------------------------- previews
+# ----------------------------------------------------------------------------- what 06 takes from 05
 
 
 def settings_from_fracture_run(fracture: FractureTrainConfig) -> dict:
     """What a stage-06 config records of the stage-05 run it freezes (its fields derived from that run),
     so that its config alone rebuilds the model and repeats how the CNN saw images."""
-    from rsna22_utils.core.config import derived_fields
-
     names = [name for name, source in derived_fields(StudyTrainConfig).items() if source == _FROM_05 and name != "fracture_lstm_hidden"]
     return {**{name: getattr(fracture, name) for name in names}, "fracture_lstm_hidden": int(fracture.lstm_hidden)}
-
-
-def preview_derived(cfg: StageConfig) -> StageConfig:
-    """`cfg` with its derived fields as its stage would fill them when run after the earlier stages of
-    its profile: the cache's size and windows from the profile's 00_prepare settings, and for a stage-06
-    run the frozen CNN's settings from the stage-05 variant of the same name (`config show`)."""
-    import dataclasses
-
-    from rsna22_utils.core.config import derived_fields
-    from rsna22_utils.core.resolve import resolve_config
-
-    hidden = derived_fields(type(cfg))
-    if not hidden:
-        return cfg
-    base = {"profile": cfg.profile} if cfg.profile else {}
-    values: dict = {}
-    if "image_size" in hidden:
-        prepare = resolve_config("00_prepare", base)
-        values.update(image_size=prepare.image_size, windows=prepare.windows)
-    if isinstance(cfg, StudyTrainConfig):
-        fracture = resolve_config("05_train_fracture", {**base, "variant": cfg.variant} if cfg.profile else {})
-        values.update(settings_from_fracture_run(fracture))
-    return dataclasses.replace(cfg, **{k: v for k, v in values.items() if k in hidden})

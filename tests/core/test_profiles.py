@@ -131,8 +131,8 @@ def test_config_show_command_prints_json_with_the_sweep() -> None:
 
 
 def test_config_show_counts_trainable_parameters() -> None:
-    from rsna22_utils.cervical.configs import preview_derived
     from rsna22_utils.cervical.models import create_network
+    from rsna22_utils.cervical.preview import preview_derived
 
     (row,) = show_configs("01_train_box", "demo", count_params=True)
     model = create_network(preview_derived(resolve_config("01_train_box", {"profile": "demo"})))

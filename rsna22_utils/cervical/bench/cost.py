@@ -251,7 +251,7 @@ def measure_training(network: Any, cfg: Any, device: Any, n_images: int = 2, siz
 
 def stage_configs(stage: str, profile: str, overrides: dict[str, Any]) -> list[tuple[dict[str, Any], Any]]:
     """(show_configs row, resolved config with derived fields) of every variant of `stage` in `profile`."""
-    from rsna22_utils.cervical.configs import preview_derived
+    from rsna22_utils.cervical.preview import preview_derived
     from rsna22_utils.core.config import settable_fields
     from rsna22_utils.core.registry import get_stage
     from rsna22_utils.core.resolve import resolve_config, show_configs
