@@ -30,8 +30,7 @@ from rsna22_utils.cervical.study_box import BoxInference, evaluate_study_boxes, 
 from rsna22_utils.core.cache import StudyCache
 from rsna22_utils.core.config import with_derived
 from rsna22_utils.core.device import resolve_device
-from rsna22_utils.core.registry import finished_runs
-from rsna22_utils.core.registry import out_of_fold as registry_out_of_fold
+from rsna22_utils.core.registry import finished_runs, out_of_fold_runs
 from rsna22_utils.core.train import fit
 
 logger = logging.getLogger(__name__)
@@ -142,24 +141,14 @@ def box_run_groups(study_folds: pd.Series, runs: list[Path], out_of_fold: bool) 
     """(fold, its studies, the box runs that predict them) for 02: every run on every study (fold None), or out of fold.
 
     `study_folds`: each study's fold (index StudyInstanceUID; NaN for a study of no fold, e.g. a
-    test study, which every run serves). Out of fold, a study of fold f gets `registry.out_of_fold(runs, f)`:
+    test study, which every run serves). Out of fold, a study of fold f gets `registry.out_of_fold_runs`:
     the runs of fold f (they trained on the other folds); a fold without one is an error.
     """
     if not out_of_fold:
         return [(None, list(study_folds.index), runs)]
     known = study_folds.dropna().astype(int)
-    folds = sorted(set(known))
-    missing = [f for f in folds if not registry_out_of_fold(runs, f)]
-    if missing:
-        listed = " ".join(map(str, missing))
-        raise ValueError(
-            f"out_of_fold: no finished {TRAIN_BOX} run of fold(s) {listed}, so their training studies have no box model "
-            f"that did not train on them (a run of fold f trains on every other fold); train those folds "
-            f"(python -m rsna22_utils run {TRAIN_BOX} --folds {listed}) or set out_of_fold=false"
-        )
-    groups: list[tuple[int | None, list[str], list[Path]]] = [
-        (f, list(known.index[known == f]), registry_out_of_fold(runs, f)) for f in folds
-    ]
+    per_fold = out_of_fold_runs(runs, sorted(set(known)), TRAIN_BOX)
+    groups: list[tuple[int | None, list[str], list[Path]]] = [(f, list(known.index[known == f]), found) for f, found in per_fold.items()]
     foldless = list(study_folds.index[study_folds.isna()])
     return groups + ([(None, foldless, runs)] if foldless else [])
 

@@ -33,7 +33,7 @@ from rsna22_utils.core.cache import StudyCache
 from rsna22_utils.core.config import with_derived
 from rsna22_utils.core.device import autocast, resolve_device
 from rsna22_utils.core.outputs import StageOutputs
-from rsna22_utils.core.registry import finished_runs, out_of_fold, run_dir
+from rsna22_utils.core.registry import finished_runs, out_of_fold_runs, run_dir
 from rsna22_utils.core.train import fit
 
 logger = logging.getLogger(__name__)
@@ -292,14 +292,7 @@ def _runs_per_fold(runs: list[Path], study_folds: list[int], out_of_fold_only: b
     """Which runs predict the studies of each fold: those that did not train on it, or every run."""
     if not out_of_fold_only:
         return {fold: list(runs) for fold in study_folds}
-    chosen = {fold: out_of_fold(runs, fold) for fold in study_folds}
-    missing = [fold for fold, found in chosen.items() if not found]
-    if missing:
-        raise ValueError(
-            f"out_of_fold: no run in {runs[0].parent} left fold(s) {missing} out of its training "
-            f"(runs: {', '.join(r.name for r in runs)}); train {TRAIN_VERTEBRA} with those folds or set out_of_fold=false"
-        )
-    return chosen
+    return out_of_fold_runs(runs, study_folds, TRAIN_VERTEBRA)
 
 
 def vertebra_predictions(cfg: VertebraInferConfig, cache: StudyCache, fold_of: dict[str, int]) -> tuple[dict[str, np.ndarray], int]:

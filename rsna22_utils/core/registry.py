@@ -242,6 +242,21 @@ def out_of_fold(runs: list[Path], fold: int) -> list[Path]:
     return [run for run, key in keys.items() if key is not None and key.fold == fold != FULL_DATA_FOLD]
 
 
+def out_of_fold_runs(runs: list[Path], folds: list[int], stage: str) -> dict[int, list[Path]]:
+    """`out_of_fold(runs, f)` of every fold in `folds`: the runs of `stage` that predict the fold's studies
+    without having trained on them; a fold with none is an error that names it and how to train it."""
+    chosen = {fold: out_of_fold(runs, fold) for fold in folds}
+    missing = [fold for fold, found in chosen.items() if not found]
+    if missing:
+        listed = " ".join(map(str, missing))
+        raise ValueError(
+            f"out_of_fold: no finished {stage} run of fold(s) {listed}, so their training studies have no model that did "
+            f"not train on them (a run of fold f trains on every other fold; runs found: {', '.join(r.name for r in runs)}); "
+            f"train those folds (python -m rsna22_utils run {stage} --folds {listed}) or set out_of_fold=false"
+        )
+    return chosen
+
+
 def serving_runs(runs: list[Path]) -> list[Path]:
     """The runs that predict unseen (test) studies: the full-data runs (fold -1) when there are any, as
     in the original's submission; otherwise every cross-validation run."""

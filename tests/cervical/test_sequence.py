@@ -79,7 +79,7 @@ def test_vertebra_inference_out_of_fold_uses_only_runs_that_never_saw_the_study(
     )[0]
     assert np.allclose(every["a"], (0.1 + 0.2 + 0.3 + 0.6) / 4)  # every run on every study
     missing = resolve_config("04_infer_vertebra", {"work_dir": str(work), "device": "cpu", "out_of_fold": True})
-    with pytest.raises(ValueError, match=r"fold\(s\) \[3\]"):
+    with pytest.raises(ValueError, match=r"fold\(s\) 3,.*--folds 3"):
         vertebra_predictions(missing, cache, {**fold_of, "d": 3})
 
 
