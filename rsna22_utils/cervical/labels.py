@@ -6,6 +6,7 @@ The 3rd-place pipeline learns two things from the 87 segmented studies:
   as a fraction of its largest cross-section in the study (`vertebra_ratios`).
 `build_segmentation_labels` computes both for every segmented train study and writes them as
 parquet tables keyed by (StudyInstanceUID, slice_number, slice_index) with the study's fold.
+`fracture_slice_labels` turns 04's per-slice vertebra predictions into slice fracture labels.
 """
 
 from __future__ import annotations
@@ -26,6 +27,9 @@ from rsna22_utils.core.files import atomic_write, write_failures
 from rsna22_utils.core.pool import run_tasks
 
 logger = logging.getLogger(__name__)
+
+
+# ------------------------------------------------------------------------- labels of one study
 
 
 def _slice_keys(seg: np.ndarray, study_uid: str | None, slice_numbers: Iterable[int] | None) -> pd.DataFrame:
