@@ -42,9 +42,10 @@ outputs = session.run()
 outputs
 
 # %%
-import pandas as pd
+from rsna22_utils.cervical.prepare import Prepared
 
-slices = pd.read_parquet(session.out_dir / "slices.parquet")
+prepared = Prepared(session.out_dir)
+slices = prepared.read("slices")
 print(slices.groupby("split")["StudyInstanceUID"].nunique().rename("studies"))
 print(slices.groupby("StudyInstanceUID").size().describe().rename("slices per study"))
-pd.read_csv(session.out_dir / "folds.csv")["fold"].value_counts().sort_index()
+prepared.read("folds")["fold"].value_counts().sort_index()
