@@ -38,6 +38,19 @@ SUBMISSION_ORDER: tuple[str, ...] = VERTEBRAE + ("patient_overall",)
 NEGATIVE_WEIGHTS: dict[str, float] = {t: (7.0 if t == "patient_overall" else 1.0) for t in TARGETS}
 POSITIVE_WEIGHTS: dict[str, float] = {t: 2.0 * NEGATIVE_WEIGHTS[t] for t in TARGETS}
 EPS = 1e-15
+#: Prevalence of each target in the competition's train.csv (2,019 studies: patient_overall 961,
+#: C1 146, C2 285, C3 73, C4 108, C5 162, C6 277, C7 393 positives): the submission's prior when no
+#: train.csv is at hand, and the synthetic generator's label rates. Source: rsna-2022-cervical-spine-fracture-detection/train.csv.
+TRAIN_PREVALENCE: dict[str, float] = {
+    "patient_overall": 961 / 2019,
+    "C1": 146 / 2019,
+    "C2": 285 / 2019,
+    "C3": 73 / 2019,
+    "C4": 108 / 2019,
+    "C5": 162 / 2019,
+    "C6": 277 / 2019,
+    "C7": 393 / 2019,
+}
 
 
 def _split_row_ids(row_ids: pd.Series, what: str) -> tuple[pd.Series, pd.Series]:

@@ -31,6 +31,7 @@ from typing import TYPE_CHECKING
 import numpy as np
 
 from rsna22_utils.cervical.anatomy import TARGETS, VERTEBRAE
+from rsna22_utils.cervical.metric import TRAIN_PREVALENCE
 from rsna22_utils.core.dicom_writer import (
     EXPLICIT_LE,
     IMPLICIT_LE,
@@ -52,18 +53,8 @@ if TYPE_CHECKING:
 logger = logging.getLogger(__name__)
 
 # ----------------------------------------------------------------------------------------------
-# Statistics of the real competition, embedded so the generator never needs ../shared.
+# Statistics of the real competition, embedded so the generator never needs ../shared (label rates: metric.TRAIN_PREVALENCE).
 # Source: ../shared/realdata/rsna2022/csv/train.csv (2019 studies), computed once.
-REAL_PREVALENCE: dict[str, float] = {
-    "patient_overall": 0.476,
-    "C1": 0.0723,
-    "C2": 0.1412,
-    "C3": 0.0362,
-    "C4": 0.0535,
-    "C5": 0.0802,
-    "C6": 0.1372,
-    "C7": 0.1947,
-}
 # Same source: number of fractured vertebrae among the 961 fractured studies.
 REAL_FRACTURE_COUNTS: dict[int, int] = {1: 623, 2: 239, 3: 64, 4: 26, 5: 7, 6: 2}
 # Source: ../shared/realdata/rsna2022/csv/meta_segmentation.csv (87 segmented studies).
@@ -102,14 +93,14 @@ def sample_study_labels(rng: np.random.Generator) -> np.ndarray:
 
     patient_overall ~ Bernoulli(0.476); a fractured study gets k vertebrae (k from the real
     count distribution) drawn without replacement with weights = real per-vertebra prevalence.
-    Marginals land within ~0.01 of REAL_PREVALENCE.
+    Marginals land within ~0.01 of TRAIN_PREVALENCE.
     """
     labels = np.zeros(8, dtype=np.int64)
-    if rng.random() < REAL_PREVALENCE["patient_overall"]:
+    if rng.random() < TRAIN_PREVALENCE["patient_overall"]:
         counts = np.array(list(REAL_FRACTURE_COUNTS), dtype=np.int64)
         p = np.array(list(REAL_FRACTURE_COUNTS.values()), dtype=np.float64)
         k = int(rng.choice(counts, p=p / p.sum()))
-        w = np.array([REAL_PREVALENCE[v] for v in VERTEBRAE])
+        w = np.array([TRAIN_PREVALENCE[v] for v in VERTEBRAE])
         chosen = rng.choice(7, size=k, replace=False, p=w / w.sum())
         labels[0] = 1
         labels[1 + chosen] = 1

@@ -12,8 +12,8 @@ from rsna22_utils.cervical.bench.cost import TrainingData, bench_cost, example_b
 from rsna22_utils.cervical.bench.epoch import bench_epoch
 from rsna22_utils.cervical.bench.inference import bench_submission
 from rsna22_utils.cervical.data import CacheSource, DicomSource
+from rsna22_utils.cervical.ensemble import first_runs
 from rsna22_utils.cervical.models import create_network
-from rsna22_utils.cervical.submission import first_runs
 from rsna22_utils.cervical.synth import generate_competition
 from rsna22_utils.core.cache import CacheSpec, StudyCache, build_cache
 from rsna22_utils.core.scan import find_studies

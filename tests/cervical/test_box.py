@@ -13,9 +13,9 @@ import torch
 from rsna22_utils.cervical.box import infer_box
 from rsna22_utils.cervical.configs import StudyBoxRule
 from rsna22_utils.cervical.data import BoxSliceDataset, CacheSource, stack_slices
+from rsna22_utils.cervical.ensemble import load_box_models
 from rsna22_utils.cervical.models import box_loss, create_model
 from rsna22_utils.cervical.study_box import BoxInference, predict_study_box
-from rsna22_utils.cervical.submission import load_box_models
 from rsna22_utils.core.cache import StudyCache
 from rsna22_utils.core.config import save_config, with_derived
 from rsna22_utils.core.errors import ConfigError

@@ -323,7 +323,7 @@ def test_notebook_on_kaggle_with_every_slug_renamed_and_the_network_cut(tiny_pip
 
 
 def test_prevalence_constants_match_targets() -> None:
-    from rsna22_utils.cervical.submission import TRAIN_PREVALENCE
+    from rsna22_utils.cervical.metric import TRAIN_PREVALENCE
 
     assert list(TRAIN_PREVALENCE) == list(TARGETS)
     assert all(0 < v < 1 for v in TRAIN_PREVALENCE.values())
@@ -335,10 +335,10 @@ def test_inference_path_matches_the_training_pipeline(tiny_pipeline: dict) -> No
 
     from rsna22_utils.cervical.configs import StudyBoxRule
     from rsna22_utils.cervical.embed import embed_studies, study_images, study_probabilities
+    from rsna22_utils.cervical.ensemble import MemoryCache, load_ensemble
     from rsna22_utils.cervical.models import fit_length, load_run
     from rsna22_utils.cervical.prepare import Prepared
     from rsna22_utils.cervical.study_box import predict_study_box
-    from rsna22_utils.cervical.submission import MemoryCache, load_ensemble
     from rsna22_utils.core.registry import finished_runs, out_of_fold
     from rsna22_utils.core.resolve import load_config
 
@@ -378,7 +378,7 @@ def test_study_runs_from_before_the_evidence_still_load(tiny_pipeline: dict, tmp
     import torch
     from safetensors.torch import load_file, save_file
 
-    from rsna22_utils.cervical.submission import load_study_models
+    from rsna22_utils.cervical.ensemble import load_study_models
 
     source = tiny_pipeline["work_dir"] / "06_train_study" / "fold0-seed0"
     old = tmp_path / "06_train_study" / "fold0-seed0"
@@ -399,7 +399,7 @@ def test_weights_dataset_holds_what_the_submission_loads_and_loads(tiny_pipeline
     """Built from the tiny runs folder: only 01 and 06 runs, no local path in any file, and the ensemble loads from it."""
     import torch
 
-    from rsna22_utils.cervical.submission import load_ensemble
+    from rsna22_utils.cervical.ensemble import load_ensemble
     from rsna22_utils.core.kaggle import KaggleSettings, build_weights_dataset
     from rsna22_utils.core.registry import finished_runs
     from rsna22_utils.core.resolve import load_config
@@ -422,7 +422,7 @@ def test_full_data_runs_alone_serve_the_test_set(tiny_pipeline: dict, tmp_path: 
     """As in the original's submission: with fold -1 runs present, the cross-validation runs are not shipped or loaded."""
     import torch
 
-    from rsna22_utils.cervical.submission import load_ensemble
+    from rsna22_utils.cervical.ensemble import load_ensemble
     from rsna22_utils.core.kaggle import KaggleSettings, build_weights_dataset
     from rsna22_utils.core.registry import finished_runs
 
@@ -469,7 +469,7 @@ def test_native_study_run_sees_in_the_submission_what_06_trained_on(
 
     import torch
 
-    import rsna22_utils.cervical.submission as submission
+    import rsna22_utils.cervical.ensemble as ensemble
     from rsna22_utils.cervical.anatomy import BOX_COLUMNS
     from rsna22_utils.cervical.embed import study_windows
     from rsna22_utils.cervical.prepare import Prepared
@@ -495,9 +495,9 @@ def test_native_study_run_sees_in_the_submission_what_06_trained_on(
     train_study(resolve_config("06_train_study", tiny_settings("06_train_study", values)))
     native = load_config(studies / "fold0-seed0" / "config.json")
     assert native.crop_source == "native" and native.slice_margin == 2
-    names = [spec.name for spec in submission.load_ensemble(work_dir, torch.device("cpu")).specs]
+    names = [spec.name for spec in ensemble.load_ensemble(work_dir, torch.device("cpu")).specs]
     assert len(names) == 2 and names[1].startswith("native_")  # the native volume is shipped only when a run needs it
-    assert not any(s.name.startswith("native_") for s in submission.load_ensemble(tiny_pipeline["work_dir"], torch.device("cpu")).specs)
+    assert not any(s.name.startswith("native_") for s in ensemble.load_ensemble(tiny_pipeline["work_dir"], torch.device("cpu")).specs)
 
     cache = Prepared(work_dir / "00_prepare").cache()
     boxes, ranges = study_crops(work_dir)
@@ -511,7 +511,7 @@ def test_native_study_run_sees_in_the_submission_what_06_trained_on(
 
     # the submission's box is the mean of both folds' box models; 02 gave this study its out-of-fold box
     row = {**dict(zip(BOX_COLUMNS, boxes[uid])), "slnum_from": ranges[uid][0], "slnum_to": ranges[uid][1]}
-    real_box, real_images, seen = submission.predict_study_box, submission.study_images, []
+    real_box, real_images, seen = ensemble.predict_study_box, ensemble.study_images, []
 
     def box_of_02(models, volume, slices, *args):
         box = real_box(models, volume, slices, *args)
@@ -522,8 +522,8 @@ def test_native_study_run_sees_in_the_submission_what_06_trained_on(
         seen.append((study_uid, cfg.crop_source, images))
         return images
 
-    monkeypatch.setattr(submission, "predict_study_box", box_of_02)
-    monkeypatch.setattr(submission, "study_images", spy)
+    monkeypatch.setattr(ensemble, "predict_study_box", box_of_02)
+    monkeypatch.setattr(ensemble, "study_images", spy)
     out = tmp_path / "submission.csv"
     result = predict_submission(_config(data_dir, work_dir, out, num_workers=1))
     assert list(pd.read_csv(out)["row_id"]) == list(test["row_id"])

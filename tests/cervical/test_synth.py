@@ -13,6 +13,7 @@ import pydicom
 import pytest
 
 from rsna22_utils.cervical import synth
+from rsna22_utils.cervical.metric import TRAIN_PREVALENCE
 from rsna22_utils.core.dicom_writer import EXPLICIT_LE, IMPLICIT_LE, JPEG_LOSSLESS_70
 
 PARAMS = dict(n_studies=6, n_test_studies=3, seed=3, image_size=64, median_slices=40, segmented_fraction=0.5)
@@ -169,7 +170,7 @@ def test_label_sampler_follows_real_prevalence():
     labels = synth.sample_labels(200, seed=11)
     assert list(labels.columns) == TYPES[7:] + TYPES[:7]
     assert (labels.patient_overall == labels[TYPES[:7]].max(axis=1)).all()
-    for column, p in synth.REAL_PREVALENCE.items():
+    for column, p in TRAIN_PREVALENCE.items():
         tolerance = 3.5 * np.sqrt(p * (1 - p) / 200) + 0.015
         assert abs(labels[column].mean() - p) < tolerance, (column, labels[column].mean(), p)
 

@@ -26,8 +26,8 @@ def test_no_autocast_off_cuda() -> None:
 
 
 def test_the_trainer_and_the_submission_use_the_one_choice() -> None:
-    from rsna22_utils.cervical import study_box, submission
+    from rsna22_utils.cervical import ensemble, study_box
     from rsna22_utils.core import train
 
     assert train.amp_dtype is kit_device.amp_dtype
-    assert study_box.autocast is kit_device.autocast and submission.autocast is kit_device.autocast
+    assert study_box.autocast is kit_device.autocast and ensemble.autocast is kit_device.autocast

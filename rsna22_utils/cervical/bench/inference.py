@@ -54,8 +54,8 @@ def bench_inference(data_dir: str | Path, weights_dir: str | Path, n_studies: in
     import torch
 
     from rsna22_utils.cervical.embed import study_images, study_probabilities
+    from rsna22_utils.cervical.ensemble import MemoryCache, load_ensemble
     from rsna22_utils.cervical.study_box import predict_study_box
-    from rsna22_utils.cervical.submission import MemoryCache, load_ensemble
     from rsna22_utils.core.cache import encode_study
     from rsna22_utils.core.device import autocast
     from rsna22_utils.core.dicom import read_study
@@ -214,8 +214,8 @@ def _time_one_study(folder: Path, box: SubmissionFamily, study_net: Any, run_cfg
     import torch
 
     from rsna22_utils.cervical.embed import study_images, study_probabilities
+    from rsna22_utils.cervical.ensemble import MemoryCache
     from rsna22_utils.cervical.study_box import predict_study_box
-    from rsna22_utils.cervical.submission import MemoryCache
     from rsna22_utils.core.cache import CacheSpec, encode_study
     from rsna22_utils.core.device import autocast
     from rsna22_utils.core.dicom import read_study
