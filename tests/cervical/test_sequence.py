@@ -59,6 +59,7 @@ def _constant_run(work_dir: Path, fold: int, value: float, variant: str = "", **
     save_weights(model, out / WEIGHTS)
 
 
+@pytest.mark.slow
 def test_vertebra_inference_out_of_fold_uses_only_runs_that_never_saw_the_study(tmp_path: Path) -> None:
     cache = make_cache(tmp_path / "cache", {"a": 7, "b": 9, "c": 8})
     fold_of = {"a": 0, "b": 1, "c": 2}
@@ -92,6 +93,7 @@ def test_fracture_labels_without_rescaling_are_the_clipped_predictions_times_the
     assert rescaled[:, 0].tolist() == pytest.approx([0.4, 1.0, 0.0])  # default: peak 1 per vertebra
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize(
     ("stage", "settings", "steps"),
     [

@@ -211,6 +211,7 @@ def test_committed_kaggle_image_pins_python_and_numpy(tmp_path):
         load_image(tmp_path / "image.txt")
 
 
+@pytest.mark.slow
 def test_install_wheels_one_at_a_time_offline(tmp_path, caplog):
     """pip refuses a whole install when one wheel does not fit; one call per wheel installs the others."""
     wheels = tmp_path / "wheels"

@@ -7,6 +7,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 import rsna22_utils
 from tests.helpers import REPO_ROOT, offline_env
 
@@ -22,6 +24,7 @@ def test_the_network_guard_refuses_and_logs_a_lookup(tmp_path: Path) -> None:
     assert "pypi.org" in log.read_text()
 
 
+@pytest.mark.slow
 def test_importing_every_module_makes_no_network_attempt(tmp_path: Path) -> None:
     """albumentations' update check (a DNS lookup for pypi.org at import) is off; nothing else calls out."""
     modules = sorted(m.name for m in pkgutil.walk_packages(rsna22_utils.__path__, "rsna22_utils.") if not m.name.endswith("__main__"))

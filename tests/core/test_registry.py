@@ -75,6 +75,7 @@ def toy_stage(tmp_path: Path, monkeypatch: pytest.MonkeyPatch):
     sys.modules.pop("toy_stage_module", None)
 
 
+@pytest.mark.slow
 def test_a_new_stage_is_one_entry_one_config_one_function_one_notebook(toy_stage: Path) -> None:
     work_dir = toy_stage / "runs"
     assert list(stages())[-1] == "99_toy"

@@ -65,6 +65,7 @@ def _seen(out_dir: Path) -> dict:
     return json.loads((out_dir / "seen.json").read_text())
 
 
+@pytest.mark.slow
 def test_runs_per_fold_seed_skip_and_failure(notebooks: Path, tmp_path: Path) -> None:
     work = tmp_path / "runs"
     summary = run_stage("01_stage", folds=[0, 1], seeds=[3], overrides={"lr": 0.5}, work_dir=work, notebooks_dir=notebooks)
@@ -120,6 +121,7 @@ def test_fold_less_stage_runs_once_into_stage_folder(notebooks: Path, tmp_path: 
     assert params == {"overrides": {"data_dir": str(tmp_path), "out_dir": str(out), "work_dir": str(work)}}
 
 
+@pytest.mark.slow
 def test_devices_set_cuda_visible_devices(notebooks: Path, tmp_path: Path) -> None:
     work = tmp_path / "runs"
     summary = run_stage("01_stage", folds=[0, 2], seeds=[0], work_dir=work, notebooks_dir=notebooks, devices=["0", "1"])
