@@ -33,6 +33,7 @@ def test_cache_and_dicom_sources_give_identical_slices(tmp_path: Path) -> None:
         np.testing.assert_array_equal(cached.slice(uid, index), dicom.slice(uid, index))
 
 
+@pytest.mark.slow
 def test_bench_epoch_reports_both_sources(tmp_path: Path, capsys) -> None:
     result = bench_epoch(work_dir=tmp_path, n_studies=1, image_size=64, cache_size=32, batch_size=8, max_slices=16, device="cpu", repeat=2)
     assert list(result.index) == ["study cache", "DICOM on the fly"]
@@ -40,9 +41,10 @@ def test_bench_epoch_reports_both_sources(tmp_path: Path, capsys) -> None:
     assert (result[["data_s", "epoch_s", "data_ms_per_slice"]] > 0).all().all()
     assert (result["epoch_s"] >= result["data_s"]).all()
     printed = capsys.readouterr().out
-    assert "median of 2 passes" in printed and "break-even" in printed
+    assert all(source in printed for source in result.index)  # the table is printed
 
 
+@pytest.mark.slow
 def test_bench_backbones_reports_throughput_and_parameters(capsys) -> None:
     from rsna22_utils.cervical.bench.backbones import bench_backbones
     from rsna22_utils.cervical.models import BoxModel, SequenceModel, feature_size
@@ -55,7 +57,8 @@ def test_bench_backbones_reports_throughput_and_parameters(capsys) -> None:
     box = BoxModel("mobilenetv3_small_050", in_chans=3)
     sequence = SequenceModel("mobilenetv3_small_050", 3, 14, lstm_hidden=feature_size(box.encoder) + 32)  # the 3rd place's width
     assert list(table["params_trainable"]) == [sum(p.numel() for p in m.parameters()) for m in (box, sequence)]
-    assert "networks at 32 px on CPU" in capsys.readouterr().out
+    printed = capsys.readouterr().out
+    assert all(network in printed for network in table["network"])
 
 
 # --------------------------------------------------------------------------- cost of a profile
@@ -131,6 +134,7 @@ def test_flop_counter_counts_convolutions_and_lstms() -> None:
     assert forward_flops(lstm, torch.zeros(2, 3, 5)) == 2 * (2 * 3) * 2 * 4 * 7 * (5 + 7)  # 4 gates, 2 directions
 
 
+@pytest.mark.slow
 def test_bench_cost_table_is_runs_x_epochs_x_images_x_flops(tiny_profile: str, tmp_path: Path, capsys) -> None:
     out = tmp_path / "cost.json"
     table = bench_cost(tiny_profile, data=tiny_data(), device="cpu", measure_images=2, measure_size=32, out=out).set_index(
@@ -164,9 +168,10 @@ def test_bench_cost_table_is_runs_x_epochs_x_images_x_flops(tiny_profile: str, t
     saved = json.loads(out.read_text())
     assert len(saved["rows"]) == len(table) and saved["data"] == "tiny"
     printed = capsys.readouterr().out
-    assert "GPU h = total FLOPs / (peak x utilisation)" in printed and "cross-check 05_train_fracture a" in printed
+    assert all(stage in printed for stage in table.index.get_level_values(0).unique())
 
 
+@pytest.mark.slow
 def test_bench_submission_scales_measured_parts_to_the_ensemble(tiny_profile: str, tmp_path: Path, capsys) -> None:
     result = bench_submission(
         tiny_profile,
@@ -194,7 +199,8 @@ def test_bench_submission_scales_measured_parts_to_the_ensemble(tiny_profile: st
     np.testing.assert_allclose(projection["hours_models_only"], 100 * (projection["box_s"] + projection["study_s"]) / 3600)
     assert list(projection["device"]) == ["cpu", "T4", "P100"]
     assert ((projection["study_models_that_fit"] == 3) == projection["fits_9h"]).all()
-    assert "projection to 100 studies" in capsys.readouterr().out
+    printed = capsys.readouterr().out
+    assert all(device in printed for device in projection["device"])
 
 
 def test_first_runs_takes_variants_in_turn() -> None:
@@ -205,6 +211,7 @@ def test_first_runs_takes_variants_in_turn() -> None:
     assert names(first_runs(runs, 9)) == names(runs)
 
 
+@pytest.mark.slow
 def test_load_ensemble_honours_the_model_limits(tmp_path: Path) -> None:
     import torch
 

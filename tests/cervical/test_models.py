@@ -22,6 +22,7 @@ from rsna22_utils.cervical.models import (
 BACKBONE = "mobilenetv3_small_050"
 
 
+@pytest.mark.slow
 def test_box_model_outputs_and_loss_ignores_coordinates_without_box() -> None:
     model = BoxModel(BACKBONE, in_chans=1)
     batch = {"image": torch.randn(4, 1, 32, 32), "has_box": torch.tensor([1.0, 0.0, 1.0, 0.0]), "box": torch.rand(4, 4)}
@@ -33,6 +34,7 @@ def test_box_model_outputs_and_loss_ignores_coordinates_without_box() -> None:
     assert torch.allclose(box_loss(out, batch), box_loss(out, changed))
 
 
+@pytest.mark.slow
 def test_sequence_model_gives_one_output_per_image_and_masked_loss() -> None:
     model = SequenceModel(BACKBONE, in_chans=3, n_outputs=14, lstm_hidden=16)
     batch = {"image": torch.randn(2, 5, 3, 32, 32)}
@@ -81,6 +83,7 @@ def test_fit_length_interpolates_only_long_sequences() -> None:
     assert out[1, -1, 0].item() == pytest.approx(5.0)
 
 
+@pytest.mark.slow
 def test_study_model_freezes_the_cnn_and_ignores_padding() -> None:
     encoder = create_backbone(BACKBONE, in_chans=3)
     model = StudyModel(encoder, StudyHead(feature_size(encoder), lstm_hidden=8), max_len=6)
@@ -201,6 +204,7 @@ def test_sinusoid_table_is_sines_then_cosines_of_the_row() -> None:
     assert torch.allclose(table[1], torch.cat([torch.sin(3 * frequency), torch.cos(3 * frequency)]), atol=1e-6)
 
 
+@pytest.mark.slow
 def test_per_slice_steps_with_position_and_channel_embeddings() -> None:
     model = SequenceModel(
         BACKBONE, in_chans=3, n_outputs=7, lstm_hidden=0, outputs_per_slice=True, position_dim=16, channel_dim=16, dropout=0.0
@@ -247,6 +251,7 @@ def test_mse_loss_weights_nonzero_targets_and_sums_the_groups_means() -> None:
     assert torch.allclose(masked, torch.tensor((0.25 + 1.0) / 3))
 
 
+@pytest.mark.slow
 def test_any_fracture_target_is_the_largest_fracture_target_and_oof_keeps_working(tmp_path) -> None:
     from rsna22_utils.cervical.anatomy import VERTEBRAE
     from rsna22_utils.cervical.sequence import ANY_FRACTURE, FRACTURE, SequenceTask

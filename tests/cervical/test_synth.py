@@ -183,6 +183,7 @@ def _digest(root: Path) -> dict[str, str]:
     }
 
 
+@pytest.mark.slow
 def test_same_seed_same_output(comp, tmp_path):
     again = synth.generate_competition(tmp_path / "again", workers=1, **PARAMS)
     assert _digest(again) == _digest(comp)

@@ -291,6 +291,7 @@ def test_folder_name_is_the_study_key(tmp_path: Path, caplog: pytest.LogCaptureF
     assert read_slice(study / "1.dcm")[1]["StudyInstanceUID"] == STUDY  # a file on its own keeps its header's
 
 
+@pytest.mark.slow
 def test_prepare_keys_each_study_by_its_folder_and_warns_once(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
     # before: slices.parquet said the header's UID, the cache the folder's; a zero-byte file left most studies uncached
     from rsna22_utils.cervical.prepare import Prepared, PrepareFailed, prepare
@@ -376,6 +377,7 @@ def test_zero_byte_file_fails_only_its_study(tmp_path: Path) -> None:
     assert pd.read_csv(root / "failures.csv")["study"].tolist() == [str(studies[2])]
 
 
+@pytest.mark.slow
 @pytest.mark.skipif(multiprocessing.get_start_method() != "fork", reason="the crash is injected by a patch that forked workers inherit")
 def test_scan_and_cache_name_the_file_that_killed_a_worker(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     studies = competition(tmp_path / "data", n_studies=6)
@@ -605,6 +607,7 @@ def test_a_rerun_that_fails_leaves_no_finished_looking_run_of_other_settings(tmp
     assert not (tmp_path / "config.json").exists() and not (tmp_path / "metrics.json").exists()  # the old run's record is gone
 
 
+@pytest.mark.slow
 def test_a_full_disk_at_the_checkpoint_keeps_weights_oof_and_checkpoint_of_one_epoch(tmp_path: Path, monkeypatch) -> None:
     import errno
 

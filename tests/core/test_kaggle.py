@@ -212,18 +212,16 @@ def test_committed_kaggle_image_pins_python_and_numpy(tmp_path):
 
 
 @pytest.mark.slow
-def test_install_wheels_one_at_a_time_offline(tmp_path, caplog):
+def test_install_wheels_one_at_a_time_offline(tmp_path):
     """pip refuses a whole install when one wheel does not fit; one call per wheel installs the others."""
     wheels = tmp_path / "wheels"
     make_wheel(wheels, "alpha-decoder")
     make_wheel(wheels, "beta-decoder", requires=("numpy>=99",))  # cannot fit any image
     make_wheel(wheels, "gamma-decoder")
-    with caplog.at_level("INFO", logger="rsna22_utils.core.wheels"):
-        results = install_wheels(wheels, target=tmp_path / "site")
+    results = install_wheels(wheels, target=tmp_path / "site")
     assert results["alpha_decoder-1.0-py3-none-any.whl"] == results["gamma_decoder-1.0-py3-none-any.whl"] == "installed"
     assert "numpy>=99" in results["beta_decoder-1.0-py3-none-any.whl"]
     assert (tmp_path / "site" / "alpha_decoder" / "__init__.py").is_file() and (tmp_path / "site" / "gamma_decoder").is_dir()
-    assert any("2 installed, 1 failed (beta_decoder-1.0-py3-none-any.whl)" in r.getMessage() for r in caplog.records)
     assert install_wheels(tmp_path / "absent") == {}  # no wheels dataset: a warning; the pre-flight checks the decoders
 
 
