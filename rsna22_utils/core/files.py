@@ -1,6 +1,7 @@
 """Atomic file writes: a reader (or a crash) never sees a half-written file, and no temp file outlives an error.
 
-Kept free of heavy imports: scan and cache workers write through it without loading torch.
+Also the lock of a run folder (`run_lock`) and a build's failure list (`write_failures`). Kept free of
+heavy imports: scan and cache workers write through it without loading torch.
 """
 
 from __future__ import annotations
