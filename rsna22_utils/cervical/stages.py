@@ -9,9 +9,9 @@
     06_train_study      frozen stage-05 CNN + BiLSTM/attention head on whole studies, metric as loss
     07_inference        the offline Kaggle submission
 
-Adding a stage: one `Stage` entry here, one config class (configs.py), one stage function, one
-notebook `notebooks/<name>.py`. Adding a command: an `add_commands(subparsers)` in its module, listed in
-`COMMAND_MODULES`.
+Adding a stage: its name as a constant and one `Stage` entry here (other modules import the name), one
+config class (configs.py), one stage function, one notebook `notebooks/<name>.py`. Adding a command: an
+`add_commands(subparsers)` in its module, listed in `COMMAND_MODULES`.
 """
 
 from __future__ import annotations
