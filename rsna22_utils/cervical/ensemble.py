@@ -41,6 +41,7 @@ from rsna22_utils.cervical.crops import CropCache, NativeSpec, memory_crop_cache
 from rsna22_utils.cervical.data import WINDOW_INPUT, InputNorm, common_input_norm
 from rsna22_utils.cervical.embed import study_images, study_probabilities
 from rsna22_utils.cervical.models import load_run
+from rsna22_utils.cervical.stages import TRAIN_BOX, TRAIN_STUDY
 from rsna22_utils.cervical.study_box import predict_study_box, shared_input_slices
 from rsna22_utils.core.cache import CacheSpec, encode_study
 from rsna22_utils.core.device import autocast
@@ -49,8 +50,6 @@ from rsna22_utils.core.registry import finished_runs, parse_run_name, serving_ru
 logger = logging.getLogger(__name__)
 
 # --------------------------------------------------------------------------- models
-
-BOX_STAGE, STUDY_STAGE = "01_train_box", "06_train_study"
 
 
 @dataclass
@@ -121,7 +120,7 @@ def load_box_models(weights_dir: str | Path, device: torch.device, limit: int = 
     """The `01_train_box` runs of the weights folder that serve test studies (`serving_runs`: the full-data
     runs when there are any); they must share one image size, window set and box_input_slices."""
     models, spec, configs = [], None, {}
-    for run in first_runs(serving_runs(finished_runs(weights_dir, BOX_STAGE)), limit):
+    for run in first_runs(serving_runs(finished_runs(weights_dir, TRAIN_BOX)), limit):
         model, cfg = load_run(run, device)
         if spec is not None and CacheSpec.of(cfg) != spec:
             raise ValueError(f"{run}: box model trained on {CacheSpec.of(cfg).name}, the others on {spec.name}")
@@ -135,7 +134,7 @@ def load_study_models(weights_dir: str | Path, device: torch.device, limit: int 
     """The `06_train_study` runs that serve test studies (`serving_runs`): the stage-05 CNN architecture +
     StudyHead, weights from model.safetensors."""
     runs = []
-    for run in first_runs(serving_runs(finished_runs(weights_dir, STUDY_STAGE)), limit):
+    for run in first_runs(serving_runs(finished_runs(weights_dir, TRAIN_STUDY)), limit):
         model, cfg = load_run(run, device)
         runs.append(StudyRun(f"{run.parent.name}/{run.name}", model, cfg))
     return runs

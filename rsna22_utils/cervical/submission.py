@@ -38,6 +38,7 @@ from rsna22_utils.cervical.anatomy import TARGETS
 from rsna22_utils.cervical.configs import SubmissionConfig
 from rsna22_utils.cervical.ensemble import DecodedStudy, Ensemble, encode_volume, iter_studies, load_ensemble, predict_study
 from rsna22_utils.cervical.metric import TRAIN_PREVALENCE
+from rsna22_utils.cervical.stages import INFERENCE
 from rsna22_utils.core.device import resolve_device
 
 logger = logging.getLogger(__name__)
@@ -429,7 +430,7 @@ def run_cli(args: argparse.Namespace) -> int:
         if value is not None:
             overrides[key] = str(value)
     try:
-        submission = predict_submission(resolve_config("07_inference", overrides))
+        submission = predict_submission(resolve_config(INFERENCE, overrides))
     except SubmissionError as error:
         print(f"error: {error}", file=sys.stderr)
         return 2
