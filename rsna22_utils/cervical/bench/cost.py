@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from rsna22_utils.cervical.bench.decode import REALDATA_RSNA
+from rsna22_utils.cervical.stages import TRAIN_FRACTURE, TRAIN_STUDY
 
 if TYPE_CHECKING:  # numpy, pandas, torch: imported where used, since the CLI imports this module to build its parser
     import pandas as pd
@@ -39,7 +40,7 @@ TRAIN_UTILISATION: dict[str, float] = {"A100": 0.20, "T4": 0.10}
 INFER_UTILISATION: dict[str, float] = {"T4": 0.15, "P100": 0.30}
 
 #: Published runtimes of the original (darraghdog/RSNA22 README), GPU hours per run, for the cross-check.
-PUBLISHED_HOURS_PER_RUN: dict[str, float] = {"05_train_fracture": 10.0, "06_train_study": 1.0}
+PUBLISHED_HOURS_PER_RUN: dict[str, float] = {TRAIN_FRACTURE: 10.0, TRAIN_STUDY: 1.0}
 
 
 @dataclass(frozen=True)

@@ -28,6 +28,8 @@ from rsna22_utils.cervical.bench.cost import (
     study_range,
 )
 from rsna22_utils.cervical.bench.decode import real_decode_ms
+from rsna22_utils.cervical.stages import INFERENCE, TRAIN_BOX
+from rsna22_utils.core.registry import stages
 
 if TYPE_CHECKING:  # numpy, pandas, torch: imported where used, since the CLI imports this module to build its parser
     import pandas as pd
@@ -68,7 +70,7 @@ def bench_inference(data_dir: str | Path, weights_dir: str | Path, n_studies: in
     folders = folders[:n_studies]
     if not folders:
         raise FileNotFoundError(f"{data_dir}: no study folders in test_images/ or train_images/")
-    cfg = resolve_config("07_inference", {"data_dir": str(data_dir), "weights_dir": str(weights_dir), "out": "unused.csv"})
+    cfg = resolve_config(INFERENCE, {"data_dir": str(data_dir), "weights_dir": str(weights_dir), "out": "unused.csv"})
     devices = [torch.device("cpu")] + ([torch.device("cuda")] if torch.cuda.is_available() else [])
     rows = []
     for device in devices:
@@ -190,12 +192,12 @@ def submission_families(profile: str, overrides: dict[str, Any] | None = None) -
     from rsna22_utils.cervical.models import create_network
 
     families = []
-    for stage in ("01_train_box", "06_train_study"):
+    for stage in [name for name, spec in stages().items() if spec.submission]:
         for row, cfg in stage_configs(stage, profile, overrides or {}):
             network = create_network(cfg).eval()
             n = 2
             flops = forward_flops(network, example_batch(network, cfg, n, device="meta")) / n
-            name = "box" if stage == "01_train_box" else f"study {row['variant'] or cfg.backbone}"
+            name = "box" if stage == TRAIN_BOX else f"study {row['variant'] or cfg.backbone}"
             families.append(SubmissionFamily(name, serving_count(row["folds"], row["seeds"]), cfg, network, flops))
     return families
 
@@ -288,7 +290,7 @@ def bench_submission(
     data = data or default_training_data()
     dev = resolve_device(device)
     own = {k: v for k, v in (overrides or {}).items() if k in settable_fields(SubmissionConfig)}  # the rest go to 01 / 06
-    sub = resolve_config("07_inference", {"profile": profile, "out": "unused.csv", **own})
+    sub = resolve_config(INFERENCE, {"profile": profile, "out": "unused.csv", **own})
     families = submission_families(profile, overrides)
     box, studies = families[0], families[1:]
     work_dir = Path(work_dir or tempfile.mkdtemp(prefix="rsna22-bench-"))
