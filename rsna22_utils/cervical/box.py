@@ -21,7 +21,7 @@ from tqdm import tqdm
 
 from rsna22_utils.cervical.anatomy import BOX_COLUMNS
 from rsna22_utils.cervical.configs import BoxInferConfig, BoxTrainConfig
-from rsna22_utils.cervical.data import BoxSliceDataset, CacheSource, InputNorm, common_input_norm
+from rsna22_utils.cervical.data import BoxSliceDataset, CacheSource, DeviceInputs, InputNorm, common_input_norm
 from rsna22_utils.cervical.geometry import box_iou
 from rsna22_utils.cervical.models import box_loss, create_model, load_run
 from rsna22_utils.cervical.prepare import Prepared, open_cache, split_by_fold
@@ -112,8 +112,10 @@ def train_box(cfg: BoxTrainConfig) -> dict:
     source, k, norm = CacheSource(cache), cfg.box_input_slices, InputNorm.of(cfg)
     model = create_model(cfg)
     task = BoxTask(valid, cfg.box_weight, cfg.has_box_weight)
-    valid_set = None if valid is None else BoxSliceDataset(valid, source, input_slices=k, norm=norm)
-    return fit(model, task, BoxSliceDataset(train, source, augment=cfg.augment, input_slices=k, norm=norm), valid_set, cfg)
+    inputs: dict[str, Any] = dict(input_slices=k, norm=norm, uint8_images=True)  # the trainer normalises on the device
+    valid_set = None if valid is None else BoxSliceDataset(valid, source, **inputs)
+    train_set = BoxSliceDataset(train, source, augment=cfg.augment, **inputs)
+    return fit(model, task, train_set, valid_set, cfg, on_device=DeviceInputs(norm))
 
 
 def box_examples(cfg: BoxTrainConfig, n: int = 8) -> tuple[list[np.ndarray], np.ndarray, np.ndarray]:

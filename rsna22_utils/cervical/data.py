@@ -106,13 +106,25 @@ class InputNorm:
         )
 
     def stretch(self, images: np.ndarray) -> np.ndarray:
-        """uint8 (..., H, W, C) -> each image's channels stretched to 0-255 (`minmax`; a flat channel -> 0), else unchanged."""
+        """uint8 (..., H, W, C) -> each image's channels stretched to 0-255 (`minmax`; a flat channel -> 0), else unchanged.
+
+        Pixel v of a channel with range low..high becomes uint8((v - low) * (255 / (high - low))) in float32,
+        applied as one lookup table per image (what the float arithmetic gives, at uint8 speed).
+        """
         if self.intensity == "window":
             return images
-        x = images.astype(np.float32)
-        low, high = x.min(axis=(-3, -2), keepdims=True), x.max(axis=(-3, -2), keepdims=True)
+        h, w, c = images.shape[-3:]
+        flat = np.ascontiguousarray(images).reshape(-1, h, w * c)
+        # min / max over rows first (contiguous rows of W * C values), then over the W pixels of each channel
+        low = flat.min(axis=1).reshape(-1, w, c).min(axis=1).astype(np.float32)
+        high = flat.max(axis=1).reshape(-1, w, c).max(axis=1).astype(np.float32)
         span = high - low
-        return np.where(span > 0, (x - low) * (255.0 / np.maximum(span, 1.0)), 0.0).astype(np.uint8)
+        values = np.clip(np.arange(256, dtype=np.float32)[None, :, None], low[:, None], high[:, None])  # (n, 256, C)
+        tables = np.where(span[:, None] > 0, (values - low[:, None]) * (255.0 / np.maximum(span[:, None], 1.0)), 0.0).astype(np.uint8)
+        out = np.empty_like(flat)
+        for i, (image, table) in enumerate(zip(flat, tables)):
+            out[i] = cv2.LUT(image.reshape(h, w, c), table[:, None, :]).reshape(h, w * c)
+        return out.reshape(images.shape)
 
     def normalise(self, pixels: torch.Tensor) -> torch.Tensor:
         """uint8 (..., C, H, W) -> float32 (pixels / 255 - mean) / std per channel."""
@@ -125,6 +137,17 @@ class InputNorm:
         shift = torch.tensor([m / s for m, s in zip(self.mean, self.std)], device=pixels.device)[:, None, None]
         return pixels.float().div_(scale).sub_(shift)
 
+    def to_input(self, pixels: torch.Tensor) -> torch.Tensor:
+        """uint8 images (..., H, W, C) on any device -> float32 network inputs (..., C, H, W), as `normalise`
+        makes them (the trainer's step does this on the device for datasets built with `uint8_images`)."""
+        return self.normalise(pixels.movedim(-1, -3).contiguous())
+
+    def item_images(self, images: np.ndarray, uint8: bool) -> torch.Tensor:
+        """A dataset item's uint8 images (..., H, W, C): as they are with `uint8` (for `to_input` on the device), else network inputs."""
+        if uint8:
+            return torch.from_numpy(np.ascontiguousarray(images))
+        return self.normalise(torch.from_numpy(np.ascontiguousarray(np.moveaxis(images, -1, -3))))
+
     def to_uint8(self, image: torch.Tensor) -> np.ndarray:
         """A network input (C, H, W) back to uint8 (H, W, C) pixels, for figures."""
         std = torch.tensor(self.std)[:, None, None] * 255.0
@@ -133,6 +156,18 @@ class InputNorm:
 
 
 WINDOW_INPUT = InputNorm()  # the default: the cache's windowed pixels / 127.5 - 1
+
+
+@dataclass(frozen=True)
+class DeviceInputs:
+    """The trainer's `on_device` step for datasets built with `uint8_images`: batch[key] uint8 (..., H, W, C)
+    -> float32 network inputs (..., C, H, W) on the device (4x less to copy, no float work in the loader)."""
+
+    norm: InputNorm
+    key: str = "image"
+
+    def __call__(self, batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        return {**batch, self.key: self.norm.to_input(batch[self.key])}
 
 
 def common_input_norm(configs: list[Any], runs: list[Path]) -> InputNorm:
@@ -246,13 +281,15 @@ class BoxSliceDataset(Dataset):
         augment: bool | str = False,
         input_slices: int = 1,
         norm: InputNorm = WINDOW_INPUT,
+        uint8_images: bool = False,
     ) -> None:
         """`table`: StudyInstanceUID, slice_index, has_box, x0..y1 in original pixels, rows, cols.
 
-        `augment`: False (none), True (light) or the name of an augmentation set; `norm`: the run's input intensity.
+        `augment`: False (none), True (light) or the name of an augmentation set; `norm`: the run's input intensity;
+        `uint8_images`: items hold uint8 (H, W, C) images that `DeviceInputs(norm)` finishes on the device.
         """
         self.table = table.reset_index(drop=True)
-        self.source, self.norm = source, norm
+        self.source, self.norm, self.uint8_images = source, norm, uint8_images
         self.input_slices = input_slices
         self.augment = box_augmentation(source.spec.image_size, "light" if augment is True else augment) if augment else None
         size = source.spec.image_size
@@ -287,7 +324,7 @@ class BoxSliceDataset(Dataset):
                 has_box, box = 0.0, np.zeros(4, np.float32)
         size = image.shape[0]
         return {
-            "image": self.norm.normalise(torch.from_numpy(np.ascontiguousarray(image.transpose(2, 0, 1)))),
+            "image": self.norm.item_images(image, self.uint8_images),
             "has_box": torch.tensor(has_box),
             "box": torch.from_numpy(np.clip(box / size, 0.0, 1.0).astype(np.float32)),
             "index": torch.tensor(index),
@@ -380,7 +417,8 @@ class SequenceDataset(Dataset):
     decides which windows count as positive); `ranges[uid]` = (first, last) slice
     positions to cover (default: the whole study); `crops[uid]` = study box in original pixels
     (`geometry.crop_box_in_cache`: `crop_margin`, `crop_square`). `augment`: False, True (light) or an augmentation
-    set's name; `norm`: how pixels become network inputs.
+    set's name; `norm`: how pixels become network inputs; `uint8_images`: items hold uint8 (seq_len, H, W, C)
+    images that `DeviceInputs(norm)` finishes on the device.
     """
 
     def __init__(
@@ -409,6 +447,7 @@ class SequenceDataset(Dataset):
         norm: InputNorm = WINDOW_INPUT,
         positive_labels: dict[str, np.ndarray] | None = None,
         per_slice: bool = False,
+        uint8_images: bool = False,
     ) -> None:
         if mode not in ("train", "infer"):
             raise ValueError(f"mode must be 'train' or 'infer', got {mode!r}")
@@ -423,7 +462,7 @@ class SequenceDataset(Dataset):
         self.slice_skip_p, self.slice_skip_max = slice_skip_p, slice_skip_max
         self.output_size = output_size or cache.spec.image_size
         self.augment = sequence_augmentation(seq_len, "light" if augment is True else augment) if augment else None
-        self.norm = norm
+        self.norm, self.uint8_images = norm, uint8_images
         self.n_slices = {uid: int(cache.volume(uid).shape[0]) for uid in self.uids}
         self.ranges = {uid: (ranges or {}).get(uid, (0, self.n_slices[uid] - 1)) for uid in self.uids}
         self.crops: dict[str, tuple[int, int, int, int]] = {}
@@ -501,7 +540,7 @@ class SequenceDataset(Dataset):
         if self.per_slice:
             mask = (positions >= 0) & (positions < n)
         item = {
-            "image": self.norm.normalise(torch.from_numpy(np.ascontiguousarray(images.transpose(0, 3, 1, 2)))),
+            "image": self.norm.item_images(images, self.uint8_images),
             "mask": torch.from_numpy(mask.astype(np.float32)),
             "study": torch.tensor(self.study_index[uid]),
             "start": torch.tensor(start),

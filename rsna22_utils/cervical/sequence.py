@@ -23,7 +23,7 @@ from tqdm import tqdm
 from rsna22_utils.cervical.anatomy import VERTEBRAE
 from rsna22_utils.cervical.configs import FractureTrainConfig, VertebraInferConfig, VertebraTrainConfig
 from rsna22_utils.cervical.crops import native_crop_cache
-from rsna22_utils.cervical.data import SequenceDataset, positive_slices, sequence_inputs, spread_window_predictions
+from rsna22_utils.cervical.data import DeviceInputs, SequenceDataset, positive_slices, sequence_inputs, spread_window_predictions
 from rsna22_utils.cervical.labels import fracture_slice_labels
 from rsna22_utils.cervical.models import create_model, load_run, sequence_loss
 from rsna22_utils.cervical.prepare import Prepared, open_cache, split_by_fold
@@ -177,7 +177,7 @@ def _sequence_datasets(
     windows of one fold (inside `ranges`, default each whole study; no validation windows for a full-data run)."""
     train_table, valid_table = split_by_fold(folds, cfg.fold)
     train_uids = sorted(train_table["StudyInstanceUID"])
-    common = _window_inputs(cfg, crops, ranges)
+    common = {**_window_inputs(cfg, crops, ranges), "uint8_images": True}  # the trainer normalises on the device (`_fit_sequences`)
     steps = None
     if cfg.window_sampling == "every" and cfg.window_step_range > 0:  # C1-C7 slice count of each study box
         box_ranges = study_crops(cfg.work_dir)[1]
@@ -210,6 +210,11 @@ def _window_inputs(cfg: Any, crops: dict[str, tuple] | None, ranges: dict[str, t
     return {**sequence_inputs(cfg, crops), "ranges": ranges, "per_slice": bool(getattr(cfg, "outputs_per_slice", False))}
 
 
+def _fit_sequences(model: nn.Module, task: SequenceTask, train: SequenceDataset, valid: SequenceDataset | None, cfg: Any) -> dict:
+    """`fit` on windows whose uint8 images the trainer turns into network inputs on the device."""
+    return fit(model, task, train, valid, cfg, on_device=DeviceInputs(train.norm))
+
+
 def train_vertebra(cfg: VertebraTrainConfig) -> dict:
     """03_train_vertebra: the 2.5D CNN + BiLSTM on per-slice vertebra ratios of the segmented studies."""
     prepared, cache, cache_settings = open_cache(cfg)
@@ -219,7 +224,7 @@ def train_vertebra(cfg: VertebraTrainConfig) -> dict:
     train, valid = _sequence_datasets(cfg, labels, folds, cache, positive=labels, crops=crops)  # windows that show the spine
     logger.info("vertebra model fold %d: %d training / %d validation studies", cfg.fold, len(train.uids), len(valid.uids) if valid else 0)
     task = SequenceTask(valid, list(VERTEBRAE), loss=cfg.loss, positive_weight=cfg.positive_weight)
-    return fit(create_model(cfg), task, train, valid, cfg)
+    return _fit_sequences(create_model(cfg), task, train, valid, cfg)
 
 
 def train_fracture(cfg: FractureTrainConfig) -> dict:
@@ -240,7 +245,7 @@ def train_fracture(cfg: FractureTrainConfig) -> dict:
         _init_encoder(model, cfg)
     names = list(VERTEBRAE) + FRACTURE + ([ANY_FRACTURE] if cfg.any_fracture_head else [])
     task = SequenceTask(valid, names, cfg.fracture_loss_weight, cfg.fracture_pos_weight, cfg.loss, cfg.positive_weight)
-    return fit(model, task, train, valid, cfg)
+    return _fit_sequences(model, task, train, valid, cfg)
 
 
 def _init_encoder(model: nn.Module, cfg: FractureTrainConfig) -> None:

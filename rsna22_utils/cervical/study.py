@@ -17,7 +17,7 @@ from torch.utils.data import Dataset
 from rsna22_utils.cervical.anatomy import TARGETS
 from rsna22_utils.cervical.configs import StudyTrainConfig, settings_from_fracture_run
 from rsna22_utils.cervical.crops import native_crop_cache
-from rsna22_utils.cervical.data import augment_sequence, sequence_augmentation
+from rsna22_utils.cervical.data import DeviceInputs, augment_sequence, sequence_augmentation
 from rsna22_utils.cervical.embed import embed_studies, study_windows
 from rsna22_utils.cervical.metric import (
     competition_loss,
@@ -79,9 +79,12 @@ class StudyImages(Dataset):
     """Each study's images (3-slice box crops inside its slice range, as `embed_studies` sees them), for
     the frozen CNN to embed at every step (`embed_on_the_fly`); augmented alike across a study's images."""
 
-    def __init__(self, uids: list[str], windows: Any, labels: pd.DataFrame | None, augment: bool | str = False) -> None:
-        """`augment`: False, True (light) or an augmentation set's name (`data.sequence_augmentation`)."""
-        self.uids, self.windows, self.augment = uids, windows, augment
+    def __init__(
+        self, uids: list[str], windows: Any, labels: pd.DataFrame | None, augment: bool | str = False, uint8_images: bool = False
+    ) -> None:
+        """`augment`: False, True (light) or an augmentation set's name (`data.sequence_augmentation`);
+        `uint8_images`: items hold uint8 (images, H, W, C) that `DeviceInputs(windows.norm, "images")` finishes on the device."""
+        self.uids, self.windows, self.augment, self.uint8_images = uids, windows, augment, uint8_images
         self.starts: dict[str, list[int]] = {}
         for uid, start in windows.items:
             self.starts.setdefault(uid, []).append(start)
@@ -100,8 +103,7 @@ class StudyImages(Dataset):
         images = self.images(self.uids[index])
         if self.augment:
             images = augment_sequence(images, sequence_augmentation(len(images), "light" if self.augment is True else self.augment))
-        pixels = torch.from_numpy(np.ascontiguousarray(images.transpose(0, 3, 1, 2)))
-        item = {"images": self.windows.norm.normalise(pixels), "study": torch.tensor(index)}  # as the stage-05 run saw them
+        item = {"images": self.windows.norm.item_images(images, self.uint8_images), "study": torch.tensor(index)}  # as 05 saw them
         if self.targets is not None:
             item["target"] = torch.from_numpy(self.targets[index])
         return item
@@ -215,10 +217,14 @@ def train_study(cfg: StudyTrainConfig) -> dict:
     logger.info("study model fold %d: %d training / %d validation studies", cfg.fold, len(train), len(valid) if valid else 0)
     if not cfg.embed_on_the_fly:
         return fit(model, StudyTask(valid, folds), train, valid, cfg, collate_fn=pad_collate)
-    train_images = StudyImages(train.uids, study_windows(train.uids, cache, ranges, crops, cfg), folds, augment=cfg.augment)
-    valid_images = None if valid is None else StudyImages(valid.uids, study_windows(valid.uids, cache, ranges, crops, cfg), folds)
+    train_windows = study_windows(train.uids, cache, ranges, crops, cfg)
+    train_images = StudyImages(train.uids, train_windows, folds, augment=cfg.augment, uint8_images=True)
+    valid_images = None
+    if valid is not None:
+        valid_images = StudyImages(valid.uids, study_windows(valid.uids, cache, ranges, crops, cfg), folds, uint8_images=True)
     model = OnTheFlyStudyModel(model, cfg.cnn_chunk_size, cfg.frozen_bn_update)
-    return fit(model, StudyTask(valid_images, folds), train_images, valid_images, cfg, collate_fn=images_collate)
+    on_device = DeviceInputs(train_windows.norm, "images")  # the uint8 images become network inputs on the device
+    return fit(model, StudyTask(valid_images, folds), train_images, valid_images, cfg, collate_fn=images_collate, on_device=on_device)
 
 
 def study_inputs(cfg: StudyTrainConfig, cache: Any, crops: dict, ranges: dict) -> tuple[Any, dict, dict]:

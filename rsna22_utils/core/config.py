@@ -108,19 +108,35 @@ class FoldSeed:
         return self.fold == FULL_DATA_FOLD
 
 
+def default_num_workers() -> int:
+    """Loader processes when a config does not say: one per CPU core this process may use (shared by the
+    torchrun processes of this machine)."""
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+    return max(1, cores // max(1, int(os.environ.get("LOCAL_WORLD_SIZE", 1))))
+
+
+AMP_DTYPES = ("auto", "fp16", "bf16")
+
+
 @dataclass
 class Hardware:
-    """Stages that run networks: device, mixed precision and loader processes."""
+    """Stages that run networks: device, mixed precision, cuDNN kernels and loader processes."""
 
     device: str = "auto"  # auto | cpu | cuda | cuda:N | mps
-    amp: bool = True  # mixed precision, only on CUDA (bf16 on compute capability >= 8, else fp16)
-    num_workers: int = 2
+    amp: bool = True  # mixed precision, only on CUDA
+    amp_dtype: str = "auto"  # auto (= fp16 + gradient scaler on every CUDA device) | fp16 | bf16 (compute capability >= 8)
+    # true: cuDNN's reproducible kernels (bit-identical reruns on one GPU); false: cuDNN times its kernels and
+    # keeps the fastest (cudnn.benchmark). No effect on CPU, which is always reproducible.
+    deterministic: bool = False
+    num_workers: int = field(default_factory=default_num_workers)  # loader processes (default: one per CPU core)
 
     def _check(self) -> list[str]:
         out = []
         dev = self.device
         if not (dev in ("auto", "cpu", "cuda", "mps") or (dev.startswith("cuda:") and dev[5:].isdigit())):
             out.append(f"device must be auto, cpu, cuda, cuda:N or mps, got {dev!r}")
+        if self.amp_dtype not in AMP_DTYPES:
+            out.append(f"amp_dtype must be one of {', '.join(AMP_DTYPES)}, got {self.amp_dtype!r}")
         if self.num_workers < 0:
             out.append("num_workers must be >= 0")
         return out
@@ -138,7 +154,8 @@ class Optimisation:
     warmup_fraction: float = 0.05  # fraction of all optimizer steps with linear warm-up, then cosine
     grad_clip: float = 1.0  # max gradient norm; 0 = no clipping
     max_steps_per_epoch: int = 0  # optimizer steps per epoch; 0 = the whole train set
-    channels_last: bool = False
+    channels_last: bool = False  # NHWC images and weights (faster convolutions on tensor cores; not measured per network yet)
+    compile: bool = False  # torch.compile the training model (not measured on a GPU yet; the first steps compile)
 
     def _check(self) -> list[str]:
         out = []
@@ -315,7 +332,19 @@ def save_config(cfg: Any, path: str | Path) -> Path:
 
 # Settings that say where or how fast a run goes, not what it computes: a run may resume under other values.
 RESULT_NEUTRAL = frozenset(
-    {"device", "num_workers", "work_dir", "out_dir", "prepared_dir", "resume", "valid_loss", "pretrained_path", "pretrained_dir"}
+    {
+        "device",
+        "num_workers",
+        "deterministic",
+        "compile",
+        "work_dir",
+        "out_dir",
+        "prepared_dir",
+        "resume",
+        "valid_loss",
+        "pretrained_path",
+        "pretrained_dir",
+    }
 )
 
 

@@ -2,8 +2,9 @@
 
 A stage supplies a model, datasets and a `Task` (loss / predict / score); `fit` does the rest:
 seeding, AdamW (no decay on biases and norm weights; frozen parameters excluded), linear warm-up +
-cosine schedule per optimizer step, AMP on CUDA (bf16 when supported, else fp16 + GradScaler),
-channels_last, gradient accumulation, clipping, per-epoch validation with out-of-fold predictions,
+cosine schedule per optimizer step, AMP on CUDA (`amp_dtype`: fp16 + GradScaler by default, or bf16),
+cuDNN autotuning unless `deterministic`, channels_last, optional torch.compile, loader workers kept
+across epochs, gradient accumulation, clipping, per-epoch validation with out-of-fold predictions,
 an atomic `checkpoint.pt` after every epoch (resumed automatically), and the final outputs in
 `cfg.out_dir`: model.safetensors, oof.parquet, history.csv, metrics.json, config.json.
 
@@ -18,6 +19,7 @@ micro-steps), gathers the OOF rows on rank 0 and writes files from rank 0 only.
 from __future__ import annotations
 
 import contextlib
+import functools
 import importlib
 import json
 import logging
@@ -82,16 +84,27 @@ def _worker_init_fn(worker_id: int) -> None:
     random.seed(seed)
 
 
-def _to_device(batch: Any, device: torch.device, channels_last: bool) -> Any:
+def _to_device(batch: Any, device: torch.device, channels_last: bool, on_device: Callable[[Any], Any] | None = None) -> Any:
+    """A loader batch on `device`, finished there by `on_device` (e.g. uint8 pixels -> normalised floats), 4D floats channels_last."""
+    batch = _map_tensors(batch, lambda t: t.to(device, non_blocking=True))
+    if on_device is not None:
+        batch = on_device(batch)
+    if channels_last:
+        batch = _map_tensors(batch, _channels_last)
+    return batch
+
+
+def _channels_last(tensor: torch.Tensor) -> torch.Tensor:
+    return tensor.contiguous(memory_format=torch.channels_last) if tensor.ndim == 4 and tensor.is_floating_point() else tensor
+
+
+def _map_tensors(batch: Any, fn: Callable[[torch.Tensor], torch.Tensor]) -> Any:
     if isinstance(batch, torch.Tensor):
-        batch = batch.to(device, non_blocking=True)
-        if channels_last and batch.ndim == 4 and batch.is_floating_point():
-            batch = batch.contiguous(memory_format=torch.channels_last)
-        return batch
+        return fn(batch)
     if isinstance(batch, dict):
-        return {k: _to_device(v, device, channels_last) for k, v in batch.items()}
+        return {k: _map_tensors(v, fn) for k, v in batch.items()}
     if isinstance(batch, (list, tuple)) and not isinstance(batch, str):
-        return type(batch)(_to_device(v, device, channels_last) for v in batch)
+        return type(batch)(_map_tensors(v, fn) for v in batch)
     return batch
 
 
@@ -277,35 +290,38 @@ def fit(
     valid_dataset: Dataset | None,
     cfg: TrainConfig,
     collate_fn: Callable[[list[Any]], Any] | None = None,
+    on_device: Callable[[Any], Any] | None = None,
 ) -> dict[str, Any]:
     """Train `model` on `task` as `cfg` says and write the run's outputs to cfg.out_dir; returns metrics.json's dict.
 
     A full-data run (fold -1, `valid_dataset` None) trains on everything, validates nothing and keeps
-    the last epoch (no oof.parquet).
+    the last epoch (no oof.parquet). `on_device` finishes each batch once it is on the device (datasets
+    that hand uint8 pixels to the loader leave their conversion to network inputs to it).
     """
     if (valid_dataset is None) != cfg.full_data:
         raise ValueError(f"fold {cfg.fold}: a validation set is needed exactly when the run is not a full-data (fold -1) run")
     device = resolve_device(cfg.device)
     procs = _init_distributed(device)
     try:
-        return _train(model, task, train_dataset, valid_dataset, cfg, collate_fn, device, procs)
+        to_device = functools.partial(_to_device, device=device, channels_last=cfg.channels_last, on_device=on_device)
+        return _train(model, task, train_dataset, valid_dataset, cfg, collate_fn, device, procs, to_device)
     finally:
         if procs.owns_group and dist.is_initialized():
             dist.destroy_process_group()
 
 
 def _train(
-    model, task, train_dataset, valid_dataset, cfg: TrainConfig, collate_fn, device: torch.device, procs: _Processes
+    model, task, train_dataset, valid_dataset, cfg: TrainConfig, collate_fn, device: torch.device, procs: _Processes, to_device
 ) -> dict[str, Any]:
     """Set up, then epochs of train -> validate -> checkpoint, then the final outputs."""
     if not cfg.out_dir:
         raise ConfigError("cfg.out_dir is empty; build the config with resolve_config()")
     out = Path(cfg.out_dir)
     plan = _plan(cfg, procs, len(train_dataset), 0 if valid_dataset is None else len(valid_dataset))  # type: ignore[arg-type]
-    seed_everything(cfg.seed + procs.rank)  # per-rank augmentation / dropout streams; data order uses cfg.seed
+    seed_everything(cfg.seed + procs.rank, cfg.deterministic)  # per-rank augmentation / dropout streams; data order uses cfg.seed
     log = logger.info if procs.main else logger.debug
     train_sampler, valid_sampler = _samplers(cfg, procs, plan)
-    loader = _loader_factory(cfg, procs, collate_fn, pin=device.type == "cuda")
+    loader = _Loaders(cfg, procs, collate_fn, pin=device.type == "cuda")
 
     model.to(device)
     if cfg.channels_last:
@@ -319,6 +335,8 @@ def _train(
     train_model: nn.Module = model
     if procs.enabled:
         train_model = nn.parallel.DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
+    if cfg.compile:  # the training forward only: validation, checkpoints and weights use `model` as it is
+        train_model = torch.compile(train_model)  # type: ignore[assignment]
 
     t0 = time.time()
     log(
@@ -339,11 +357,11 @@ def _train(
             break
         train_sampler.set_epoch(epoch)
         batches = iter(loader(train_dataset, train_sampler, plan.micro, True, epoch))
-        train_loss = _train_epoch(train_model, task, batches, opt, cfg, plan, device, procs, epoch)
+        train_loss = _train_epoch(train_model, task, batches, opt, cfg, plan, device, procs, epoch, to_device)
         frames, vsum, vcount = [], 0.0, 0.0
         if valid_dataset is not None:
             valid_batches = loader(valid_dataset, valid_sampler, _valid_batch(plan.micro), False, epoch)
-            frames, vsum, vcount = _validate(model, task, valid_batches, cfg, device, opt.autocast, procs)
+            frames, vsum, vcount = _validate(model, task, valid_batches, cfg, opt.autocast, procs, to_device)
             frames, vsum, vcount = _gather_validation(frames, vsum, vcount, device, procs)
         entry: dict[str, Any] = {"epoch": epoch + 1, "train_loss": train_loss, "lr": opt.scheduler.get_last_lr()[0]}
         improved, oof = False, None
@@ -394,31 +412,84 @@ def _samplers(cfg: TrainConfig, procs: _Processes, plan: _Plan) -> tuple[Any, Sa
     return train, _Strided(plan.n_valid, procs.rank, procs.world_size)
 
 
-def _loader_factory(cfg: TrainConfig, procs: _Processes, collate_fn: Callable | None, pin: bool) -> Callable[..., DataLoader]:
-    """DataLoaders whose worker seeds depend on (seed, epoch, rank) only, so a resumed epoch draws the same."""
+def _loader_base_seed(seed: int, rank: int, epoch: int) -> int:
+    """The base seed of an epoch's loader workers (worker k: base + k): a function of (seed, epoch, rank) only."""
+    generator = torch.Generator().manual_seed(seed * 1000 + epoch * 10 + rank)
+    return int(torch.empty((), dtype=torch.int64).random_(generator=generator).item())
 
-    def loader(dataset: Dataset, sampler: Sampler, batch: int, drop_last: bool, epoch: int) -> DataLoader:
-        return DataLoader(
-            dataset,
-            batch_size=batch,
-            sampler=sampler,
-            drop_last=drop_last,
-            num_workers=cfg.num_workers,
-            collate_fn=collate_fn,
-            pin_memory=pin,
-            worker_init_fn=_worker_init_fn,
-            generator=torch.Generator().manual_seed(cfg.seed * 1000 + epoch * 10 + procs.rank),
-            persistent_workers=False,
-        )
 
-    return loader
+class _Epoched(Sampler[tuple[int, int]]):
+    """`sampler`'s indices as (epoch, index): how persistent workers learn that a new epoch began."""
+
+    def __init__(self, sampler: Sampler[int]) -> None:
+        self.sampler, self.epoch = sampler, 0
+
+    def __iter__(self) -> Iterator[tuple[int, int]]:
+        return ((self.epoch, index) for index in self.sampler)
+
+    def __len__(self) -> int:
+        return len(self.sampler)  # type: ignore[arg-type]
+
+
+class _EpochSeeded(Dataset):
+    """`dataset` read by persistent workers: at an epoch's first item a worker reseeds python, numpy and torch
+    as a worker started for that epoch would be (torch's worker start, then `_worker_init_fn`), so each epoch
+    draws the same augmentation whether its workers are kept from the last epoch or new (a resumed run)."""
+
+    def __init__(self, dataset: Dataset, seed: int, rank: int) -> None:
+        self.dataset, self.seed, self.rank = dataset, seed, rank
+        self.epoch: int | None = None
+
+    def __len__(self) -> int:
+        return len(self.dataset)  # type: ignore[arg-type]
+
+    def __getitem__(self, key: tuple[int, int]) -> Any:
+        epoch, index = key
+        if epoch != self.epoch:
+            info = torch.utils.data.get_worker_info()
+            worker_seed = _loader_base_seed(self.seed, self.rank, epoch) + (info.id if info is not None else 0)
+            torch.manual_seed(worker_seed)
+            np.random.seed(worker_seed % 2**32)
+            random.seed(worker_seed % 2**32)
+            self.epoch = epoch
+        return self.dataset[index]
+
+
+class _Loaders:
+    """The run's DataLoaders, whose worker seeds depend on (seed, epoch, rank) only, so a resumed epoch draws the same.
+
+    Without workers, a new loader per epoch. With workers, one loader per dataset for the whole run: its
+    workers persist across epochs (no start-up per epoch) and reseed at each epoch (`_EpochSeeded`) exactly
+    as the epoch's own loader's workers would have been seeded.
+    """
+
+    def __init__(self, cfg: TrainConfig, procs: _Processes, collate_fn: Callable | None, pin: bool) -> None:
+        self.cfg, self.rank, self.collate_fn, self.pin = cfg, procs.rank, collate_fn, pin
+        self.kept: dict[int, tuple[DataLoader, _Epoched]] = {}
+
+    def __call__(self, dataset: Dataset, sampler: Sampler, batch: int, drop_last: bool, epoch: int) -> DataLoader:
+        cfg = self.cfg
+        common: dict[str, Any] = dict(batch_size=batch, drop_last=drop_last, num_workers=cfg.num_workers, collate_fn=self.collate_fn)
+        common.update(pin_memory=self.pin, worker_init_fn=_worker_init_fn)
+        if cfg.num_workers == 0:
+            generator = torch.Generator().manual_seed(cfg.seed * 1000 + epoch * 10 + self.rank)
+            return DataLoader(dataset, sampler=sampler, generator=generator, **common)
+        if id(dataset) not in self.kept:
+            epoched = _Epoched(sampler)
+            generator = torch.Generator().manual_seed(cfg.seed * 1000 + self.rank)  # not the global RNG (dropout's)
+            seeded = _EpochSeeded(dataset, cfg.seed, self.rank)
+            loader = DataLoader(seeded, sampler=epoched, generator=generator, persistent_workers=True, **common)
+            self.kept[id(dataset)] = (loader, epoched)
+        loader, epoched = self.kept[id(dataset)]
+        epoched.epoch = epoch
+        return loader
 
 
 def _optimisation(model: nn.Module, cfg: TrainConfig, device: torch.device, total_steps: int) -> _Optimisation:
     """AdamW, warm-up + cosine per optimizer step, and the AMP dtype / GradScaler (fp16 only) of `device`."""
     optimizer = torch.optim.AdamW(param_groups(model, cfg.weight_decay), lr=cfg.lr)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, warmup_cosine(total_steps, cfg.warmup_fraction))
-    dtype = amp_dtype(device) if cfg.amp else None
+    dtype = amp_dtype(device, cfg.amp_dtype) if cfg.amp else None
     scaler = torch.amp.GradScaler("cuda", enabled=dtype == torch.float16)
     return _Optimisation(optimizer, scheduler, scaler, dtype, history=[])
 
@@ -455,7 +526,7 @@ def _resume(opt: _Optimisation, model: nn.Module, cfg: TrainConfig, ckpt_path: P
         _set_rng_state(rng[procs.rank])
     else:
         logger.warning("checkpoint has RNG states of %d processes, running %d: reseeding", len(rng), procs.world_size)
-        seed_everything(cfg.seed + procs.rank + 1000 * opt.start_epoch)
+        seed_everything(cfg.seed + procs.rank + 1000 * opt.start_epoch, cfg.deterministic)
     (logger.info if procs.main else logger.debug)("resuming from epoch %d (%s)", opt.start_epoch, ckpt_path)
 
 
@@ -469,6 +540,7 @@ def _train_epoch(
     device: torch.device,
     procs: _Processes,
     epoch: int,
+    to_device: Callable[[Any], Any],
 ) -> float:
     """One epoch of optimizer steps (accumulation micro-steps, DDP no_sync, clipping); returns the mean training loss."""
     train_model.train()
@@ -478,7 +550,7 @@ def _train_epoch(
     bar = tqdm(total=plan.steps_per_epoch, desc=f"epoch {epoch + 1}/{cfg.epochs}", disable=not procs.main, leave=False)
     for _step in range(plan.steps_per_epoch):
         for k in range(cfg.grad_accum):
-            batch = _to_device(next(batches), device, cfg.channels_last)
+            batch = to_device(next(batches))
             sync = k == cfg.grad_accum - 1 or not procs.enabled
             with contextlib.nullcontext() if sync else train_model.no_sync():
                 with opt.autocast():
@@ -508,7 +580,7 @@ def _valid_batch(micro: int) -> int:
     return max(1, 2 * micro)
 
 
-def _validate(model, task, loader, cfg, device, autocast, procs) -> tuple[list[pd.DataFrame], float, float]:
+def _validate(model, task, loader, cfg, autocast, procs, to_device) -> tuple[list[pd.DataFrame], float, float]:
     """Predict OOF rows on this process's validation shard (+ the summed loss when cfg.valid_loss)."""
     net = unwrap(model)
     net.eval()
@@ -516,7 +588,7 @@ def _validate(model, task, loader, cfg, device, autocast, procs) -> tuple[list[p
     loss_sum, count = 0.0, 0.0
     with torch.no_grad():
         for batch in tqdm(loader, desc="valid", disable=not procs.main, leave=False):
-            batch = _to_device(batch, device, cfg.channels_last)
+            batch = to_device(batch)
             with autocast():
                 frames.append(task.predict(net, batch))
                 if cfg.valid_loss:
