@@ -21,6 +21,7 @@ CORE_COMMAND_MODULES: tuple[str, ...] = (
     "rsna22_utils.core.notebooks",
     "rsna22_utils.core.kaggle",
     "rsna22_utils.core.weights",
+    "rsna22_utils.core.score",
 )
 
 
@@ -48,6 +49,8 @@ def _parser() -> argparse.ArgumentParser:
     subparsers = parser.add_subparsers(dest="command", required=True)
     for module in command_modules():  # each parser sets func=callable(args) -> exit code
         importlib.import_module(module).add_commands(subparsers)
+    for command in subparsers.choices.values():  # `COMMAND --competition NAME` too (main reads it before parsing)
+        command.add_argument("--competition", default=argparse.SUPPRESS, metavar="NAME", help="the competition (as the global option)")
     return parser
 
 

@@ -10,6 +10,8 @@ import argparse
 from pathlib import Path
 from typing import Any
 
+from rsna22_utils.core.demo import add_demo_command
+
 
 def _cmd_synth(args: argparse.Namespace) -> int:
     from rsna22_utils.cervical.synth import generate_competition  # lazy: loads pydicom
@@ -28,7 +30,8 @@ def _cmd_synth(args: argparse.Namespace) -> int:
 
 
 def _cmd_demo(args: argparse.Namespace) -> int:
-    from rsna22_utils.cervical.demo import parse_demo_overrides, run_demo  # lazy: loads pandas
+    from rsna22_utils.cervical.demo import run_demo  # lazy: loads pandas
+    from rsna22_utils.core.demo import parse_demo_overrides
 
     overrides = parse_demo_overrides(args.params)
     run_demo(args.out, n_studies=args.studies, image_size=args.image_size, seed=args.seed, overrides=overrides)
@@ -72,18 +75,4 @@ def _add_synth(subparsers: Any) -> None:
 
 
 def _add_demo(subparsers: Any) -> None:
-    p = subparsers.add_parser("demo", help="synthetic competition -> every stage of the pipeline -> report")
-    p.add_argument("--out", type=Path, default=Path("demo"), help="working folder of the demo")
-    p.add_argument("--studies", type=int, default=60)
-    p.add_argument("--image-size", type=int, default=96)
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument(
-        "-p",
-        "--param",
-        dest="params",
-        action="append",
-        default=[],
-        metavar="[STAGE:]KEY=VALUE",
-        help="change the demo profile: KEY=VALUE for every stage that has KEY, STAGE:KEY=VALUE for one (repeatable)",
-    )
-    p.set_defaults(func=_cmd_demo)
+    add_demo_command(subparsers, _cmd_demo, out="demo", image_size=96)

@@ -21,50 +21,12 @@ import numpy as np
 import pandas as pd
 
 from rsna22_utils.cervical.anatomy import BOX_COLUMNS
+from rsna22_utils.core.demo import demo_overrides, run_demo_stage, synthetic_competition, write_report_markdown
 from rsna22_utils.core.registry import run_dirs
 
 logger = logging.getLogger(__name__)
 
 FEW_POSITIVES = 10  # below this many positive studies a target's pooled OOF AUC is noise (the report says so)
-
-DEMO_PROFILE = "demo"  # rsna22_utils/cervical/profiles/demo.json: the CPU settings and sweeps (why: README, "The demo")
-
-
-def _stage_fields(stage: str) -> set[str]:
-    from rsna22_utils.core.config import settable_fields
-    from rsna22_utils.core.registry import get_stage
-
-    return set(settable_fields(get_stage(stage).config))
-
-
-def parse_demo_overrides(items: list[str] | None) -> dict[str, dict[str, Any]]:
-    """`-p key=value` (every stage) and `-p STAGE:key=value` (one stage) -> {stage or "*": {key: value}}."""
-    from rsna22_utils.core.config import parse_overrides
-    from rsna22_utils.core.errors import ConfigError
-    from rsna22_utils.core.registry import stages
-
-    out: dict[str, dict[str, Any]] = {}
-    for item in items or []:
-        stage, sep, _ = item.partition("=")[0].partition(":")
-        if sep and stage not in stages():
-            raise ConfigError(f"demo override {item!r}: unknown stage {stage!r} (stages: {', '.join(stages())})")
-        parsed = parse_overrides([item.split(":", 1)[1] if sep else item])
-        for key in parsed:  # a misspelt key is an error, not a silent no-op
-            if sep and key not in _stage_fields(stage):
-                raise ConfigError(f"demo override {item!r}: stage {stage} has no setting {key!r}")
-            if not sep and not any(key in _stage_fields(name) for name in stages()):
-                raise ConfigError(f"demo override {item!r}: no stage has a setting {key!r}")
-        out.setdefault(stage if sep else "*", {}).update(parsed)
-    return out
-
-
-def demo_overrides(stage: str, common: dict[str, Any], extra: dict[str, dict[str, Any]] | None = None) -> dict[str, Any]:
-    """The overrides of one demo stage: the demo profile, common paths and the user's -p values
-    (those given for every stage only where the stage has the setting)."""
-    fields = _stage_fields(stage)
-    extra = extra or {}
-    shared = {k: v for k, v in {**common, **extra.get("*", {})}.items() if k in fields}
-    return {"profile": DEMO_PROFILE, **shared, **extra.get(stage, {})}
 
 
 def run_demo(
@@ -81,9 +43,8 @@ def run_demo(
     `overrides` ({stage or "*": {key: value}}, see `parse_demo_overrides`) change the profile, e.g.
     longer training for a CV figure: `./kit demo --studies 150 -p 05_train_fracture:epochs=24`.
     """
-    from rsna22_utils.core.registry import get_stage, stage_dir
+    from rsna22_utils.core.registry import stage_dir
     from rsna22_utils.core.registry import stages as registry_stages
-    from rsna22_utils.core.runner import run_stage
 
     out = Path(out).resolve()
     started = time.perf_counter()
@@ -98,15 +59,7 @@ def run_demo(
             stage_overrides["image_size"] = image_size
         if stage == "07_inference":  # the Kaggle notebook, on the synthetic test studies, with this run's weights
             stage_overrides.update(weights_dir=str(work_dir), out=str(stage_dir(work_dir, stage) / "submission.csv"))
-        for key in ("fold", "seed"):  # the runner sets them per run
-            stage_overrides.pop(key, None)
-        t0 = time.perf_counter()
-        seeds = [seed] if get_stage(stage).per_fold else None  # the profile's folds, this demo's seed
-        summary = run_stage(stage, seeds=seeds, overrides=stage_overrides, work_dir=str(work_dir))
-        timings[stage] = time.perf_counter() - t0
-        if not summary.ok:
-            failed = summary.failed[0]
-            raise RuntimeError(f"demo stage {stage} failed: {failed.error} (executed notebook: {failed.notebook})")
+        timings[stage] = run_demo_stage(stage, stage_overrides, seed, work_dir)
     report = write_report(out, data_dir, work_dir)
     report["seconds"] = {**{k: round(v, 1) for k, v in timings.items()}, "total": round(time.perf_counter() - started, 1)}
     (out / "report" / "summary.json").write_text(json.dumps(report, indent=2, default=str))
@@ -118,15 +71,8 @@ def run_demo(
 def _synthetic_competition(data_dir: Path, n_studies: int, image_size: int, seed: int) -> None:
     from rsna22_utils.cervical.synth import generate_competition
 
-    marker = data_dir / "_synthetic" / "generator.json"
-    if marker.exists():
-        params = json.loads(marker.read_text())
-        same = all(params.get(k) == v for k, v in {"n_studies": n_studies, "image_size": image_size, "seed": seed}.items())
-        if same:
-            logger.info("reusing the synthetic competition in %s", data_dir)
-            return
-        raise FileExistsError(f"{data_dir} holds a synthetic competition with other parameters ({marker}); use another --out")
-    generate_competition(data_dir, n_studies=n_studies, seed=seed, image_size=image_size)
+    params = {"n_studies": n_studies, "image_size": image_size, "seed": seed}
+    synthetic_competition(data_dir, params, lambda: generate_competition(data_dir, n_studies=n_studies, seed=seed, image_size=image_size))
 
 
 def _oof(work_dir: Path, stage: str) -> pd.DataFrame:
@@ -213,11 +159,7 @@ def write_report(out: Path, data_dir: Path, work_dir: Path) -> dict:
         ]
 
     figures["study_animation"] = _study_figure(work_dir, report_dir, oof, labels)
-    lines += ["## Figures", "", *[f"- {name}: `{path}`" for name, path in figures.items()], ""]
-    lines += ["## Where the outputs are", "", *[f"- `{p}`" for p in sorted(work_dir.iterdir()) if p.is_dir()], ""]
-    (report_dir / "report.md").write_text("\n".join(lines))
-    result["figures"] = {k: str(v) for k, v in figures.items()}
-    logger.info("demo report written to %s", report_dir / "report.md")
+    write_report_markdown(report_dir, lines, figures, work_dir, result)
     return result
 
 

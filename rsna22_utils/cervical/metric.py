@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Iterable
+from pathlib import Path
 
 import numpy as np
 import pandas as pd
@@ -28,7 +29,16 @@ from torch import nn
 from torch.nn import functional as F
 
 from rsna22_utils.cervical.anatomy import TARGETS, VERTEBRAE
-from rsna22_utils.core.metric import MetricError, binary_column, check_same_ids, check_unique, examples, probability_column, require_columns
+from rsna22_utils.core.metric import (
+    MetricError,
+    binary_column,
+    check_same_ids,
+    check_unique,
+    examples,
+    probability_column,
+    read_csv_table,
+    require_columns,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -110,6 +120,15 @@ def score(solution: pd.DataFrame, submission: pd.DataFrame, eps: float = EPS) ->
     loss = -(y * np.log(p) + (1.0 - y) * np.log1p(-p))
     sums = pd.DataFrame({"study": study.to_numpy(), "wl": w * loss, "w": w}).groupby("study", sort=False)[["wl", "w"]].sum()
     return float((sums["wl"] / sums["w"]).mean())
+
+
+def score_files(submission: str | Path, solution: str | Path) -> float:
+    """`score` of two CSV files (the `score` command): the solution in Kaggle row format (row_id, fractured) or
+    train.csv's (StudyInstanceUID + TARGETS, 0/1)."""
+    labels = read_csv_table(solution, "solution")
+    if "row_id" not in labels.columns and "StudyInstanceUID" in labels.columns:
+        labels = solution_from_labels(labels)
+    return score(labels, read_csv_table(submission, "submission"))
 
 
 def _wide_table(df: pd.DataFrame, what: str, binary: bool) -> pd.DataFrame:

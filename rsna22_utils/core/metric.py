@@ -7,6 +7,7 @@ table, the problem, counts and a few example ids, so a bad file never gives a si
 from __future__ import annotations
 
 from collections.abc import Iterable, Sequence
+from pathlib import Path
 
 import numpy as np
 import pandas as pd
@@ -75,3 +76,11 @@ def binary_column(df: pd.DataFrame, column: str, what: str, id_column: str = "ro
     if bad.any():
         raise MetricError(f"{what}: {int(bad.sum())} {column!r} value(s) not 0/1: {examples(df[id_column][bad])}")
     return values
+
+
+def read_csv_table(path: str | Path, what: str) -> pd.DataFrame:
+    """A solution or submission CSV (id columns kept as text); an unreadable file is a MetricError naming it."""
+    try:
+        return pd.read_csv(path, dtype={"ID": str, "row_id": str, "StudyInstanceUID": str})
+    except (OSError, ValueError) as exc:
+        raise MetricError(f"{path}: cannot read the {what} CSV ({exc})") from None

@@ -51,7 +51,7 @@ _RUN_NAME = re.compile(r"^(?:(?P<variant>[A-Za-z0-9_]+)-)?fold(?P<fold>-?\d+)-se
 class Stage:
     """One stage: its config class, the function that runs it, and how its runs are laid out."""
 
-    name: str  # also the notebook's name (notebooks/{name}.py) and the folder under work_dir
+    name: str  # also the notebook's name ({notebooks_dir}/{name}.py) and the folder under work_dir
     config: type  # the stage's config dataclass (core.config groups)
     function: str  # "module:function" taking the resolved config, returning its results (a dict of metrics, a table)
     per_fold: bool = False  # one run per fold x seed, else one run
@@ -67,10 +67,11 @@ class Stage:
     # "module:function": config -> a copy with its derived fields as the stage would fill them from the
     # earlier stages of the config's profile (`config show` before anything has run)
     preview: str = ""
+    notebooks_dir: Path = NOTEBOOKS_DIR  # where the competition keeps its stage notebooks
 
     @property
     def notebook(self) -> Path:
-        return NOTEBOOKS_DIR / f"{self.name}.py"
+        return Path(self.notebooks_dir) / f"{self.name}.py"
 
     def call(self, which: str, cfg: Any) -> Any:
         """Call one of the stage's "module:function" hooks (`function`, `network`, `preview`) on a config."""

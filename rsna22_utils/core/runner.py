@@ -46,7 +46,7 @@ from rsna22_utils.core.files import LOCK_FILE, run_lock
 from rsna22_utils.core.notebooks import write_ipynb
 from rsna22_utils.core.paths import NOTEBOOKS_DIR, REPO_ROOT
 from rsna22_utils.core.profiles import load_profile
-from rsna22_utils.core.registry import execute, get_stage, run_name, stage_dir
+from rsna22_utils.core.registry import execute, get_stage, run_name, stage_dir, stages
 from rsna22_utils.core.resolve import resolve_config
 
 logger = logging.getLogger(__name__)
@@ -171,8 +171,12 @@ def default_kernel_name() -> str:
 
 
 def ensure_ipynb(stage: str, notebooks_dir: Path | None = None) -> Path:
-    """`notebooks_dir/<stage>.ipynb`, rebuilt from `<stage>.py` with jupytext when it is missing or older."""
-    notebooks_dir = Path(notebooks_dir or NOTEBOOKS_DIR)
+    """`notebooks_dir/<stage>.ipynb` (default: the registered stage's notebook folder), rebuilt from `<stage>.py`
+    with jupytext when it is missing or older."""
+    if notebooks_dir is None:
+        known = stages()
+        notebooks_dir = known[stage].notebook.parent if stage in known else NOTEBOOKS_DIR
+    notebooks_dir = Path(notebooks_dir)
     py, ipynb = notebooks_dir / f"{stage}.py", notebooks_dir / f"{stage}.ipynb"
     if not py.exists() and not ipynb.exists():
         known = sorted({p.stem for p in notebooks_dir.glob("*.py")} | {p.stem for p in notebooks_dir.glob("*.ipynb")})

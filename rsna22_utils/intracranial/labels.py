@@ -16,6 +16,11 @@ from rsna22_utils.core.metric import MetricError, examples
 SUBTYPES: tuple[str, ...] = ("epidural", "intraparenchymal", "intraventricular", "subarachnoid", "subdural")
 LABELS: tuple[str, ...] = ("any",) + SUBTYPES
 LABEL_WEIGHTS: dict[str, float] = {label: (2.0 if label == "any" else 1.0) for label in LABELS}
+# the competition's files (`data_dir`)
+TRAIN_LABELS = "stage_2_train.csv"
+SAMPLE_SUBMISSION = "stage_2_sample_submission.csv"
+TRAIN_DIR, TEST_DIR = "stage_2_train", "stage_2_test"
+
 IMAGE_ID = "ID"  # the image id column of wide tables: `ID_<hex>`, the DICOM file's name without .dcm
 
 _ROW_ID = re.compile(r"^(?P<image>ID_[0-9A-Za-z]+)_(?P<label>" + "|".join(LABELS) + r")$")

@@ -21,7 +21,15 @@ import pandas as pd
 import torch
 from torch.nn import functional as F
 
-from rsna22_utils.core.metric import MetricError, binary_column, check_same_ids, check_unique, probability_column, require_columns
+from rsna22_utils.core.metric import (
+    MetricError,
+    binary_column,
+    check_same_ids,
+    check_unique,
+    probability_column,
+    read_csv_table,
+    require_columns,
+)
 from rsna22_utils.intracranial.labels import IMAGE_ID, LABEL_WEIGHTS, LABELS, rows_from_wide, split_row_ids
 
 EPS = 1e-15
@@ -53,13 +61,7 @@ def score(solution: pd.DataFrame, submission: pd.DataFrame, eps: float = EPS) ->
 
 def score_files(submission: str | Path, solution: str | Path) -> float:
     """`score` of two CSV files (the `score` command); unreadable files raise MetricError naming them."""
-    tables = []
-    for what, path in (("solution", solution), ("submission", submission)):
-        try:
-            tables.append(pd.read_csv(path, dtype={"ID": str}))
-        except (OSError, ValueError) as exc:
-            raise MetricError(f"{path}: cannot read the {what} CSV ({exc})") from None
-    return score(tables[0], tables[1])
+    return score(read_csv_table(solution, "solution"), read_csv_table(submission, "submission"))
 
 
 def score_wide(labels: pd.DataFrame, predictions: pd.DataFrame, eps: float = EPS) -> float:

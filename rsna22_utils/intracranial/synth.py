@@ -36,14 +36,11 @@ import pandas as pd
 from rsna22_utils.core.dicom_writer import EXPLICIT_LE, IMPLICIT_LE, SliceWriter, padding_hu
 from rsna22_utils.core.files import atomic_write_text
 from rsna22_utils.core.pool import run_tasks
-from rsna22_utils.intracranial.labels import LABELS, SUBTYPES, rows_from_wide
+from rsna22_utils.intracranial.labels import LABELS, SAMPLE_SUBMISSION, SUBTYPES, TEST_DIR, TRAIN_DIR, TRAIN_LABELS, rows_from_wide
 
 logger = logging.getLogger(__name__)
 
 GENERATOR_VERSION = "1"
-TRAIN_LABELS = "stage_2_train.csv"
-SAMPLE_SUBMISSION = "stage_2_sample_submission.csv"
-TRAIN_DIR, TEST_DIR = "stage_2_train", "stage_2_test"
 SLICES = (20, 60)  # slices per study, as in the real studies
 BLEEDING_STUDIES = 0.32  # fraction of studies with a haemorrhage; with the run lengths below ~14 % of images are `any`
 # relative frequency of each subtype among bleeds (the real stage-2 train images: epidural rare, subdural common)

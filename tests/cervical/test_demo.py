@@ -9,9 +9,10 @@ from pathlib import Path
 import pandas as pd
 import pytest
 
-from rsna22_utils.cervical.demo import DEMO_PROFILE, demo_overrides, parse_demo_overrides, write_report
+from rsna22_utils.cervical.demo import write_report
 from rsna22_utils.cervical.metric import TARGETS
 from rsna22_utils.cervical.submission import predict_submission
+from rsna22_utils.core.demo import DEMO_PROFILE, demo_overrides, parse_demo_overrides
 from rsna22_utils.core.errors import ConfigError
 from rsna22_utils.core.registry import stages
 from rsna22_utils.core.resolve import resolve_config

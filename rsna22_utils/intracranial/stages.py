@@ -1,0 +1,40 @@
+"""The RSNA 2019 intracranial haemorrhage pipeline: its stages, in order, registered with the kit.
+
+    00_prepare   headers of every image, studies ordered by z, folds by patient, the head-cropped uint8 cache
+    01_train     one slice classifier per fold x seed (variants: the seed's five CNN families)
+    02_predict   every run with TTA: training images out of fold, test images by the mean of the runs
+    03_smooth    slice-position smoothing fitted on the out-of-fold predictions -> submission.csv
+
+Notebooks: `notebooks/intracranial/<stage>.py`.
+"""
+
+from __future__ import annotations
+
+from rsna22_utils.core.paths import NOTEBOOKS_DIR
+from rsna22_utils.core.registry import Stage, register
+from rsna22_utils.intracranial import configs
+
+_PACKAGE = "rsna22_utils.intracranial"
+_NOTEBOOKS = NOTEBOOKS_DIR / "intracranial"
+
+# The competition's command-line modules: the CLI calls `add_commands(subparsers)` of each (beside the core's).
+COMMAND_MODULES: tuple[str, ...] = (f"{_PACKAGE}.commands",)
+
+STAGES: tuple[Stage, ...] = tuple(
+    register(stage, _PACKAGE)
+    for stage in (
+        Stage("00_prepare", configs.PrepareConfig, f"{_PACKAGE}.prepare:prepare", prepares=True, notebooks_dir=_NOTEBOOKS),
+        Stage(
+            "01_train",
+            configs.ClassifierTrainConfig,
+            f"{_PACKAGE}.train:train_classifier",
+            per_fold=True,
+            trains=True,
+            submission=True,
+            network=f"{_PACKAGE}.models:untrained_network",
+            notebooks_dir=_NOTEBOOKS,
+        ),
+        Stage("02_predict", configs.PredictConfig, f"{_PACKAGE}.predict:predict", notebooks_dir=_NOTEBOOKS),
+        Stage("03_smooth", configs.SmoothConfig, f"{_PACKAGE}.smooth:smooth", notebooks_dir=_NOTEBOOKS),
+    )
+)
