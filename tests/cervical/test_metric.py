@@ -216,3 +216,17 @@ def test_prior_baseline_on_real_train_csv(rsna_real) -> None:
     constant = score(solution, submission_from_predictions(half))
     assert constant == pytest.approx(math.log(2), rel=1e-12)  # every row costs ln 2
     assert baseline < constant
+
+
+def test_score_files_reads_the_solution_in_row_or_train_csv_format(tmp_path) -> None:
+    from rsna22_utils.cervical.metric import score_files
+
+    labels, preds = _two_studies()
+    expected = score_predictions(labels, preds)
+    submission_from_predictions(preds).to_csv(tmp_path / "submission.csv", index=False)
+    labels.to_csv(tmp_path / "train.csv", index=False)
+    solution_from_labels(labels).to_csv(tmp_path / "solution.csv", index=False)
+    assert score_files(tmp_path / "submission.csv", tmp_path / "train.csv") == pytest.approx(expected)
+    assert score_files(tmp_path / "submission.csv", tmp_path / "solution.csv") == pytest.approx(expected)
+    with pytest.raises(MetricError, match="cannot read the solution"):
+        score_files(tmp_path / "submission.csv", tmp_path / "absent.csv")

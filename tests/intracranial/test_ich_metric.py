@@ -79,3 +79,26 @@ def test_bad_tables_are_errors_naming_the_rows():
     bad.loc[0, "ID"] = "ID_abc_fracture"
     with pytest.raises(MetricError, match=r"not 'ID_<image>_<label>'"):
         score(bad, submission.assign(ID=bad["ID"]))
+
+
+@pytest.mark.parametrize("where", ["before", "after"])
+def test_score_command_selects_the_competition(tmp_path, capsys, monkeypatch, where):
+    from rsna22_utils import cli
+    from rsna22_utils.core import registry
+
+    labels, preds = _tables(seed=5)
+    rows_from_wide(labels).astype({"Label": int}).to_csv(tmp_path / "solution.csv", index=False)
+    rows_from_wide(preds).to_csv(tmp_path / "submission.csv", index=False)
+    files = ["--submission", str(tmp_path / "submission.csv"), "--solution", str(tmp_path / "solution.csv")]
+    selection = ["--competition", "intracranial"]
+    previous = registry.competition()
+    monkeypatch.setenv(registry.COMPETITION_ENV, previous)  # restored after the test, like the selection below
+    try:
+        argv = [*selection, "score", *files] if where == "before" else ["score", *selection, *files]
+        assert cli.main(argv) == 0
+    finally:
+        registry.select_competition(previous)
+    printed = float(capsys.readouterr().out.strip().splitlines()[-1])
+    weights = {label: (2.0 if label == "any" else 1.0) for label in LABELS}
+    expected = sum(weights[k] * log_loss(labels[k], preds[k], labels=[0, 1]) for k in LABELS) / sum(weights.values())
+    assert printed == pytest.approx(expected, abs=1e-6)
