@@ -76,6 +76,7 @@ def test_registry_out_of_fold_gives_the_runs_that_validated_on_the_fold(tmp_path
     assert out_of_fold(runs, -1) == []
 
 
+@pytest.mark.slow
 def test_02_out_of_fold_boxes_come_only_from_runs_that_did_not_train_on_the_study(tmp_path: Path) -> None:
     folds = {"a0": 0, "b0": 0, "a1": 1, "a2": 2, "test": None}
     _prepared(tmp_path, folds)
@@ -115,6 +116,7 @@ def test_02_out_of_fold_names_the_folds_without_a_run(tmp_path: Path) -> None:
 # ----------------------------------------------------------------------------- input slices
 
 
+@pytest.mark.slow
 def test_box_input_of_three_slices_is_the_same_in_training_02_and_the_submission(tmp_path: Path) -> None:
     _prepared(tmp_path, {"s0": 0, "s1": 1}, n_slices=7)
     run = _box_run(tmp_path, 0, box_input_slices=3)
