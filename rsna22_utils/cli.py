@@ -12,7 +12,14 @@ import importlib
 import sys
 
 from rsna22_utils import setup_logging
-from rsna22_utils.core.registry import COMPETITION_ENV, DEFAULT_COMPETITION, available_competitions, competition, select_competition
+from rsna22_utils.core.registry import (
+    COMPETITION_ENV,
+    DEFAULT_COMPETITION,
+    available_competitions,
+    competition,
+    competition_package,
+    select_competition,
+)
 
 CORE_COMMAND_MODULES: tuple[str, ...] = (
     "rsna22_utils.core.scan",
@@ -69,7 +76,10 @@ def main(argv: list[str] | None = None) -> int:
     except ValueError as error:
         print(f"error: {error}", file=sys.stderr)
         return 2
-    args = _parser().parse_args(argv)
+    parser = _parser()
+    args = parser.parse_args(argv)
+    if args.competition and competition_package(args.competition) != competition():  # e.g. an abbreviated `--comp`
+        parser.error(f"--competition {args.competition}: give the option in full (the commands were chosen for {competition()})")
     setup_logging(args.verbose)
     return int(args.func(args) or 0)
 

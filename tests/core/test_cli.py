@@ -80,6 +80,13 @@ def test_the_environment_chooses_the_competition_when_the_command_line_does_not(
     assert registry.competition() == "rsna22_utils.toycomp"
 
 
+def test_an_abbreviated_competition_after_the_command_is_refused(toy_competition: str) -> None:
+    with pytest.raises(SystemExit) as stop:  # the early read takes only the full option, so the commands would be cervical's
+        cli.main(["notebooks", "--comp", toy_competition, "check"])
+    assert stop.value.code == 2
+    assert registry.competition() == "rsna22_utils.cervical"
+
+
 def test_an_unknown_competition_is_refused_naming_the_choices(capsys: pytest.CaptureFixture) -> None:
     assert cli.main(["--competition", "nope", "notebooks", "check"]) == 2
     error = capsys.readouterr().err
