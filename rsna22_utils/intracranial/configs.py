@@ -51,7 +51,11 @@ class ImageInput:
     input: str = "triplet"  # triplet | windows
     image_size: int = 512
     triplet_window: list[float] = field(default_factory=lambda: [80.0, 200.0])  # subdural (level, width), all three channels
+    # how the 00 cache was built (its spec.json), recorded so that inference rebuilds test images the same way
     cache_size: int = derived(512, source="the cache of 00_prepare")
+    crop_border: int = derived(10, source="the cache of 00_prepare")
+    head_threshold: float = derived(-500.0, source="the cache of 00_prepare")
+    cache_windows: list[list[float]] = derived(source="the cache of 00_prepare", default_factory=_three_windows)
 
     def _check(self) -> list[str]:
         out = []
@@ -126,3 +130,19 @@ class SmoothConfig(StageConfig, PreparedInput):
 
     def _check(self) -> list[str]:
         return [] if self.neighbours >= 0 and self.regularisation > 0 else ["neighbours must be >= 0 and regularisation > 0"]
+
+
+@dataclass
+class InferenceConfig(StageConfig, Hardware):
+    """04_inference: the offline Kaggle submission: test DICOMs -> head-cropped cache -> every 01 run with TTA -> smoothing."""
+
+    data_dir: str = ""  # the competition folder with stage_2_test/ and the sample submission ("" = Kaggle's mount)
+    weights_dir: str = ""  # folder holding 01_train/<run>/ and 03_smooth/smoothing.json ("" = work_dir)
+    out: str = ""  # submission.csv to write ("" = {out_dir}/submission.csv)
+    tta: list[str] = field(default_factory=lambda: list(TTA))
+    batch_size: int = 64
+    workers: int = 0  # processes that read and decode; 0 = all cores
+
+    def _check(self) -> list[str]:
+        unknown = [t for t in self.tta if t not in TTA]
+        return [f"tta must be a non-empty list of {', '.join(TTA)}, got {self.tta}"] if unknown or not self.tta else []

@@ -105,20 +105,24 @@ def write_report(out: Path, data_dir: Path, work_dir: Path) -> dict[str, Any]:
 
 
 def _submission_lines(result: dict[str, Any], data_dir: Path, work_dir: Path, train: pd.DataFrame) -> list[str]:
-    """The submission scored on the synthetic test images' labels (known for a synthetic competition)."""
-    submission_path = stage_dir(work_dir, "03_smooth") / "submission.csv"
+    """The submissions of 03 and of the Kaggle notebook (04) scored on the synthetic test images' labels."""
     truth_path = data_dir / "_synthetic" / "test_labels.csv"
-    if not (submission_path.is_file() and truth_path.is_file()):
+    if not truth_path.is_file():
         return []
     truth = pd.read_csv(truth_path, dtype={"ID": str})
-    submission = pd.read_csv(submission_path, dtype={"ID": str})
     test_images = wide_from_rows(truth, str(truth_path))[IMAGE_ID]
-    prior_rows = rows_from_wide(prior_predictions(train, test_images))
-    result["test"] = {"images": len(test_images), "metric": score(truth, submission), "prior_metric": score(truth, prior_rows)}
-    return [
-        "## Submission (03_smooth) on the synthetic test images",
+    result["test"] = {"images": len(test_images), "prior_metric": score(truth, rows_from_wide(prior_predictions(train, test_images)))}
+    lines = [
+        "## Submissions on the synthetic test images",
         "",
-        f"- `{submission_path}`: {len(submission)} rows, exactly the sample submission's IDs; metric"
-        f" **{result['test']['metric']:.4f}** on {len(test_images)} test images (prior {result['test']['prior_metric']:.4f})",
-        "",
+        f"- prior baseline: {result['test']['prior_metric']:.4f} ({len(test_images)} images)",
     ]
+    for stage in ("03_smooth", "04_inference"):
+        path = stage_dir(work_dir, stage) / "submission.csv"
+        if path.is_file():
+            submission = pd.read_csv(path, dtype={"ID": str})
+            result["test"][stage] = score(truth, submission)
+            lines.append(
+                f"- {stage} `{path}`: {len(submission)} rows (the sample submission's IDs), metric **{result['test'][stage]:.4f}**"
+            )
+    return [*lines, ""]

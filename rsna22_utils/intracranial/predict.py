@@ -39,7 +39,7 @@ TEST_PREDICTIONS = "test_predictions.parquet"
 
 
 @torch.no_grad()
-def predict_images(run: Path, images: pd.DataFrame, prepared: Prepared, cfg: PredictConfig, device: torch.device) -> np.ndarray:
+def predict_images(run: Path, images: pd.DataFrame, prepared: Prepared, cfg: Any, device: torch.device) -> np.ndarray:
     """(images, 6) probabilities of one run, the mean over the TTA views."""
     model, run_cfg = load_run(run, device, untrained_network)
     loader = DataLoader(ImageDataset(images, prepared, run_cfg), batch_size=cfg.batch_size, num_workers=cfg.num_workers)
@@ -53,7 +53,8 @@ def predict_images(run: Path, images: pd.DataFrame, prepared: Prepared, cfg: Pre
     return out
 
 
-def _mean_of_runs(runs: list[Path], images: pd.DataFrame, prepared: Prepared, cfg: PredictConfig, device: torch.device) -> pd.DataFrame:
+def mean_of_runs(runs: list[Path], images: pd.DataFrame, prepared: Prepared, cfg: Any, device: torch.device) -> pd.DataFrame:
+    """ID + the six probabilities of `images`: the mean over `runs` of each run's TTA mean (cfg: tta, batch_size, num_workers)."""
     probabilities = np.mean([predict_images(run, images, prepared, cfg, device) for run in runs], axis=0)
     return pd.DataFrame({IMAGE_ID: images[IMAGE_ID].to_numpy(), **{label: probabilities[:, k] for k, label in enumerate(LABELS)}})
 
@@ -72,7 +73,7 @@ def predict(cfg: PredictConfig) -> dict[str, Any]:
     for fold in folds:
         fold_images = train[train["fold"] == fold]
         if len(fold_images):
-            oof_parts.append(_mean_of_runs(out_of_fold(runs, fold), fold_images, prepared, cfg, device))
+            oof_parts.append(mean_of_runs(out_of_fold(runs, fold), fold_images, prepared, cfg, device))
     result: dict[str, Any] = {"runs": [run.name for run in runs], "tta": cfg.tta}
     if oof_parts:
         oof = pd.concat(oof_parts, ignore_index=True)
@@ -90,7 +91,7 @@ def predict(cfg: PredictConfig) -> dict[str, Any]:
     test = images[images["split"] == "test"]
     if len(test):
         serving = serving_runs(runs)
-        predictions = _mean_of_runs(serving, test, prepared, cfg, device)
+        predictions = mean_of_runs(serving, test, prepared, cfg, device)
         atomic_write(out / TEST_PREDICTIONS, lambda tmp: predictions.to_parquet(tmp, index=False))
         result.update(test_images=len(test), test_runs=[run.name for run in serving])
         logger.info("wrote %s (%d test images, mean of %d runs)", out / TEST_PREDICTIONS, len(test), len(serving))

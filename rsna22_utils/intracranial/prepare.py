@@ -41,6 +41,7 @@ logger = logging.getLogger(__name__)
 SPLITS = {"train": TRAIN_DIR, "test": TEST_DIR}
 HEADER_COLUMNS = ["ID", "split", "PatientID", "StudyInstanceUID", "SeriesInstanceUID", "z", "RescaleSlope", "RescaleIntercept", "path"]
 CACHE_CHANNELS = 4  # HU 0-255, brain, subdural, bone
+CACHE_SETTINGS = ("cache_size", "crop_border", "head_threshold", "windows")
 _FILES_PER_TASK = 256
 
 
@@ -72,6 +73,10 @@ class Prepared:
         if len(found) != 1:
             raise FileNotFoundError(f"{self.root / 'cache'}: expected one cache folder, found {[p.name for p in found]}; run 00_prepare")
         return int(found[0].name[: -len("px")])
+
+    def cache_spec(self, size: int) -> dict[str, Any]:
+        """The settings the cache was built with (cache_settings)."""
+        return json.loads((self.cache_dir(size) / "spec.json").read_text())
 
     def volume(self, size: int, study: str) -> np.ndarray:
         """A study's cached uint8 (slices, size, size, 4), memory-mapped."""
@@ -110,10 +115,10 @@ def _read_headers(split: str, paths: list[str]) -> tuple[list[dict], list[dict]]
     return rows, failures
 
 
-def scan_headers(data_dir: Path, workers: int) -> tuple[pd.DataFrame, list[dict]]:
+def scan_headers(data_dir: Path, workers: int, splits: tuple[str, ...] = tuple(SPLITS)) -> tuple[pd.DataFrame, list[dict]]:
     """One row per image of stage_2_train/ and stage_2_test/ (HEADER_COLUMNS), and the unreadable files."""
     tasks = []
-    for split, folder in SPLITS.items():
+    for split, folder in ((split, SPLITS[split]) for split in splits):
         files = sorted(str(p) for p in (data_dir / folder).glob("*.dcm")) if (data_dir / folder).is_dir() else []
         tasks += [(split, files[i : i + _FILES_PER_TASK]) for i in range(0, len(files), _FILES_PER_TASK)]
     if not tasks:
@@ -235,7 +240,7 @@ def encode_study(volume: np.ndarray, box: tuple[int, int, int, int], size: int, 
     return out
 
 
-def _cache_study(study: str, paths: list[str], root: Path, cfg_values: dict[str, Any]) -> tuple[str, tuple[int, int, int, int]]:
+def _cache_study(study: str, paths: list[str], root: Path, settings: dict[str, Any]) -> tuple[str, tuple[int, int, int, int]]:
     """Decode one study's images (head -> feet), find the head, write its cache file; returns (study, box)."""
     slices = []
     for path in paths:
@@ -245,24 +250,32 @@ def _cache_study(study: str, paths: list[str], root: Path, cfg_values: dict[str,
             raise ValueError(f"{path}: image shape {hu.shape} differs from the study's first image {slices[0].shape}")
         slices.append(hu)
     volume = np.stack(slices)
-    box = head_box(volume, cfg_values["head_threshold"], cfg_values["crop_border"])
-    write_npy(root / f"{study}.npy", encode_study(volume, box, cfg_values["cache_size"], cfg_values["windows"]))
+    box = head_box(volume, settings["head_threshold"], settings["crop_border"])
+    write_npy(root / f"{study}.npy", encode_study(volume, box, settings["cache_size"], settings["windows"]))
     return study, box
 
 
-def build_cache(images: pd.DataFrame, prepared: Prepared, cfg: PrepareConfig, workers: int) -> list[dict]:
-    """Cache every study not cached yet (resumable); returns the studies that failed (study, reason)."""
-    root = prepared.cache_dir(cfg.cache_size)
+def cache_settings(cfg: PrepareConfig) -> dict[str, Any]:
+    """What the cache's pixels depend on (written as the cache's spec.json; inference rebuilds a cache the same way)."""
+    return {key: getattr(cfg, key) for key in CACHE_SETTINGS}
+
+
+def build_cache(images: pd.DataFrame, prepared: Prepared, settings: dict[str, Any], workers: int) -> list[dict]:
+    """Cache every study not cached yet (resumable) as `settings` (cache_settings) say; returns the studies that failed."""
+    root = prepared.cache_dir(settings["cache_size"])
     root.mkdir(parents=True, exist_ok=True)
     removed = remove_stale_npy(root)
     if removed:
         logger.info("removed %d temp files of an interrupted cache build in %s", removed, root)
     crops_path = root / "crops.csv"
     crops = pd.read_csv(crops_path) if crops_path.is_file() else pd.DataFrame(columns=["StudyInstanceUID", "x0", "y0", "x1", "y1"])
-    values = {k: getattr(cfg, k) for k in ("head_threshold", "crop_border", "cache_size", "windows")}
+    spec = root / "spec.json"
+    if spec.is_file() and json.loads(spec.read_text()) != settings:
+        raise ValueError(f"{spec}: the cache was built with other settings ({spec.read_text().strip()}); use another work_dir")
+    atomic_write(spec, lambda tmp: tmp.write_text(json.dumps(settings) + "\n"))
     done = {p.stem for p in root.glob("*.npy") if not p.name.startswith(".")} & set(crops["StudyInstanceUID"].astype(str))
     tasks = [
-        (study, list(group["path"]), root, values) for study, group in images.groupby("StudyInstanceUID", sort=True) if study not in done
+        (study, list(group["path"]), root, settings) for study, group in images.groupby("StudyInstanceUID", sort=True) if study not in done
     ]
     logger.info("cache %s: %d studies cached, %d to decode", root, len(done), len(tasks))
     boxes, failures = [], []
@@ -296,7 +309,7 @@ def prepare(cfg: PrepareConfig) -> dict[str, Any]:
     atomic_write(prepared.folds, lambda tmp: folds.to_csv(tmp, index=False))
     images = images.merge(folds, on="PatientID", how="left")
     images["fold"] = images["fold"].fillna(-1).astype(int)  # test images: no fold
-    cache_failures = build_cache(images, prepared, cfg, workers)
+    cache_failures = build_cache(images, prepared, cache_settings(cfg), workers)
     failed_studies = {f["StudyInstanceUID"] for f in cache_failures}
     failures += [
         {"ID": row.ID, "path": row.path, "reason": f"study not cached: {reason}"}

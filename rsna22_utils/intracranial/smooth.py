@@ -30,6 +30,8 @@ from rsna22_utils.intracranial.prepare import Prepared
 logger = logging.getLogger(__name__)
 
 PREDICT_STAGE = "02_predict"
+SMOOTH_STAGE = "03_smooth"
+SMOOTHING_FILE = "smoothing.json"
 _CLIP = 1e-6  # probabilities -> logits without infinities
 
 
@@ -62,10 +64,22 @@ class Smoother:
         self.neighbours, self.regularisation = neighbours, regularisation
         self.coef: dict[str, list[float]] = {}
         self.intercept: dict[str, float] = {}
+        self.prevalence: dict[str, float] = {}  # of the training images: what an image without a prediction gets
+
+    @classmethod
+    def from_json(cls, path: Path) -> Smoother:
+        """A smoother saved by 03_smooth (`smoothing.json`)."""
+        if not Path(path).is_file():
+            raise FileNotFoundError(f"{path}: no smoothing coefficients; run 03_smooth (or ship its smoothing.json with the weights)")
+        data = json.loads(Path(path).read_text())
+        smoother = cls(int(data["neighbours"]), float(data.get("regularisation", 1.0)))
+        smoother.coef, smoother.intercept, smoother.prevalence = data["coef"], data["intercept"], data["prevalence"]
+        return smoother
 
     def fit(self, features: np.ndarray, labels: pd.DataFrame) -> Smoother:
         from sklearn.linear_model import LogisticRegression
 
+        self.prevalence = {label: float(labels[label].mean()) for label in LABELS}
         for k, label in enumerate(LABELS):
             y = labels[label].to_numpy().astype(int)
             if len(np.unique(y)) < 2:  # one class: keep the model's own prediction (the centre slice's logit)
@@ -84,7 +98,14 @@ class Smoother:
         return pd.DataFrame(out)
 
     def to_json(self) -> dict[str, Any]:
-        return {"neighbours": self.neighbours, "labels": list(LABELS), "coef": self.coef, "intercept": self.intercept}
+        return {
+            "neighbours": self.neighbours,
+            "regularisation": self.regularisation,
+            "labels": list(LABELS),
+            "coef": self.coef,
+            "intercept": self.intercept,
+            "prevalence": self.prevalence,
+        }
 
 
 def _read(path: Path) -> pd.DataFrame:
@@ -116,15 +137,15 @@ def smooth(cfg: SmoothConfig) -> dict[str, Any]:
         "oof_metric": score_wide(labels, oof_smoothed),
     }
     smoother = Smoother(cfg.neighbours, cfg.regularisation).fit(features, labels)
-    (out / "smoothing.json").write_text(json.dumps(smoother.to_json(), indent=2) + "\n")
+    (out / SMOOTHING_FILE).write_text(json.dumps(smoother.to_json(), indent=2) + "\n")
     logger.info(
-        "smoothing: out-of-fold metric %.4f -> %.4f; wrote %s", result["oof_metric_before"], result["oof_metric"], out / "smoothing.json"
+        "smoothing: out-of-fold metric %.4f -> %.4f; wrote %s", result["oof_metric_before"], result["oof_metric"], out / SMOOTHING_FILE
     )
     test_path = predicted / TEST_PREDICTIONS
     if test_path.is_file():
         test = pd.read_parquet(test_path)
         final = smoother.predict(neighbour_features(test, images, cfg.neighbours), test[IMAGE_ID].to_numpy())
-        result.update(write_submission(final, _sample_submission(cfg, prepared), out / "submission.csv", fill=labels[list(LABELS)].mean()))
+        result.update(write_submission(final, _sample_submission(cfg, prepared), out / "submission.csv", fill=smoother.prevalence))
     (out / "metrics.json").write_text(json.dumps(result, indent=2) + "\n")
     return result
 
@@ -134,7 +155,7 @@ def _sample_submission(cfg: SmoothConfig, prepared: Prepared) -> Path:
     return Path(data_dir) / SAMPLE_SUBMISSION
 
 
-def write_submission(predictions: pd.DataFrame, sample_path: Path, out: Path, fill: pd.Series) -> dict[str, Any]:
+def write_submission(predictions: pd.DataFrame, sample_path: Path, out: Path, fill: dict[str, float]) -> dict[str, Any]:
     """submission.csv with exactly the sample submission's IDs in its order; an image without a prediction (unreadable)
     gets `fill` (the training prevalence) and is counted."""
     sample = pd.read_csv(sample_path, dtype={"ID": str})

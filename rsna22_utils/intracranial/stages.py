@@ -4,6 +4,7 @@
     01_train     one slice classifier per fold x seed (variants: the seed's five CNN families)
     02_predict   every run with TTA: training images out of fold, test images by the mean of the runs
     03_smooth    slice-position smoothing fitted on the out-of-fold predictions -> submission.csv
+    04_inference the offline Kaggle submission: test DICOMs -> cache -> runs with TTA -> smoothing
 
 Notebooks: `notebooks/intracranial/<stage>.py`.
 """
@@ -36,5 +37,6 @@ STAGES: tuple[Stage, ...] = tuple(
         ),
         Stage("02_predict", configs.PredictConfig, f"{_PACKAGE}.predict:predict", notebooks_dir=_NOTEBOOKS),
         Stage("03_smooth", configs.SmoothConfig, f"{_PACKAGE}.smooth:smooth", notebooks_dir=_NOTEBOOKS),
+        Stage("04_inference", configs.InferenceConfig, f"{_PACKAGE}.inference:infer", kaggle_internet=False, notebooks_dir=_NOTEBOOKS),
     )
 )

@@ -60,7 +60,14 @@ def _spread(images: pd.DataFrame, n: int) -> pd.DataFrame:
 def train_classifier(cfg: ClassifierTrainConfig) -> dict[str, Any]:
     """Train one run (fold x seed) on every image of the other folds; writes the trainer's outputs and QC figures."""
     prepared = Prepared(Path(cfg.prepared_dir))
-    cfg = with_derived(cfg, cache_size=prepared.cache_size())
+    spec = prepared.cache_spec(prepared.cache_size())
+    cfg = with_derived(
+        cfg,
+        cache_size=spec["cache_size"],
+        crop_border=spec["crop_border"],
+        head_threshold=spec["head_threshold"],
+        cache_windows=spec["windows"],
+    )
     train, valid = split_by_fold(prepared.read_images(), cfg.fold)
     if valid is not None:
         valid = _spread(valid.sort_values(["StudyInstanceUID", "slice_index"]), cfg.max_valid_images)

@@ -35,7 +35,8 @@ def competition(tmp_path_factory) -> Path:
 def test_stage_table_and_profiles(intracranial):
     from rsna22_utils.core.profiles import available_profiles, load_profile
 
-    assert list(registry.stages()) == ["00_prepare", "01_train", "02_predict", "03_smooth"]
+    assert list(registry.stages()) == ["00_prepare", "01_train", "02_predict", "03_smooth", "04_inference"]
+    assert not registry.get_stage("04_inference").kaggle_internet
     assert registry.prepare_stage().name == "00_prepare"
     assert all(stage.notebook.is_file() for stage in registry.stages().values())
     assert {"original", "demo"} <= set(available_profiles())
@@ -155,6 +156,12 @@ def test_every_stage_on_a_tiny_competition(intracranial, competition, tmp_path):
     sample = pd.read_csv(competition / "stage_2_sample_submission.csv")
     assert list(submission["ID"]) == list(sample["ID"]) and submission["Label"].between(0, 1).all()
     assert smoothed["images_without_prediction"] == 0 and np.isfinite(smoothed["oof_metric"])
+
+    # the Kaggle notebook's path, from the test DICOMs alone, gives the same submission
+    inferred = execute("04_inference", resolve_config("04_inference", {**common, "data_dir": str(competition), "device": "cpu"}))
+    kaggle = pd.read_csv(inferred["submission"])
+    assert list(kaggle["ID"]) == list(sample["ID"])
+    np.testing.assert_allclose(kaggle["Label"], submission["Label"], atol=1e-5)
 
 
 @pytest.mark.slow
