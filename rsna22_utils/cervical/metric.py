@@ -29,8 +29,8 @@ from torch import nn
 from torch.nn import functional as F
 
 from rsna22_utils.cervical.anatomy import TARGETS, VERTEBRAE
+from rsna22_utils.core.errors import MetricError
 from rsna22_utils.core.metric import (
-    MetricError,
     binary_column,
     check_same_ids,
     check_unique,

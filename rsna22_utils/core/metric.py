@@ -12,11 +12,9 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
+from rsna22_utils.core.errors import MetricError
+
 _N_EXAMPLES = 5
-
-
-class MetricError(ValueError):
-    """A solution or submission table that cannot be scored (names the problem, counts and examples)."""
 
 
 def examples(values: Iterable) -> str:

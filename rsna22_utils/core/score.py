@@ -12,7 +12,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from rsna22_utils.core.metric import MetricError
+from rsna22_utils.core.errors import MetricError
 from rsna22_utils.core.registry import competition
 
 

@@ -11,7 +11,8 @@ import re
 import numpy as np
 import pandas as pd
 
-from rsna22_utils.core.metric import MetricError, examples
+from rsna22_utils.core.errors import MetricError
+from rsna22_utils.core.metric import examples
 
 SUBTYPES: tuple[str, ...] = ("epidural", "intraparenchymal", "intraventricular", "subarachnoid", "subdural")
 LABELS: tuple[str, ...] = ("any",) + SUBTYPES

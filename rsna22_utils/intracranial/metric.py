@@ -21,15 +21,8 @@ import pandas as pd
 import torch
 from torch.nn import functional as F
 
-from rsna22_utils.core.metric import (
-    MetricError,
-    binary_column,
-    check_same_ids,
-    check_unique,
-    probability_column,
-    read_csv_table,
-    require_columns,
-)
+from rsna22_utils.core.errors import MetricError
+from rsna22_utils.core.metric import binary_column, check_same_ids, check_unique, probability_column, read_csv_table, require_columns
 from rsna22_utils.intracranial.labels import IMAGE_ID, LABEL_WEIGHTS, LABELS, rows_from_wide, split_row_ids
 
 EPS = 1e-15

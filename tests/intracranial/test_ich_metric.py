@@ -10,7 +10,7 @@ import pytest
 import torch
 from sklearn.metrics import log_loss
 
-from rsna22_utils.core.metric import MetricError
+from rsna22_utils.core.errors import MetricError
 from rsna22_utils.intracranial.labels import LABELS, rows_from_wide, wide_from_rows
 from rsna22_utils.intracranial.metric import EPS, score, score_files, weighted_log_loss
 
