@@ -31,7 +31,7 @@ from rsna22_utils.core.cache import StudyCache
 from rsna22_utils.core.config import with_derived
 from rsna22_utils.core.device import resolve_device
 from rsna22_utils.core.registry import finished_runs, out_of_fold_runs
-from rsna22_utils.core.train import fit
+from rsna22_utils.core.train import Training
 
 logger = logging.getLogger(__name__)
 
@@ -105,6 +105,11 @@ class BoxTask:
 
 def train_box(cfg: BoxTrainConfig) -> dict:
     """01_train_box: has-box + C1-C7 box on single slices of the segmented studies, one fold x seed."""
+    return box_training(cfg).fit()
+
+
+def box_training(cfg: BoxTrainConfig) -> Training:
+    """One 01 run's model, task and datasets (its config with the cache's settings derived)."""
     prepared, cache, cache_settings = open_cache(cfg)
     cfg = with_derived(cfg, **cache_settings)
     train, valid = split_by_fold(box_table(prepared, cache), cfg.fold)
@@ -115,7 +120,7 @@ def train_box(cfg: BoxTrainConfig) -> dict:
     inputs: dict[str, Any] = dict(input_slices=k, norm=norm, uint8_images=True)  # the trainer normalises on the device
     valid_set = None if valid is None else BoxSliceDataset(valid, source, **inputs)
     train_set = BoxSliceDataset(train, source, augment=cfg.augment, **inputs)
-    return fit(model, task, train_set, valid_set, cfg, on_device=DeviceInputs(norm))
+    return Training(model, task, train_set, valid_set, cfg, on_device=DeviceInputs(norm))
 
 
 def box_examples(cfg: BoxTrainConfig, n: int = 8) -> tuple[list[np.ndarray], np.ndarray, np.ndarray]:

@@ -34,7 +34,7 @@ from rsna22_utils.core.config import with_derived
 from rsna22_utils.core.device import autocast, resolve_device
 from rsna22_utils.core.outputs import StageOutputs
 from rsna22_utils.core.registry import finished_runs, out_of_fold_runs, run_dir
-from rsna22_utils.core.train import fit
+from rsna22_utils.core.train import Training
 
 logger = logging.getLogger(__name__)
 
@@ -210,13 +210,13 @@ def _window_inputs(cfg: Any, crops: dict[str, tuple] | None, ranges: dict[str, t
     return {**sequence_inputs(cfg, crops), "ranges": ranges, "per_slice": bool(getattr(cfg, "outputs_per_slice", False))}
 
 
-def _fit_sequences(model: nn.Module, task: SequenceTask, train: SequenceDataset, valid: SequenceDataset | None, cfg: Any) -> dict:
-    """`fit` on windows whose uint8 images the trainer turns into network inputs on the device."""
-    return fit(model, task, train, valid, cfg, on_device=DeviceInputs(train.norm))
-
-
 def train_vertebra(cfg: VertebraTrainConfig) -> dict:
     """03_train_vertebra: the 2.5D CNN + BiLSTM on per-slice vertebra ratios of the segmented studies."""
+    return vertebra_training(cfg).fit()
+
+
+def vertebra_training(cfg: VertebraTrainConfig) -> Training:
+    """One 03 run's model, task and datasets (its config with the cache's settings derived)."""
     prepared, cache, cache_settings = open_cache(cfg)
     cfg = with_derived(cfg, **cache_settings)
     labels, folds = _vertebra_labels(prepared, cache)
@@ -224,11 +224,16 @@ def train_vertebra(cfg: VertebraTrainConfig) -> dict:
     train, valid = _sequence_datasets(cfg, labels, folds, cache, positive=labels, crops=crops)  # windows that show the spine
     logger.info("vertebra model fold %d: %d training / %d validation studies", cfg.fold, len(train.uids), len(valid.uids) if valid else 0)
     task = SequenceTask(valid, list(VERTEBRAE), loss=cfg.loss, positive_weight=cfg.positive_weight)
-    return _fit_sequences(create_model(cfg), task, train, valid, cfg)
+    return Training(create_model(cfg), task, train, valid, cfg, on_device=DeviceInputs(train.norm))
 
 
 def train_fracture(cfg: FractureTrainConfig) -> dict:
     """05_train_fracture: the same model on box crops of every train study, 7 vertebra + 7 fracture targets."""
+    return fracture_training(cfg).fit()
+
+
+def fracture_training(cfg: FractureTrainConfig) -> Training:
+    """One 05 run's model (its CNN from `init_encoder_from` when set), task and datasets."""
     prepared, cache, cache_settings = open_cache(cfg)
     cfg = with_derived(cfg, **cache_settings)
     labels, folds = _fracture_labels(cfg.work_dir, prepared)
@@ -245,7 +250,7 @@ def train_fracture(cfg: FractureTrainConfig) -> dict:
         _init_encoder(model, cfg)
     names = list(VERTEBRAE) + FRACTURE + ([ANY_FRACTURE] if cfg.any_fracture_head else [])
     task = SequenceTask(valid, names, cfg.fracture_loss_weight, cfg.fracture_pos_weight, cfg.loss, cfg.positive_weight)
-    return _fit_sequences(model, task, train, valid, cfg)
+    return Training(model, task, train, valid, cfg, on_device=DeviceInputs(train.norm))
 
 
 def _init_encoder(model: nn.Module, cfg: FractureTrainConfig) -> None:

@@ -39,6 +39,7 @@ COMMAND_MODULES: tuple[str, ...] = (
     f"{_PACKAGE}.bench.backbones",
     f"{_PACKAGE}.bench.cost",
     f"{_PACKAGE}.bench.inference",
+    f"{_PACKAGE}.bench.train",
 )
 _NETWORK = f"{_PACKAGE}.models:create_network"
 _PREVIEW = f"{_PACKAGE}.preview:preview_derived"

@@ -34,7 +34,7 @@ from rsna22_utils.cervical.study_box import study_crops
 from rsna22_utils.core.config import with_derived
 from rsna22_utils.core.device import resolve_device
 from rsna22_utils.core.registry import run_dir
-from rsna22_utils.core.train import fit
+from rsna22_utils.core.train import Training
 
 logger = logging.getLogger(__name__)
 
@@ -182,31 +182,61 @@ class StudyTask:
 
 def train_study(cfg: StudyTrainConfig) -> dict:
     """06_train_study: stage-05 CNN frozen, a new BiLSTM + attention + max pooling head (+ the stage-05 evidence), metric as loss."""
+    return study_training(cfg).fit()
+
+
+def study_training(cfg: StudyTrainConfig, start_head: bool = True) -> Training:
+    """One 06 run's model, task and datasets. With `start_head` False (embed_on_the_fly only) nothing is
+    embedded up front and the head keeps its initial weights: the run's data path and steps, for benchmarks."""
+    if not start_head and not cfg.embed_on_the_fly:
+        raise ValueError("06 without embed_on_the_fly trains on embeddings made up front: start_head=False needs embed_on_the_fly")
     prepared, cache, cache_settings = open_cache(cfg)
     device = resolve_device(cfg.device)
-    fracture_run = Path(cfg.fracture_run) if cfg.fracture_run else run_dir(cfg.work_dir, TRAIN_FRACTURE, cfg.fold, cfg.seed, cfg.variant)
-    sequence_model, fracture_cfg = load_run(fracture_run, device)
-    if int(fracture_cfg.fold) != int(cfg.fold):
-        raise ValueError(f"{fracture_run}: trained for fold {fracture_cfg.fold}, not fold {cfg.fold}: its CNN has seen this fold")
-    # the study model sees images exactly as stage 05 did, and its config.json alone rebuilds it (07_inference)
-    cfg = with_derived(
-        cfg,
-        **cache_settings,
-        **settings_from_fracture_run(fracture_cfg),
-    )
-
+    sequence_model, cfg = _frozen_fracture_model(cfg, cache_settings, device)
     folds = prepared.read("folds")
     crops, ranges = study_crops(cfg.work_dir)
     uids = sorted(set(folds["StudyInstanceUID"]) & set(cache.uids) & set(ranges))
     cache, crops, ranges = study_inputs(cfg, cache, crops, ranges)
-    embeddings = embed_studies(sequence_model.encoder, cache, uids, cfg, crops, ranges, device)
-    if cfg.save_embeddings:
-        Path(cfg.out_dir).mkdir(parents=True, exist_ok=True)
-        np.savez_compressed(Path(cfg.out_dir) / "embeddings.npz", **embeddings)
     train_table, valid_table = split_by_fold(folds[folds["StudyInstanceUID"].isin(uids)], cfg.fold)
-    train = StudyEmbeddings(sorted(train_table["StudyInstanceUID"]), embeddings, folds, cfg.max_len)
-    valid = None if valid_table is None else StudyEmbeddings(sorted(valid_table["StudyInstanceUID"]), embeddings, folds, cfg.max_len)
-    model = study_model(cfg, sequence_model.cpu())
+    train_uids = sorted(train_table["StudyInstanceUID"])
+    valid_uids = None if valid_table is None else sorted(valid_table["StudyInstanceUID"])
+    logger.info("study model fold %d: %d training / %d validation studies", cfg.fold, len(train_uids), len(valid_uids or []))
+    if start_head:
+        embeddings = embed_studies(sequence_model.encoder, cache, uids, cfg, crops, ranges, device)
+        if cfg.save_embeddings:
+            Path(cfg.out_dir).mkdir(parents=True, exist_ok=True)
+            np.savez_compressed(Path(cfg.out_dir) / "embeddings.npz", **embeddings)
+        train = StudyEmbeddings(train_uids, embeddings, folds, cfg.max_len)
+        valid = None if valid_uids is None else StudyEmbeddings(valid_uids, embeddings, folds, cfg.max_len)
+        model = study_model(cfg, sequence_model.cpu())
+        _start_head(model, train)
+        if not cfg.embed_on_the_fly:
+            return Training(model, StudyTask(valid, folds), train, valid, cfg, collate_fn=pad_collate)
+    else:
+        model = study_model(cfg, sequence_model.cpu())
+    train_windows = study_windows(train_uids, cache, ranges, crops, cfg)
+    train_images = StudyImages(train_uids, train_windows, folds, augment=cfg.augment, uint8_images=True)
+    valid_images = None
+    if valid_uids is not None:
+        valid_images = StudyImages(valid_uids, study_windows(valid_uids, cache, ranges, crops, cfg), folds, uint8_images=True)
+    model = OnTheFlyStudyModel(model, cfg.cnn_chunk_size, cfg.frozen_bn_update)
+    on_device = DeviceInputs(train_windows.norm, "images")  # the uint8 images become network inputs on the device
+    return Training(model, StudyTask(valid_images, folds), train_images, valid_images, cfg, images_collate, on_device)
+
+
+def _frozen_fracture_model(cfg: StudyTrainConfig, cache_settings: dict[str, Any], device: torch.device) -> tuple[nn.Module, Any]:
+    """The stage-05 run this 06 run freezes (same fold, variant and seed, or `fracture_run`), and the 06
+    config with what it takes from that run derived: the study model sees images exactly as stage 05
+    did, and its config.json alone rebuilds it (07_inference)."""
+    fracture_run = Path(cfg.fracture_run) if cfg.fracture_run else run_dir(cfg.work_dir, TRAIN_FRACTURE, cfg.fold, cfg.seed, cfg.variant)
+    sequence_model, fracture_cfg = load_run(fracture_run, device)
+    if int(fracture_cfg.fold) != int(cfg.fold):
+        raise ValueError(f"{fracture_run}: trained for fold {fracture_cfg.fold}, not fold {cfg.fold}: its CNN has seen this fold")
+    return sequence_model, with_derived(cfg, **cache_settings, **settings_from_fracture_run(fracture_cfg))
+
+
+def _start_head(model: StudyModel, train: StudyEmbeddings) -> None:
+    """The head's starting weights: the training prior, or the logistic fits of the stage-05 evidence."""
     head = model.head
     if head.evidence is None:
         head.start_from_prior(torch.from_numpy(train.targets.mean(axis=0)))
@@ -214,17 +244,6 @@ def train_study(cfg: StudyTrainConfig) -> dict:
         evidence = torch.cat([head.evidence(item["embeddings"][None], item["mask"][None]) for item in train])
         head.start_from_evidence(evidence, torch.from_numpy(train.targets))
         logger.info("evidence weights (patient_overall, C1..C7): %s", [round(float(w), 2) for w in head.evidence_weight.detach()])
-    logger.info("study model fold %d: %d training / %d validation studies", cfg.fold, len(train), len(valid) if valid else 0)
-    if not cfg.embed_on_the_fly:
-        return fit(model, StudyTask(valid, folds), train, valid, cfg, collate_fn=pad_collate)
-    train_windows = study_windows(train.uids, cache, ranges, crops, cfg)
-    train_images = StudyImages(train.uids, train_windows, folds, augment=cfg.augment, uint8_images=True)
-    valid_images = None
-    if valid is not None:
-        valid_images = StudyImages(valid.uids, study_windows(valid.uids, cache, ranges, crops, cfg), folds, uint8_images=True)
-    model = OnTheFlyStudyModel(model, cfg.cnn_chunk_size, cfg.frozen_bn_update)
-    on_device = DeviceInputs(train_windows.norm, "images")  # the uint8 images become network inputs on the device
-    return fit(model, StudyTask(valid_images, folds), train_images, valid_images, cfg, collate_fn=images_collate, on_device=on_device)
 
 
 def study_inputs(cfg: StudyTrainConfig, cache: Any, crops: dict, ranges: dict) -> tuple[Any, dict, dict]:

@@ -19,6 +19,7 @@ micro-steps), gathers the OOF rows on rank 0 and writes files from rank 0 only.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import functools
 import importlib
 import json
@@ -37,7 +38,7 @@ import pandas as pd
 import torch
 import torch.distributed as dist
 from torch import nn
-from torch.utils.data import DataLoader, Dataset, Sampler
+from torch.utils.data import DataLoader, Dataset, RandomSampler, Sampler
 from torch.utils.data.distributed import DistributedSampler
 from tqdm import tqdm  # text bars (not tqdm.auto): they stream through papermill to the runner's console
 
@@ -753,3 +754,70 @@ def _write_selected(model: nn.Module, oof: pd.DataFrame | None, cfg: TrainConfig
 
 
 __all__ = ["Task", "fit", "seed_everything", "param_groups", "warmup_cosine"]
+
+
+# ----------------------------------------------------------------------------- a run's parts, outside fit
+
+
+@dataclass
+class Training:
+    """What a stage hands the trainer for one run: `training.fit()` trains it; `TrainingSteps` times its parts."""
+
+    model: nn.Module
+    task: Task
+    train_dataset: Dataset
+    valid_dataset: Dataset | None
+    cfg: TrainConfig
+    collate_fn: Callable[[list[Any]], Any] | None = None
+    on_device: Callable[[Any], Any] | None = None
+
+    def fit(self) -> dict[str, Any]:
+        """Train as `fit` does and write the run's outputs."""
+        return fit(self.model, self.task, self.train_dataset, self.valid_dataset, self.cfg, self.collate_fn, self.on_device)
+
+
+class TrainingSteps:
+    """A run's training loader and optimizer steps outside `fit`, in one process, writing nothing (for benchmarks).
+
+    The steps are `fit`'s own (`_train_epoch`: device placement and the run's `on_device` step,
+    channels_last, the AMP dtype and gradient scaler, accumulation, clipping, `compile`), on the model
+    moved and seeded as `fit` moves and seeds it; the loaders are the trainer's (`_Loaders`).
+    """
+
+    def __init__(self, training: Training) -> None:
+        self.training, self.cfg = training, training.cfg
+        self.device = resolve_device(self.cfg.device)
+        self.procs = _Processes()
+        seed_everything(self.cfg.seed, self.cfg.deterministic)
+        training.model.to(self.device)
+        if self.cfg.channels_last:
+            training.model.to(memory_format=torch.channels_last)
+        self.plan = _Plan(self.cfg.batch_size // self.cfg.grad_accum, 1, 1, len(training.train_dataset), 0)  # type: ignore[arg-type]
+        if self.plan.micro < 1:
+            raise ConfigError(f"batch_size={self.cfg.batch_size} gives no micro-batch with grad_accum={self.cfg.grad_accum}")
+        self.opt = _optimisation(training.model, self.cfg, self.device, self.plan.total_steps)
+        self.train_model = torch.compile(training.model) if self.cfg.compile else training.model
+        self.finish = functools.partial(_to_device, device=self.device, channels_last=self.cfg.channels_last, on_device=training.on_device)
+
+    def loader(self, num_workers: int, n_batches: int) -> DataLoader:
+        """`n_batches` training micro-batches drawn at random with replacement (a small dataset lasts), through
+        the trainer's DataLoader with `num_workers` workers."""
+        dataset = self.training.train_dataset
+        sampler = RandomSampler(
+            dataset,  # type: ignore[arg-type]
+            replacement=True,
+            num_samples=n_batches * self.plan.micro,
+            generator=torch.Generator().manual_seed(self.cfg.seed),
+        )
+        cfg = dataclasses.replace(self.cfg, num_workers=num_workers)
+        loaders = _Loaders(cfg, self.procs, self.training.collate_fn, pin=self.device.type == "cuda")
+        return loaders(dataset, sampler, self.plan.micro, True, 0)
+
+    def to_device(self, batch: Any) -> Any:
+        """A loader batch moved to the device as it is (each step still finishes it there, as `fit`'s steps do)."""
+        return _to_device(batch, self.device, self.cfg.channels_last)
+
+    def run(self, batches: Iterator[Any], steps: int) -> None:
+        """`steps` optimizer steps, each of `grad_accum` micro-batches from `batches`, as `fit` takes them."""
+        plan = dataclasses.replace(self.plan, steps_per_epoch=steps)
+        _train_epoch(self.train_model, self.training.task, batches, self.opt, self.cfg, plan, self.device, self.procs, 0, self.finish)

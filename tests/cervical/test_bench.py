@@ -246,3 +246,79 @@ def test_load_ensemble_honours_the_model_limits(tmp_path: Path) -> None:
     with pytest.raises(ConfigError, match="max_box_models and max_study_models must be >= 0"):
         resolve_config("07_inference", {"max_study_models": -1})
     assert torch.device("cpu") == ensemble.device
+
+
+# --------------------------------------------------------------------------- bench-train
+
+
+def _tiny_train_profile(folder: Path) -> str:
+    """The tiny pipeline's settings as a profile, with two variants of 05 and 06 (06 re-embedding on the fly)."""
+    from tests.conftest import TINY_COMMON, TINY_STAGES, tiny_settings
+
+    stages = {stage: {"settings": tiny_settings(stage, {**TINY_COMMON, **values})} for stage, values in TINY_STAGES.items()}
+    stages["06_train_study"]["settings"].update({"embed_on_the_fly": True, "cnn_chunk_size": 8, "slice_evidence": False})
+    for stage in ("05_train_fracture", "06_train_study"):
+        stages[stage]["variants"] = {"a": {}, "b": {}}
+    stages["03_train_vertebra"]["settings"]["num_workers"] = 2
+    path = folder / "tiny-train.json"
+    path.write_text(json.dumps({"profile": "tiny-train", "version": 1, "description": "bench-train tests", "stages": stages}))
+    return str(path)
+
+
+def test_network_images_counts_what_the_network_sees() -> None:
+    import torch
+
+    from rsna22_utils.cervical.bench.train import network_images
+
+    assert network_images({"image": torch.zeros(4, 3, 8, 8)}) == 4  # box: a 3-slice image counts one
+    assert network_images({"image": torch.zeros(2, 5, 3, 8, 8)}) == 10  # sequence: a window of 5 counts 5
+    assert network_images({"images": torch.zeros(7, 3, 8, 8), "lengths": torch.tensor([3, 4])}) == 7  # 06 re-embedding
+    assert network_images({"embeddings": torch.zeros(2, 4, 6), "mask": torch.tensor([[1, 1, 1, 0], [1, 1, 0, 0]])}) == 5
+
+
+def test_bench_train_measures_each_training_stage_of_the_tiny_pipeline(tiny_pipeline: dict, tmp_path: Path, capsys) -> None:
+    import shutil
+
+    from rsna22_utils.cervical.bench.train import JSON_FIELDS
+    from rsna22_utils.cli import main
+
+    work_dir = tmp_path / "runs"
+    shutil.copytree(tiny_pipeline["work_dir"], work_dir)
+    profile = _tiny_train_profile(tmp_path)
+    expected = {"01": [""], "03": [""], "05": ["a", "b"], "06": ["a", "b"]}
+    for stage, variants in expected.items():
+        args = ["bench-train", stage, "--profile", profile, "--work-dir", str(work_dir), "--data-dir", str(tiny_pipeline["data_dir"])]
+        assert main([*args, "--steps", "1", "--json"]) == 0
+        rows = json.loads(capsys.readouterr().out)
+        assert [(row["stage"].split("_")[0], row["variant"]) for row in rows] == [(stage, v) for v in variants]
+        for row in rows:
+            assert set(JSON_FIELDS) <= set(row)
+            assert row["device"] == "cpu" and row["amp_dtype"] == "float32" and isinstance(row["deterministic"], bool)
+            assert row["num_workers"] == (2 if stage == "03" else 0)
+            rates = [row[k] for k in ("data_img_s_per_worker", "data_img_s", "network_img_s", "trainer_img_s")]
+            assert all(rate > 0 for rate in rates)
+            assert row["bottleneck"] == ("data" if row["data_img_s"] < row["network_img_s"] else "network")
+    fracture_runs = sorted(p.name for p in (work_dir / "05_train_fracture").iterdir())
+    assert fracture_runs == ["a-fold-1-seed0", "b-fold-1-seed0", "fold0-seed0"]  # 06 froze a 05 run of its own variant
+    assert (tiny_pipeline["work_dir"] / "05_train_fracture" / "fold0-seed0").is_dir()
+
+
+def test_bench_train_makes_its_inputs_once_and_can_measure_the_data_alone(tmp_path: Path, capsys) -> None:
+    import pandas as pd
+
+    from rsna22_utils.cervical.bench.train import bench_train, print_rows
+
+    settings = {"batch_size": 2, "seq_len": 4, "lstm_hidden": 8, "crop_size": 32, "infer_stride": 12, "num_workers": 0}
+    common = {"device": "cpu", "steps": 1, "work_dir": tmp_path, "overrides": settings, "n_studies": 2, "image_size": 64}
+    rows = bench_train("05", "demo", data_only=True, **common)
+    assert [row["variant"] for row in rows] == [""] and rows[0]["network_img_s"] is None and rows[0]["trainer_img_s"] is None
+    assert rows[0]["data_img_s_per_worker"] > 0 and rows[0]["bottleneck"].startswith("data")
+    boxes = pd.read_csv(tmp_path / "02_infer_box" / "study_boxes.csv")
+    labels = pd.read_parquet(tmp_path / "04_infer_vertebra" / "slice_labels.parquet")
+    assert len(boxes) == 2 and (boxes["x1"] > boxes["x0"]).all() and (boxes["slnum_to"] > boxes["slnum_from"]).all()
+    assert set(labels["StudyInstanceUID"]) == set(boxes["StudyInstanceUID"]) and labels.filter(like="_pred").to_numpy().max() == 1.0
+    made = {p: p.stat().st_mtime_ns for p in (tmp_path / "02_infer_box" / "study_boxes.csv", tmp_path / "00_prepare" / "folds.csv")}
+    again = bench_train("01", "demo", **common)
+    assert {p: p.stat().st_mtime_ns for p in made} == made  # prepared once, reused
+    print_rows(again)
+    assert "01_train_box" in capsys.readouterr().out
