@@ -253,7 +253,7 @@ def test_load_ensemble_honours_the_model_limits(tmp_path: Path) -> None:
 
 def _tiny_train_profile(folder: Path) -> str:
     """The tiny pipeline's settings as a profile, with two variants of 05 and 06 (06 re-embedding on the fly)."""
-    from tests.conftest import TINY_COMMON, TINY_STAGES, tiny_settings
+    from tests.helpers import TINY_COMMON, TINY_STAGES, tiny_settings
 
     stages = {stage: {"settings": tiny_settings(stage, {**TINY_COMMON, **values})} for stage, values in TINY_STAGES.items()}
     stages["06_train_study"]["settings"].update({"embed_on_the_fly": True, "cnn_chunk_size": 8, "slice_evidence": False})
@@ -303,6 +303,7 @@ def test_bench_train_measures_each_training_stage_of_the_tiny_pipeline(tiny_pipe
     assert (tiny_pipeline["work_dir"] / "05_train_fracture" / "fold0-seed0").is_dir()
 
 
+@pytest.mark.slow
 def test_bench_train_makes_its_inputs_once_and_can_measure_the_data_alone(tmp_path: Path, capsys) -> None:
     import pandas as pd
 
