@@ -32,8 +32,19 @@ from pathlib import Path
 from typing import Any
 
 from rsna22_utils import setup_logging
-from rsna22_utils.core.paths import KAGGLE_INPUT, NOTEBOOKS_DIR, REPO_ROOT, kaggle_input_dir
-from rsna22_utils.core.registry import CONFIG, WEIGHTS, finished_runs, get_stage, parse_run_name, run_dir, serving_runs, stages
+from rsna22_utils.core.paths import KAGGLE_INPUT, REPO_ROOT, kaggle_input_dir
+from rsna22_utils.core.registry import (
+    CONFIG,
+    DEFAULT_COMPETITION,
+    WEIGHTS,
+    competition,
+    finished_runs,
+    get_stage,
+    parse_run_name,
+    run_dir,
+    serving_runs,
+    stages,
+)
 from rsna22_utils.core.wheels import IMAGE_FILE, PLATFORM, KaggleImage, check_wheels, load_image, wheel_name_version
 
 logger = logging.getLogger(__name__)
@@ -41,6 +52,22 @@ logger = logging.getLogger(__name__)
 SETTINGS_FILE = REPO_ROOT / "kaggle-settings.json"
 KERNEL_METADATA_DIR = REPO_ROOT / "kernel-metadata"
 PLACEHOLDER_OWNER = "YOUR_KAGGLE_USERNAME"
+
+
+def _competition_name() -> str:
+    return competition().rsplit(".", 1)[-1]
+
+
+def settings_file() -> Path:
+    """The selected competition's settings: kaggle-settings.json, or kaggle-settings.<name>.json for another competition."""
+    name = _competition_name()
+    return SETTINGS_FILE if name == DEFAULT_COMPETITION else REPO_ROOT / f"kaggle-settings.{name}.json"
+
+
+def kernel_metadata_dir() -> Path:
+    """Where the selected competition's kernel folders are: kernel-metadata/, or kernel-metadata/<name>/ for another one."""
+    name = _competition_name()
+    return KERNEL_METADATA_DIR if name == DEFAULT_COMPETITION else KERNEL_METADATA_DIR / name
 
 
 def stage_names() -> list[str]:
@@ -124,7 +151,7 @@ def load_settings(path: Path | str | None = None, **overrides: Any) -> KaggleSet
     in the file are an error naming the file, so a typo does not silently fall back to a default.
     """
     values: dict[str, Any] = {}
-    file = Path(path) if path is not None else SETTINGS_FILE
+    file = Path(path) if path is not None else settings_file()
     if file.exists():
         try:
             if file.suffix == ".toml":
@@ -476,12 +503,12 @@ def kernel_metadata(stage: str, settings: KaggleSettings, gpu: bool = True, inte
     return meta
 
 
-def write_kernel_folders(settings: KaggleSettings, stages: Iterable[str] | None = None, out_dir: Path = KERNEL_METADATA_DIR) -> list[Path]:
-    """Write `out_dir/<stage>/kernel-metadata.json` for each stage; return the folders.
+def write_kernel_folders(settings: KaggleSettings, stages: Iterable[str] | None = None, out_dir: Path | None = None) -> list[Path]:
+    """Write `out_dir/<stage>/kernel-metadata.json` for each stage (default: the competition's kernel_metadata_dir); return the folders.
 
     Also writes `out_dir/.gitignore` so notebooks copied in at push time are not committed.
     """
-    out_dir = Path(out_dir)
+    out_dir = Path(out_dir or kernel_metadata_dir())
     out_dir.mkdir(parents=True, exist_ok=True)
     (out_dir / ".gitignore").write_text(
         "# notebooks are copied here by `kaggle push-kernel`; the .ipynb in notebooks/ is the source\n*.ipynb\n"
@@ -495,11 +522,9 @@ def write_kernel_folders(settings: KaggleSettings, stages: Iterable[str] | None 
     return folders
 
 
-def prepare_kernel_folder(
-    stage: str, settings: KaggleSettings, out_dir: Path = KERNEL_METADATA_DIR, notebooks_dir: Path = NOTEBOOKS_DIR
-) -> Path:
-    """Regenerate a stage's kernel metadata from the settings and copy its notebook in."""
-    notebook = Path(notebooks_dir) / f"{stage}.ipynb"
+def prepare_kernel_folder(stage: str, settings: KaggleSettings, out_dir: Path | None = None, notebooks_dir: Path | None = None) -> Path:
+    """Regenerate a stage's kernel metadata from the settings and copy its notebook (default: the stage's) in."""
+    notebook = Path(notebooks_dir or get_stage(stage).notebook.parent) / f"{stage}.ipynb"
     if not notebook.is_file():
         raise KaggleError(f"{notebook}: notebook not found; build it from the .py with `python -m rsna22_utils notebooks sync`")
     (folder,) = write_kernel_folders(settings, [stage], out_dir)
@@ -692,7 +717,12 @@ def add_commands(subparsers: Any) -> None:
     sub = kaggle.add_subparsers(dest="kaggle_command", required=True)
 
     def common(p: argparse.ArgumentParser) -> None:
-        p.add_argument("--settings", type=Path, default=None, help=f"settings file (default: {SETTINGS_FILE.name} at the repo root)")
+        p.add_argument(
+            "--settings",
+            type=Path,
+            default=None,
+            help=f"settings file (default: {SETTINGS_FILE.name} at the repo root, kaggle-settings.<competition>.json for another)",
+        )
         p.add_argument("--owner", default=None, help="Kaggle username (default: settings file, then $KAGGLE_USERNAME)")
 
     p = sub.add_parser("build-dataset", help="write a dataset folder with dataset-metadata.json")
@@ -723,7 +753,7 @@ def add_commands(subparsers: Any) -> None:
 
     p = sub.add_parser("write-kernel-metadata", help="write kernel-metadata/<stage>/kernel-metadata.json from the settings")
     p.add_argument("--stages", nargs="*", default=None, help=f"default: all ({', '.join(stage_names())})")
-    p.add_argument("--out", type=Path, default=KERNEL_METADATA_DIR)
+    p.add_argument("--out", type=Path, default=None, help="folder (default: kernel-metadata/, kernel-metadata/<competition>/ for another)")
     common(p)
     p.set_defaults(func=_guard(_cmd_write_kernel_metadata))
 

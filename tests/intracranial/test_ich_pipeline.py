@@ -54,6 +54,20 @@ def test_stage_table_and_profiles(intracranial):
     assert all(v.folds == [0, 1, 2, 3, 4] for v in variants)
 
 
+def test_kernel_metadata_is_what_the_generator_writes(intracranial):
+    from rsna22_utils.core import kaggle
+    from rsna22_utils.core.paths import REPO_ROOT
+
+    assert kaggle.settings_file() == REPO_ROOT / "kaggle-settings.intracranial.json"
+    settings = kaggle.load_settings(owner=kaggle.PLACEHOLDER_OWNER)
+    assert settings.competition == "rsna-intracranial-hemorrhage-detection"
+    folder = kaggle.kernel_metadata_dir()
+    assert sorted(p.name for p in folder.iterdir() if p.is_dir()) == sorted(registry.stages())
+    for stage in registry.stages():
+        assert json.loads((folder / stage / "kernel-metadata.json").read_text()) == kaggle.kernel_metadata(stage, settings)
+    assert json.loads((folder / "04_inference" / "kernel-metadata.json").read_text())["enable_internet"] is False
+
+
 def test_notebook_pairs_are_in_sync():
     from rsna22_utils.core.notebooks import check_pairs, check_thin
     from rsna22_utils.core.paths import NOTEBOOKS_DIR
