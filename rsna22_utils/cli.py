@@ -56,9 +56,19 @@ def _parser() -> argparse.ArgumentParser:
     subparsers = parser.add_subparsers(dest="command", required=True)
     for module in command_modules():  # each parser sets func=callable(args) -> exit code
         importlib.import_module(module).add_commands(subparsers)
-    for command in subparsers.choices.values():  # `COMMAND --competition NAME` too (main reads it before parsing)
-        command.add_argument("--competition", default=argparse.SUPPRESS, metavar="NAME", help="the competition (as the global option)")
+    _accept_competition(subparsers)
     return parser
+
+
+def _accept_competition(subparsers: argparse._SubParsersAction) -> None:
+    """`COMMAND [SUBCOMMAND] --competition NAME` too (main reads it before parsing; a nested command's own
+    parser takes the arguments after its name)."""
+    for command in subparsers.choices.values():
+        nested = [action for action in command._actions if isinstance(action, argparse._SubParsersAction)]
+        for action in nested:
+            _accept_competition(action)
+        if not nested:
+            command.add_argument("--competition", default=argparse.SUPPRESS, metavar="NAME", help="the competition (as the global option)")
 
 
 def _selected_competition(argv: list[str]) -> str | None:

@@ -102,3 +102,19 @@ def test_score_command_selects_the_competition(tmp_path, capsys, monkeypatch, wh
     weights = {label: (2.0 if label == "any" else 1.0) for label in LABELS}
     expected = sum(weights[k] * log_loss(labels[k], preds[k], labels=[0, 1]) for k in LABELS) / sum(weights.values())
     assert printed == pytest.approx(expected, abs=1e-6)
+
+
+def test_a_nested_command_takes_competition_after_its_name(capsys, monkeypatch):
+    import json
+
+    from rsna22_utils import cli
+    from rsna22_utils.core import registry
+
+    previous = registry.competition()
+    monkeypatch.setenv(registry.COMPETITION_ENV, previous)
+    try:
+        assert cli.main(["config", "show", "01_train", "--competition", "intracranial", "--profile", "demo", "--json"]) == 0
+    finally:
+        registry.select_competition(previous)
+    (row,) = json.loads(capsys.readouterr().out)
+    assert row["stage"] == "01_train" and row["backbone"] == "resnet10t" and row["folds"] == [0, 1, 2]
