@@ -46,6 +46,7 @@ from rsna22_utils.cervical.study_box import predict_study_box, shared_input_slic
 from rsna22_utils.core.cache import CacheSpec, encode_study
 from rsna22_utils.core.device import autocast
 from rsna22_utils.core.registry import finished_runs, parse_run_name, serving_runs
+from rsna22_utils.core.timing import NO_TIMER, LapTimer
 
 logger = logging.getLogger(__name__)
 
@@ -301,9 +302,13 @@ def study_cache(run: StudyRun, study: DecodedStudy, study_box: dict[str, float],
     return built[key]
 
 
-def predict_study(ensemble: Ensemble, study: DecodedStudy, cfg: SubmissionConfig, flip: bool) -> np.ndarray:
-    """Box -> crops -> every study model (mean of probabilities) for one decoded study; TARGETS order."""
+def predict_study(ensemble: Ensemble, study: DecodedStudy, cfg: SubmissionConfig, flip: bool, timer: LapTimer = NO_TIMER) -> np.ndarray:
+    """Box -> crops -> every study model (mean of probabilities) for one decoded study; TARGETS order.
+
+    `timer` (a no-op by default) gets a lap per part: "box" (slices), "crops" and "study models"
+    (images, each flip counted), so a benchmark times this code itself."""
     device = ensemble.device
+    timer.start()
     study_box = predict_study_box(
         ensemble.box.models,
         study.volumes[ensemble.box.spec.name],
@@ -315,9 +320,13 @@ def predict_study(ensemble: Ensemble, study: DecodedStudy, cfg: SubmissionConfig
         ensemble.box.input_slices,
         ensemble.box.norm,
     )
+    timer.lap("box", len(study.slices) * len(ensemble.box.models))
     outputs, crops = [], {}
     with torch.inference_mode(), autocast(device, cfg.amp):
         for run in ensemble.study:
             images = study_images(run.cfg, study_cache(run, study, study_box, crops), study.uid, study_box)
+            n_images = int(images.images.shape[0] * images.images.shape[1])
+            timer.lap("crops", n_images)
             outputs.append(study_probabilities(run.model, run.cfg, images, device, cfg.sequence_batch_size, flip))
+            timer.lap("study models", n_images * (2 if flip else 1))
     return np.mean(outputs, axis=0)

@@ -17,15 +17,17 @@ from typing import Any
 
 
 class LapTimer:
-    """Seconds per named part: `lap(name)` charges the time since the previous lap (or `start`) to `name`.
+    """Seconds per named part: `lap(name, items)` charges the time since the previous lap (or `start`) to `name`.
 
     `sync` runs before each reading (e.g. `torch.cuda.synchronize`, so queued GPU work is charged to
-    the part that queued it). Parts add up over laps and studies; `counts` says how often each ran.
+    the part that queued it). Parts add up over laps and studies: `seconds`, `items` (what the part
+    processed, e.g. images) and `counts` (how often it ran).
     """
 
     def __init__(self, sync: Callable[[], Any] | None = None) -> None:
         self.sync = sync or (lambda: None)
         self.seconds: dict[str, float] = defaultdict(float)
+        self.items: dict[str, int] = defaultdict(int)
         self.counts: dict[str, int] = defaultdict(int)
         self._last = time.perf_counter()
 
@@ -34,17 +36,19 @@ class LapTimer:
         self.sync()
         self._last = time.perf_counter()
 
-    def lap(self, name: str) -> None:
-        """Charge the time since the last lap (or `start`) to `name`."""
+    def lap(self, name: str, items: int = 0) -> None:
+        """Charge the time since the last lap (or `start`), and `items` processed in it, to `name`."""
         self.sync()
         now = time.perf_counter()
         self.seconds[name] += now - self._last
+        self.items[name] += items
         self.counts[name] += 1
         self._last = now
 
     def reset(self) -> None:
         """Forget every lap (after a warm-up)."""
         self.seconds.clear()
+        self.items.clear()
         self.counts.clear()
         self.start()
 
@@ -55,7 +59,7 @@ class _NoTimer(LapTimer):
     def start(self) -> None:
         pass
 
-    def lap(self, name: str) -> None:
+    def lap(self, name: str, items: int = 0) -> None:
         pass
 
 

@@ -323,3 +323,43 @@ def test_bench_train_makes_its_inputs_once_and_can_measure_the_data_alone(tmp_pa
     assert {p: p.stat().st_mtime_ns for p in made} == made  # prepared once, reused
     print_rows(again)
     assert "01_train_box" in capsys.readouterr().out
+
+
+# --------------------------------------------------------------------------- bench-inference on trained runs
+
+
+def test_predict_study_laps_count_what_each_part_did(tiny_pipeline: dict) -> None:
+    import torch
+
+    from rsna22_utils.cervical.ensemble import decode_study, load_ensemble, predict_study
+    from rsna22_utils.core.resolve import resolve_config
+    from rsna22_utils.core.timing import LapTimer
+
+    ensemble = load_ensemble(tiny_pipeline["work_dir"], torch.device("cpu"))
+    folder = sorted((tiny_pipeline["data_dir"] / "test_images").iterdir())[0]
+    study = decode_study(folder.name, folder, ensemble.specs)
+    cfg = resolve_config("07_inference", {"weights_dir": str(tiny_pipeline["work_dir"]), "out": "x.csv", "device": "cpu"})
+    timer = LapTimer()
+    timed = predict_study(ensemble, study, cfg, flip=True, timer=timer)
+    np.testing.assert_array_equal(timed, predict_study(ensemble, study, cfg, flip=True))  # the hook changes nothing
+    assert timer.items["box"] == len(study.slices) * len(ensemble.box.models)
+    assert timer.counts["crops"] == timer.counts["study models"] == len(ensemble.study)
+    assert timer.items["study models"] == 2 * timer.items["crops"] > 0  # flip TTA: every image twice
+    assert all(timer.seconds[part] > 0 for part in ("box", "crops", "study models"))
+
+
+def test_bench_inference_times_the_submissions_own_path(tiny_pipeline: dict) -> None:
+    from rsna22_utils.cervical.bench.inference import KAGGLE_TEST_STUDIES, bench_inference
+
+    table = bench_inference(tiny_pipeline["data_dir"], tiny_pipeline["work_dir"], n_studies=3)
+    cpu = table[table["device"] == "cpu"]
+    assert len(cpu) == 2  # 3 test studies, the first one a warm-up
+    assert (cpu[["slices", "decode_s", "encode_s", "stack_s", "model_s"]] > 0).all().all()
+    np.testing.assert_allclose(table["total_s"], table[["decode_s", "encode_s", "stack_s", "model_s"]].sum(axis=1))
+    projection = table.attrs["projection"].set_index("device").loc["cpu"]
+    per_slice = 1e3 * cpu[["stack_s", "model_s"]].sum() / cpu["slices"].sum()
+    assert projection["stack_ms_slice"] == pytest.approx(per_slice["stack_s"])
+    assert projection["model_ms_slice"] == pytest.approx(per_slice["model_s"])
+    workers = 300 * (projection["decode_ms_slice"] + projection["encode_ms_slice_512px"]) / 1e3 / 2
+    assert projection["study_s"] == pytest.approx(max(workers, 300 * (per_slice.sum()) / 1e3))
+    assert projection[f"hours_{KAGGLE_TEST_STUDIES}"] == pytest.approx(KAGGLE_TEST_STUDIES * projection["study_s"] / 3600)

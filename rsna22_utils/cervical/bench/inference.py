@@ -9,6 +9,7 @@ model counts and a 300-slice study, and projects the whole test set on a T4 and 
 from __future__ import annotations
 
 import argparse
+import functools
 import logging
 import sys
 import time
@@ -30,6 +31,7 @@ from rsna22_utils.cervical.bench.cost import (
 from rsna22_utils.cervical.bench.decode import real_decode_ms
 from rsna22_utils.cervical.stages import INFERENCE, TRAIN_BOX
 from rsna22_utils.core.registry import stages
+from rsna22_utils.core.timing import LapTimer
 
 if TYPE_CHECKING:  # numpy, pandas, torch: imported where used, since the CLI imports this module to build its parser
     import pandas as pd
@@ -39,103 +41,102 @@ logger = logging.getLogger(__name__)
 KAGGLE_TEST_STUDIES = 1500  # hidden test set: ~1,500 studies
 
 
-def bench_inference(data_dir: str | Path, weights_dir: str | Path, n_studies: int = 5, num_workers: int = 2) -> pd.DataFrame:
-    """Per-study seconds of 07_inference split into decode / preprocessing / models, on CPU (and CUDA), + a projection.
-
-    decode = read_study (dicomsdl); preprocessing = encode_study (window + resize) + crops and
-    3-slice stacking (study_images); model = box models on every slice + every study model (with
-    flip TTA). The projection to Kaggle's ~1,500 studies x ~300 slices at 512 px scales each part per
-    slice: decode by real-file ms/slice (../shared/realdata, dicomsdl, one core), window + resize by
-    an encode of a 512 px volume, stacking and models by the ms/slice measured here (model inputs
-    do not depend on the DICOM size). Decode + encode run in `num_workers` DataLoader workers
-    overlapped with stacking + models, so per study wall = max((decode + encode) / workers,
-    stacking + models). Prints and returns the per-study table (projection in `.attrs`).
-    """
-    import numpy as np
-    import pandas as pd
-    import torch
-
-    from rsna22_utils.cervical.embed import study_images, study_probabilities
-    from rsna22_utils.cervical.ensemble import MemoryCache, load_ensemble
-    from rsna22_utils.cervical.study_box import predict_study_box
-    from rsna22_utils.core.cache import encode_study
-    from rsna22_utils.core.device import autocast
-    from rsna22_utils.core.dicom import read_study
-    from rsna22_utils.core.resolve import resolve_config
-
-    data_dir = Path(data_dir)
+def study_folders(data_dir: Path, n_studies: int) -> list[Path]:
+    """The first `n_studies` study folders of test_images/ (or, without test studies, train_images/)."""
     folders = sorted(p for p in (data_dir / "test_images").glob("*") if p.is_dir()) or sorted(
         p for p in (data_dir / "train_images").glob("*") if p.is_dir()
     )
-    folders = folders[:n_studies]
     if not folders:
         raise FileNotFoundError(f"{data_dir}: no study folders in test_images/ or train_images/")
+    return folders[:n_studies]
+
+
+def time_study(ensemble: Any, folder: Path, cfg: Any) -> tuple[Any, LapTimer]:
+    """One study through the submission's own code: `decode_study` (decode + encode, timed inside) and
+    `predict_study` with a lap timer (box, crops, study models)."""
+    import torch
+
+    from rsna22_utils.cervical.ensemble import decode_study, predict_study
+
+    study = decode_study(folder.name, folder, ensemble.specs)
+    if study.error:
+        raise RuntimeError(f"{folder}: {study.error}")
+    device = ensemble.device
+    timer = LapTimer(functools.partial(torch.cuda.synchronize, device) if device.type == "cuda" else None)
+    predict_study(ensemble, study, cfg, cfg.tta_flip, timer)
+    return study, timer
+
+
+def bench_inference(data_dir: str | Path, weights_dir: str | Path, n_studies: int = 5, num_workers: int = 2) -> pd.DataFrame:
+    """Per-study seconds of 07_inference split into decode / preprocessing / models, on CPU (and CUDA), + a projection.
+
+    Each study runs through the submission's own `decode_study` and `predict_study` (its lap timer):
+    decode = read_study; preprocessing = encode (window + resize per input representation) + crops
+    and 3-slice stacking; model = box models on every slice + every study model (with flip TTA per
+    the 07 config). The first study warms up and is left out. The projection (`inference_projection`)
+    is in `.attrs["projection"]`.
+    """
+    import pandas as pd
+    import torch
+
+    from rsna22_utils.cervical.ensemble import load_ensemble
+    from rsna22_utils.core.resolve import resolve_config
+
+    data_dir = Path(data_dir)
+    folders = study_folders(data_dir, n_studies)
+    if len(folders) == 1:
+        logger.warning("one study only: its (warm-up) timing is not in the table; give n_studies >= 2")
     cfg = resolve_config(INFERENCE, {"data_dir": str(data_dir), "weights_dir": str(weights_dir), "out": "unused.csv"})
-    devices = [torch.device("cpu")] + ([torch.device("cuda")] if torch.cuda.is_available() else [])
     rows = []
-    for device in devices:
+    for device in [torch.device("cpu")] + ([torch.device("cuda")] if torch.cuda.is_available() else []):
         ensemble = load_ensemble(weights_dir, device)
         for i, folder in enumerate(folders):
-            t0 = time.perf_counter()
-            volume, table = read_study(folder)
-            t1 = time.perf_counter()
-            volumes = {spec.name: encode_study(volume, spec) for spec in ensemble.specs}
-            slices = table.reset_index(drop=True).assign(slice_index=np.arange(len(table)))
-            t2 = time.perf_counter()
-            sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
-            study_box = predict_study_box(
-                ensemble.box.models,
-                volumes[ensemble.box.spec.name],
-                slices,
-                device,
-                cfg.box_batch_size,
-                cfg,
-                cfg.amp,
-                ensemble.box.input_slices,
-                ensemble.box.norm,
-            )
-            sync()
-            stack_s, model_s = 0.0, time.perf_counter() - t2
-            for run in ensemble.study:
-                t3 = time.perf_counter()
-                images = study_images(run.cfg, MemoryCache(run.spec, folder.name, volumes[run.spec.name], slices), folder.name, study_box)
-                t4 = time.perf_counter()
-                with torch.inference_mode(), autocast(device, cfg.amp):
-                    study_probabilities(run.model, run.cfg, images, device, cfg.sequence_batch_size, cfg.tta_flip)
-                sync()
-                stack_s, model_s = stack_s + t4 - t3, model_s + time.perf_counter() - t4
-            if i == 0:  # the first study warms up kernels / allocators: measured again below
+            study, timer = time_study(ensemble, folder, cfg)
+            if i == 0:  # warms up kernels and allocators
                 continue
+            seconds = timer.seconds
             rows.append(
                 {
                     "device": device.type,
                     "study": folder.name,
-                    "slices": len(table),
-                    "px": int(volume.shape[1]),
-                    "decode_s": t1 - t0,
-                    "encode_s": t2 - t1,
-                    "stack_s": stack_s,
-                    "model_s": model_s,
+                    "slices": len(study.slices),
+                    "px": int(study.slices["rows"].iloc[0]),
+                    "decode_s": study.decode_s,
+                    "encode_s": study.encode_s,
+                    "stack_s": seconds["crops"],
+                    "model_s": seconds["box"] + seconds["study models"],
                 }
             )
-        if len(folders) == 1:
-            logger.warning("one study only: its (warm-up) timing is not in the table; give n_studies >= 2")
-    table = pd.DataFrame(rows)
+    table = pd.DataFrame(rows, columns=["device", "study", "slices", "px", "decode_s", "encode_s", "stack_s", "model_s"])
     table["preprocess_s"] = table["encode_s"] + table["stack_s"]
     table["total_s"] = table["decode_s"] + table["preprocess_s"] + table["model_s"]
+    box_spec = ensemble.box.spec
+    table.attrs["projection"] = inference_projection(table, box_spec, num_workers)
+    _print_inference(table, len(folders) - 1, data_dir, weights_dir, num_workers, box_spec)
+    return table
 
-    decode_ms, decode_source = real_decode_ms()
-    box_spec = load_ensemble(weights_dir, torch.device("cpu")).box.spec
+
+def inference_projection(table: pd.DataFrame, box_spec: Any, num_workers: int) -> pd.DataFrame:
+    """Per device, Kaggle's ~1,500 studies x ~300 slices at 512 px: decode by real-file ms/slice
+    (../shared/realdata, dicomsdl, one core), window + resize by an encode of a 512 px volume, stacking and
+    models by the ms/slice measured (model inputs do not depend on the DICOM size). Decode + encode run in
+    `num_workers` workers overlapped with stacking + models: per study max((decode + encode) / workers, stacking + models)."""
+    import numpy as np
+    import pandas as pd
+
+    from rsna22_utils.core.cache import encode_study
+
+    decode_ms, _ = real_decode_ms()
     fake = np.random.default_rng(0).integers(-1000, 2000, (24, 512, 512)).astype(np.int16)
     t0 = time.perf_counter()
     encode_study(fake, box_spec)
     encode_ms = 1e3 * (time.perf_counter() - t0) / len(fake)
-    projection = []
+    rows = []
     for device, group in table.groupby("device", sort=False):
         per_slice = {col: 1e3 * group[col].sum() / group["slices"].sum() for col in ("stack_s", "model_s")}
         workers_s = KAGGLE_SLICES * (decode_ms + encode_ms) / 1e3 / max(1, num_workers)
         main_s = KAGGLE_SLICES * (per_slice["stack_s"] + per_slice["model_s"]) / 1e3
-        projection.append(
+        rows.append(
             {
                 "device": device,
                 "decode_ms_slice": decode_ms,
@@ -144,24 +145,23 @@ def bench_inference(data_dir: str | Path, weights_dir: str | Path, n_studies: in
                 "model_ms_slice": per_slice["model_s"],
                 "study_s": max(workers_s, main_s),
                 "bound": "decode" if workers_s > main_s else "models",
-                "hours_1500": KAGGLE_TEST_STUDIES * max(workers_s, main_s) / 3600,
+                f"hours_{KAGGLE_TEST_STUDIES}": KAGGLE_TEST_STUDIES * max(workers_s, main_s) / 3600,
             }
         )
-    projection = pd.DataFrame(projection)
-    print(f"07_inference per study ({len(folders) - 1} studies after a warm-up one; {data_dir}, weights {weights_dir})")
-    print(
-        table[["device", "slices", "px", "decode_s", "preprocess_s", "model_s", "total_s"]].to_string(
-            index=False, float_format=lambda v: f"{v:.3f}"
-        )
-    )
+    return pd.DataFrame(rows)
+
+
+def _print_inference(table: pd.DataFrame, n: int, data_dir: Path, weights_dir: str | Path, num_workers: int, box_spec: Any) -> None:
+    decode_ms, decode_source = real_decode_ms()
+    print(f"07_inference per study ({n} studies after a warm-up one; {data_dir}, weights {weights_dir})")
+    shown = table[["device", "slices", "px", "decode_s", "preprocess_s", "model_s", "total_s"]]
+    print(shown.to_string(index=False, float_format=lambda v: f"{v:.3f}"))
     print(
         f"\nprojection to {KAGGLE_TEST_STUDIES} studies x {KAGGLE_SLICES} slices at 512 px, {num_workers} decode workers "
         f"(decode {decode_ms:.1f} ms/slice, {decode_source}); per study = max((decode + encode) / workers, stack + models); "
         f"models as measured above, i.e. at these weights' input sizes (box {box_spec.name}):"
     )
-    print(projection.to_string(index=False, float_format=lambda v: f"{v:.3f}"))
-    table.attrs["projection"] = projection
-    return table
+    print(table.attrs["projection"].to_string(index=False, float_format=lambda v: f"{v:.3f}"))
 
 
 KAGGLE_HOURS = 9.0  # Kaggle's limit for a GPU submission notebook
@@ -209,43 +209,44 @@ def study_images_per_model(cfg: Any, range_slices: int, flip: bool) -> int:
     return -(-range_slices // span) * cfg.seq_len * (2 if flip else 1)
 
 
-def _time_one_study(folder: Path, box: SubmissionFamily, study_net: Any, run_cfg: Any, sub: Any, dev: Any) -> tuple[dict, int, int]:
-    """Seconds of each part of predicting one study with one box and one study model (the submission's own
-    functions; on CUDA a first untimed pass warms kernels): (times, slices, images the study CNN embedded)."""
-    import numpy as np
+def whole_study_box(box_network: Any) -> Any:
+    """A copy of a (random-weight) box network whose head says "box on every slice, the whole image": the
+    study models then see the whole study, as they see a real study's C1-C7 range (same cost per image)."""
+    import copy
+
     import torch
 
-    from rsna22_utils.cervical.embed import study_images, study_probabilities
-    from rsna22_utils.cervical.ensemble import MemoryCache
-    from rsna22_utils.cervical.study_box import predict_study_box
-    from rsna22_utils.core.cache import CacheSpec, encode_study
-    from rsna22_utils.core.device import autocast
-    from rsna22_utils.core.dicom import read_study
+    network = copy.deepcopy(box_network)
+    with torch.no_grad():
+        network.head.weight.zero_()
+        network.head.bias.copy_(torch.tensor([10.0, -10.0, -10.0, 10.0, 10.0]))  # has_box logit; sigmoid -> x0 y0 x1 y1 = 0 0 1 1
+    return network
 
-    sync = torch.cuda.synchronize if dev.type == "cuda" else (lambda: None)
-    box_spec, run_spec = CacheSpec.of(box.cfg), CacheSpec.of(run_cfg)
-    box_net, study_net = box.network.to(dev), study_net.to(dev)
+
+def _time_one_study(folder: Path, box: SubmissionFamily, study_net: Any, run_cfg: Any, sub: Any, dev: Any) -> tuple[dict, int, int]:
+    """Seconds of each part of predicting one study with one box and one study model, through the submission's
+    own `decode_study` and `predict_study` (its lap timer; on CUDA a first untimed pass warms kernels):
+    (times, slices, images the study CNN embedded)."""
+    from rsna22_utils.cervical.data import InputNorm
+    from rsna22_utils.cervical.ensemble import BoxEnsemble, Ensemble, StudyRun
+    from rsna22_utils.core.cache import CacheSpec
+
+    box_ensemble = BoxEnsemble(
+        [whole_study_box(box.network).to(dev)], CacheSpec.of(box.cfg), box.cfg.box_input_slices, InputNorm.of(box.cfg)
+    )
+    ensemble = Ensemble(box_ensemble, [StudyRun("measured", study_net.to(dev), run_cfg)], dev)
     for _ in range(2 if dev.type == "cuda" else 1):
-        t0 = time.perf_counter()
-        volume, table = read_study(folder)
-        t1 = time.perf_counter()
-        volumes = {spec.name: encode_study(volume, spec) for spec in {box_spec, run_spec}}
-        slices = table.reset_index(drop=True).assign(slice_index=np.arange(len(table)))
-        t2 = time.perf_counter()
-        predict_study_box([box_net], volumes[box_spec.name], slices, dev, sub.box_batch_size, sub, sub.amp, box.cfg.box_input_slices)
-        sync()
-        t3 = time.perf_counter()
-        n = len(table)
-        full = {"x0": 0.0, "y0": 0.0, "x1": float(volume.shape[2]), "y1": float(volume.shape[1]), "slnum_from": 0, "slnum_to": n - 1}
-        images = study_images(run_cfg, MemoryCache(run_spec, folder.name, volumes[run_spec.name], slices), folder.name, full)
-        t4 = time.perf_counter()
-        with torch.inference_mode(), autocast(dev, sub.amp):
-            study_probabilities(study_net, run_cfg, images, dev, sub.sequence_batch_size, sub.tta_flip)
-        sync()
-        t5 = time.perf_counter()
-    box_net.cpu(), study_net.cpu()
-    times = {"decode": t1 - t0, "encode": t2 - t1, "box": t3 - t2, "stack": t4 - t3, "study": t5 - t4}
-    return times, n, int(images.images.shape[0] * images.images.shape[1]) * (2 if sub.tta_flip else 1)
+        study, timer = time_study(ensemble, folder, sub)
+    study_net.cpu()
+    seconds = timer.seconds
+    times = {
+        "decode": study.decode_s,
+        "encode": study.encode_s,
+        "box": seconds["box"],
+        "stack": seconds["crops"],
+        "study": seconds["study models"],
+    }
+    return times, len(study.slices), timer.items["study models"]
 
 
 def bench_submission(
