@@ -44,7 +44,7 @@ from rsna22_utils.core.dicom_writer import (
     padding_hu,
     stored_range,
 )
-from rsna22_utils.core.pool import run_tasks
+from rsna22_utils.core.pool import run_all
 
 if TYPE_CHECKING:
     import nibabel as nib
@@ -696,19 +696,9 @@ def generate_competition(
 
 def _write_studies(specs: list[StudySpec], out: Path, workers: int) -> list[dict]:
     """`write_study` for every spec in `workers` processes; results in spec order; any failure stops the build."""
-    results: list[dict] = [{} for _ in specs]
-    failures: list[str] = []
     tasks = [(spec, out) for spec in specs]
-    for index, result, error in run_tasks(
-        write_study, tasks, workers, desc="synth studies", unit="study", label=lambda task: f"study {task[0].uid}"
-    ):
-        if error is not None:
-            failures.append(f"study {specs[index].uid}: {type(error).__name__}: {error}")
-        else:
-            results[index] = result
-    if failures:
-        raise RuntimeError(f"{out}: {len(failures)} synthetic studies could not be written, e.g. {failures[:3]}")
-    return results
+    label = lambda task: f"study {task[0].uid}"
+    return run_all(write_study, tasks, workers, "synth studies", "study", label, f"{out}: {{n}} synthetic studies could not be written")
 
 
 def _write_tables(out: Path, specs: list[StudySpec], results: list[dict], params: dict) -> None:

@@ -210,3 +210,20 @@ def run_tasks(
                     logger.error("%s: %s", label(task), error)
                 yield index, result, error
                 bar.update()
+
+
+def run_all(
+    fn: Callable, tasks: Sequence[tuple], workers: int, desc: str, unit: str, label: Callable[[tuple], str], failed: str
+) -> list[Any]:
+    """fn(*task) for every task (`run_tasks`), the results in task order; any failure raises one RuntimeError,
+    after every task ran: `failed` with {n} the number of failed tasks, then the first few (`label(task)`, reason)."""
+    results: list[Any] = [None] * len(tasks)
+    failures: list[str] = []
+    for index, result, error in run_tasks(fn, tasks, workers, desc=desc, unit=unit, label=label):
+        if error is not None:
+            failures.append(f"{label(tasks[index])}: {type(error).__name__}: {error}")
+        else:
+            results[index] = result
+    if failures:
+        raise RuntimeError(f"{failed.format(n=len(failures))}, e.g. {failures[:3]}")
+    return results

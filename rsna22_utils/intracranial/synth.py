@@ -35,7 +35,7 @@ import pandas as pd
 
 from rsna22_utils.core.dicom_writer import EXPLICIT_LE, IMPLICIT_LE, SliceWriter, padding_hu
 from rsna22_utils.core.files import atomic_write_text
-from rsna22_utils.core.pool import run_tasks
+from rsna22_utils.core.pool import run_all
 from rsna22_utils.intracranial.labels import LABELS, SAMPLE_SUBMISSION, SUBTYPES, TEST_DIR, TRAIN_DIR, TRAIN_LABELS, rows_from_wide
 
 logger = logging.getLogger(__name__)
@@ -271,23 +271,17 @@ def generate_competition(
         raise ValueError(f"need at least 2 train studies and 32 px images, got {n_studies} studies at {image_size} px")
     n_test = max(2, n_studies // 10) if n_test_studies is None else n_test_studies
     specs = make_specs(n_studies, n_test, seed, image_size)
-    rows: list[list[dict]] = [[] for _ in specs]
-    failures = []
     tasks = [(spec, out) for spec in specs]
-    for index, result, error in run_tasks(
+    label = lambda task: f"study {task[0].study_uid}"
+    rows = run_all(
         write_study,
         tasks,
         workers or os.cpu_count() or 1,
-        desc="synth studies",
-        unit="study",
-        label=lambda task: f"study {task[0].study_uid}",
-    ):
-        if error is not None:
-            failures.append(f"study {specs[index].study_uid}: {type(error).__name__}: {error}")
-        else:
-            rows[index] = result
-    if failures:
-        raise RuntimeError(f"{out}: {len(failures)} synthetic studies could not be written, e.g. {failures[:3]}")
+        "synth studies",
+        "study",
+        label,
+        f"{out}: {{n}} synthetic studies could not be written",
+    )
     images = pd.DataFrame([row for study in rows for row in study])
     _write_tables(out, images, {"n_studies": n_studies, "n_test_studies": n_test, "seed": seed, "image_size": image_size})
     return out
