@@ -177,6 +177,19 @@ def test_every_stage_on_a_tiny_competition(intracranial, competition, tmp_path):
     assert list(kaggle["ID"]) == list(sample["ID"])
     np.testing.assert_allclose(kaggle["Label"], submission["Label"], atol=1e-5)
 
+    from rsna22_utils.intracranial.demo import write_report
+    from rsna22_utils.intracranial.metric import score
+
+    report = write_report(tmp_path, competition, work)
+    assert report["oof_metric"] == pytest.approx(smoothed["oof_metric"]) and report["oof_metric_tta"] == pytest.approx(
+        predicted["oof_metric"]
+    )
+    assert report["ratio"] == pytest.approx(report["oof_metric"] / report["prior_metric"])
+    truth = pd.read_csv(competition / "_synthetic" / "test_labels.csv")
+    assert report["test"]["04_inference"] == pytest.approx(score(truth, kaggle))
+    assert {"roc", "loss_01_train"} == set(report["figures"]) and all(Path(f).is_file() for f in report["figures"].values())
+    assert (tmp_path / "report" / "report.md").is_file()
+
 
 @pytest.mark.slow
 def test_original_profile_builds_the_seeds_five_networks(intracranial):
