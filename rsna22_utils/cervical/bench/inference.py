@@ -249,6 +249,42 @@ def _time_one_study(folder: Path, box: SubmissionFamily, study_net: Any, run_cfg
     return times, len(study.slices), timer.items["study models"]
 
 
+def synthetic_test_study(work_dir: Path, image_size: int, n_slices: int) -> Path:
+    """The folder of one synthetic test study of `n_slices` slices at `image_size` px under `work_dir` (made once)."""
+    from rsna22_utils.cervical.synth import generate_competition
+
+    data_dir = work_dir / "competition"
+    if not (data_dir / "test.csv").exists():
+        generate_competition(data_dir, n_studies=1, n_test_studies=1, image_size=image_size, median_slices=n_slices, seed=0, workers=1)
+    return next(p for p in sorted((data_dir / "test_images").iterdir()) if p.is_dir())
+
+
+def stacking_passes(studies: list[SubmissionFamily]) -> int:
+    """How often a test study's images are cropped and stacked: once per study model."""
+    return sum(f.count for f in studies)
+
+
+def _measured_table(times: dict[str, float], n: int, computed: int, box: SubmissionFamily, measured: SubmissionFamily) -> pd.DataFrame:
+    """The measured parts of one study: seconds, and per slice (per image for the study model)."""
+    import pandas as pd
+
+    def row(part: str, key: str, per: str) -> dict[str, Any]:
+        return {"part": part, "models": 1, "measured_s": times[key], "per": per}
+
+    ms = {k: 1e3 * times[k] / n for k in ("decode", "encode", "stack", "box")}
+    return pd.DataFrame(
+        [
+            row("decode", "decode", f"{ms['decode']:.1f} ms/slice"),
+            row("preprocess (encode)", "encode", f"{ms['encode']:.1f} ms/slice"),
+            row("preprocess (crops, stacking)", "stack", f"{ms['stack']:.1f} ms/slice"),
+            row(f"box ({box.cfg.backbone})", "box", f"{ms['box']:.1f} ms/slice"),
+            row(
+                f"{measured.name} ({measured.cfg.backbone})", "study", f"{1e3 * times['study'] / computed:.1f} ms/image ({computed} images)"
+            ),
+        ]
+    )
+
+
 def bench_submission(
     profile: str = "original",
     n_slices: int = 24,
@@ -280,10 +316,8 @@ def bench_submission(
     import tempfile
 
     import numpy as np
-    import pandas as pd
 
     from rsna22_utils.cervical.configs import SubmissionConfig
-    from rsna22_utils.cervical.synth import generate_competition
     from rsna22_utils.core.config import settable_fields
     from rsna22_utils.core.device import resolve_device
     from rsna22_utils.core.resolve import resolve_config
@@ -294,11 +328,7 @@ def bench_submission(
     sub = resolve_config(INFERENCE, {"profile": profile, "out": "unused.csv", **own})
     families = submission_families(profile, overrides)
     box, studies = families[0], families[1:]
-    work_dir = Path(work_dir or tempfile.mkdtemp(prefix="rsna22-bench-"))
-    data_dir = work_dir / "competition"
-    if not (data_dir / "test.csv").exists():
-        generate_competition(data_dir, n_studies=1, n_test_studies=1, image_size=image_size, median_slices=n_slices, seed=0, workers=1)
-    folder = next(p for p in sorted((data_dir / "test_images").iterdir()) if p.is_dir())
+    folder = synthetic_test_study(Path(work_dir or tempfile.mkdtemp(prefix="rsna22-bench-")), image_size, n_slices)
 
     measured = studies[0]
     run_cfg = dataclasses.replace(measured.cfg, seq_len=measure_seq_len) if measure_seq_len else measured.cfg
@@ -309,30 +339,13 @@ def bench_submission(
     per_slice = {k: times[k] / n for k in ("decode", "encode", "box")}
     study_s_per_image = times["study"] / computed
     stack_s_per_slice = times["stack"] / n
-    measured_rows = [
-        {"part": "decode", "models": 1, "measured_s": times["decode"], "per": f"{1e3 * per_slice['decode']:.1f} ms/slice"},
-        {"part": "preprocess (encode)", "models": 1, "measured_s": times["encode"], "per": f"{1e3 * per_slice['encode']:.1f} ms/slice"},
-        {
-            "part": "preprocess (crops, stacking)",
-            "models": 1,
-            "measured_s": times["stack"],
-            "per": f"{1e3 * stack_s_per_slice:.1f} ms/slice",
-        },
-        {"part": f"box ({box.cfg.backbone})", "models": 1, "measured_s": times["box"], "per": f"{1e3 * per_slice['box']:.1f} ms/slice"},
-        {
-            "part": f"{measured.name} ({measured.cfg.backbone})",
-            "models": 1,
-            "measured_s": times["study"],
-            "per": f"{1e3 * study_s_per_image:.1f} ms/image ({computed} images)",
-        },
-    ]
-    measured_table = pd.DataFrame(measured_rows)
+    measured_table = _measured_table(times, n, computed, box, measured)
 
     decode_ms, decode_source = real_decode_ms()
     per_image = {family.name: per_slice["box"] if family is box else study_s_per_image for family in families}
     family_table = _family_table(families, per_image, dev.type, test_slices, spine, sub.tta_flip)
     cpu_side_s = test_slices * (decode_ms / 1e3 + per_slice["encode"]) / KAGGLE_DECODE_WORKERS
-    stack_s = stack_s_per_slice * range_slices * sum(f.count for f in studies)  # every study model crops and stacks its images
+    stack_s = stack_s_per_slice * range_slices * stacking_passes(studies)
     projection = _projection(family_table, [dev.type, *INFER_UTILISATION], cpu_side_s, stack_s, test_studies)
     _print_submission(
         measured_table, family_table, projection, dev, n, image_size, measure_seq_len, (decode_ms, decode_source), range_slices, sub
