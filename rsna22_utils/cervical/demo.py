@@ -20,9 +20,25 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
+from rsna22_utils.cervical import qc
 from rsna22_utils.cervical.anatomy import BOX_COLUMNS
+from rsna22_utils.cervical.metric import (
+    TARGETS,
+    per_target_auc,
+    prior_predictions,
+    score,
+    score_predictions,
+    solution_from_labels,
+    submission_from_predictions,
+)
+from rsna22_utils.cervical.prepare import Prepared
+from rsna22_utils.cervical.sequence import VertebraInference
+from rsna22_utils.cervical.stages import INFER_BOX, INFERENCE, PREPARE, TRAIN_STUDY
+from rsna22_utils.cervical.study_box import BoxInference
+from rsna22_utils.cervical.synth import generate_competition
 from rsna22_utils.core.demo import demo_overrides, run_demo_stage, synthetic_competition, write_report_markdown
-from rsna22_utils.core.registry import run_dirs
+from rsna22_utils.core.registry import run_dirs, stage_dir
+from rsna22_utils.core.registry import stages as registered_stages
 
 logger = logging.getLogger(__name__)
 
@@ -43,9 +59,6 @@ def run_demo(
     `overrides` ({stage or "*": {key: value}}, see `parse_demo_overrides`) change the profile, e.g.
     longer training for a CV figure: `./kit demo --studies 150 -p 05_train_fracture:epochs=24`.
     """
-    from rsna22_utils.core.registry import stage_dir
-    from rsna22_utils.core.registry import stages as registry_stages
-
     out = Path(out).resolve()
     started = time.perf_counter()
     data_dir = out / "competition"
@@ -53,12 +66,12 @@ def run_demo(
     work_dir = out / "runs"
     common = {"data_dir": str(data_dir), "work_dir": str(work_dir)}
     timings: dict[str, float] = {}
-    for stage in stages or list(registry_stages()):
+    for stage in stages or list(registered_stages()):
         stage_overrides = demo_overrides(stage, common, overrides)
-        if stage == "00_prepare":
+        if stage == PREPARE:
             stage_overrides["image_size"] = image_size
-        if stage == "07_inference":  # the Kaggle notebook, on the synthetic test studies, with this run's weights
-            stage_overrides.update(weights_dir=str(work_dir), out=str(stage_dir(work_dir, stage) / "submission.csv"))
+        if stage == INFERENCE:  # the Kaggle notebook, on the synthetic test studies, with this run's weights
+            stage_overrides.update(weights_dir=str(work_dir), out=str(_submission_path(work_dir)))
         timings[stage] = run_demo_stage(stage, stage_overrides, seed, work_dir)
     report = write_report(out, data_dir, work_dir)
     report["seconds"] = {**{k: round(v, 1) for k, v in timings.items()}, "total": round(time.perf_counter() - started, 1)}
@@ -68,9 +81,12 @@ def run_demo(
     return report
 
 
-def _synthetic_competition(data_dir: Path, n_studies: int, image_size: int, seed: int) -> None:
-    from rsna22_utils.cervical.synth import generate_competition
+def _submission_path(work_dir: Path) -> Path:
+    """Where the demo has 07_inference write its submission (and the report reads it)."""
+    return stage_dir(work_dir, INFERENCE) / "submission.csv"
 
+
+def _synthetic_competition(data_dir: Path, n_studies: int, image_size: int, seed: int) -> None:
     params = {"n_studies": n_studies, "image_size": image_size, "seed": seed}
     synthetic_competition(data_dir, params, lambda: generate_competition(data_dir, n_studies=n_studies, seed=seed, image_size=image_size))
 
@@ -84,16 +100,13 @@ def _oof(work_dir: Path, stage: str) -> pd.DataFrame:
 
 def write_report(out: Path, data_dir: Path, work_dir: Path) -> dict:
     """report/report.md with the CV metric vs the prior baseline, per-target AUC, box quality, and QC figures."""
-    from rsna22_utils.cervical import qc
-    from rsna22_utils.cervical.metric import TARGETS, per_target_auc, prior_predictions, score_predictions, submission_from_predictions
-
     report_dir = out / "report"
     report_dir.mkdir(parents=True, exist_ok=True)
     labels = pd.read_csv(data_dir / "train.csv")
     result: dict[str, Any] = {}
     lines = ["# rsna22-kit demo report", "", f"Data: `{data_dir}` ({len(labels)} train studies). Runs: `{work_dir}`.", ""]
 
-    oof = _oof(work_dir, "06_train_study")
+    oof = _oof(work_dir, TRAIN_STUDY)
     oof = oof.groupby("StudyInstanceUID", as_index=False)[list(TARGETS)].mean()  # mean over seeds
     study_labels = labels[labels["StudyInstanceUID"].isin(oof["StudyInstanceUID"])]
     result["cv_metric"] = score_predictions(study_labels, oof)
@@ -118,30 +131,28 @@ def write_report(out: Path, data_dir: Path, work_dir: Path) -> dict:
     ]
     qc.plot_roc_curves(study_labels, oof, report_dir / "roc.png")
     figures = {"roc": report_dir / "roc.png"}
-    for stage in ("01_train_box", "03_train_vertebra", "05_train_fracture", "06_train_study"):  # one figure per stage: one loss scale
+    for stage in [name for name, spec in registered_stages().items() if spec.trains]:  # one figure per stage: one loss scale
         histories = {run.name: run / "history.csv" for run in run_dirs(work_dir, stage, require="history.csv")}
         if histories:
             figures[f"loss_{stage}"] = qc.plot_loss_curves(histories, report_dir / f"loss_{stage}.png")
 
-    box_metrics_path = work_dir / "02_infer_box" / "metrics.json"
-    box_metrics = json.loads(box_metrics_path.read_text())
+    box_outputs = BoxInference.of(work_dir)
+    box_metrics = box_outputs.read("metrics")
     result["box"] = {k: v for k, v in box_metrics.items() if k.startswith(("median", "eval"))}
-    if (work_dir / "02_infer_box" / "box_eval.csv").exists():
-        evaluation = pd.read_csv(work_dir / "02_infer_box" / "box_eval.csv")
+    if box_outputs.path("box_eval").exists():
+        evaluation = box_outputs.read("box_eval")
         figures["iou_histogram"] = qc.plot_iou_histogram(evaluation["iou"], report_dir / "iou_histogram.png")
         lines += [
-            "## Study boxes (02_infer_box) on studies no box model saw",
+            f"## Study boxes ({INFER_BOX}) on studies no box model saw",
             "",
             f"- median IoU with the true C1–C7 box: **{box_metrics['median_iou']:.3f}** ({box_metrics['eval_studies']} studies)",
             f"- median slice-range error: from {box_metrics['median_from_error']:.1f}, to {box_metrics['median_to_error']:.1f} slices",
             "",
         ]
 
-    submission_path = work_dir / "07_inference" / "submission.csv"
+    submission_path = _submission_path(work_dir)
     test_labels_path = data_dir / "_synthetic" / "test_labels.csv"
     if submission_path.exists() and test_labels_path.exists():  # the synthetic test studies have known labels
-        from rsna22_utils.cervical.metric import score, solution_from_labels
-
         test_labels = pd.read_csv(test_labels_path)
         solution = solution_from_labels(test_labels)
         prior_rows = submission_from_predictions(prior_predictions(labels, list(test_labels["StudyInstanceUID"])))
@@ -151,7 +162,7 @@ def write_report(out: Path, data_dir: Path, work_dir: Path) -> dict:
             "prior_metric": score(solution, prior_rows),
         }
         lines += [
-            "## Submission (07_inference) on the synthetic test studies",
+            f"## Submission ({INFERENCE}) on the synthetic test studies",
             "",
             f"- `{submission_path}`: metric **{result['test']['metric']:.4f}** on {len(test_labels)} test studies "
             f"(prior baseline {result['test']['prior_metric']:.4f}; few studies: a noisy figure)",
@@ -165,17 +176,14 @@ def write_report(out: Path, data_dir: Path, work_dir: Path) -> dict:
 
 def _study_figure(work_dir: Path, report_dir: Path, oof: pd.DataFrame, labels: pd.DataFrame) -> Path:
     """study.gif of the most confidently fractured study: slices, its box, per-slice vertebra/fracture curves."""
-    from rsna22_utils.cervical import qc
-    from rsna22_utils.cervical.prepare import Prepared
-
-    cache = Prepared(work_dir / "00_prepare").cache()
+    cache = Prepared.of(work_dir).cache()
     uid = oof.sort_values("patient_overall", ascending=False)["StudyInstanceUID"].iloc[0]
     volume = np.asarray(cache.volume(uid)[..., 0])
-    boxes = pd.read_csv(work_dir / "02_infer_box" / "study_boxes.csv").set_index("StudyInstanceUID")
+    boxes = BoxInference.of(work_dir).read("study_boxes").set_index("StudyInstanceUID")
     rows = int(cache.slices(uid)["rows"].iloc[0])
     scale = volume.shape[1] / rows
     box = tuple(float(v) * scale for v in boxes.loc[uid, BOX_COLUMNS])
-    slice_labels = pd.read_parquet(work_dir / "04_infer_vertebra" / "slice_labels.parquet")
+    slice_labels = VertebraInference.of(work_dir).read("slice_labels")
     preds = slice_labels[slice_labels["StudyInstanceUID"] == uid].sort_values("slice_index")
     preds = preds[[c for c in preds.columns if c.endswith(("_pred", "_frac"))]].reset_index(drop=True)
     return qc.study_animation(volume, report_dir / "study.gif", box=box, slice_preds=preds, every=2)
