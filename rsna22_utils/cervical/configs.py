@@ -383,6 +383,11 @@ class StudyTrainConfig(TrainConfig, CacheInput, Augmentation):
     # add each target's evidence from the frozen stage-05 BiLSTM + head (its largest fracture logit
     # over the study) to the new head's logits, fitted by logistic regression before training
     slice_evidence: bool = True
+    # the studies the evidence weights are fitted on, as which stage-05 run sees them: "in_sample" = the
+    # training studies through this fold's 05 run, which trained on them (their evidence is stronger than
+    # that of the new studies the weights are applied to: overconfident); "out_of_fold" = each training
+    # study through the 05 run of its own fold, which never saw it (needs that run for every training fold)
+    evidence_fit: str = "in_sample"
     slice_margin: int = 0  # slices embedded before slnum_from and after slnum_to (the study box's slice range)
     # re-embed each training study's images with the frozen CNN at every step, augmented (as the 3rd place
     # did), instead of embedding every study once before training (false: fast, no augmentation)
@@ -420,6 +425,8 @@ class StudyTrainConfig(TrainConfig, CacheInput, Augmentation):
             out.append(f"lstm_hidden must be >= 0 (0 = the CNN's feature size), got {self.lstm_hidden}")
         if self.attention not in ("mlp", "linear"):
             out.append(f"attention must be 'mlp' or 'linear', got {self.attention!r}")
+        if self.evidence_fit not in ("in_sample", "out_of_fold"):
+            out.append(f"evidence_fit must be 'in_sample' or 'out_of_fold', got {self.evidence_fit!r}")
         return out
 
 

@@ -255,6 +255,24 @@ class LinearAttentionScore(nn.Module):
         return torch.tanh(sequence @ self.weight + self.bias[:steps].unsqueeze(-1))
 
 
+def logistic_fit(x: torch.Tensor, y: torch.Tensor, l2: float = 1e-2, steps: int = 200) -> tuple[torch.Tensor, torch.Tensor]:
+    """One logistic regression per column, started from the prior: (n, k) scores and (n, k) 0/1 targets
+    -> weights (k,) and biases (k,), with an L2 penalty `l2` on the weights."""
+    prevalence = y.float().mean(0).clamp(1e-3, 1 - 1e-3)
+    weight = torch.zeros(x.shape[1], requires_grad=True)
+    bias = torch.log(prevalence / (1 - prevalence)).requires_grad_(True)
+    optimizer = torch.optim.LBFGS([weight, bias], max_iter=steps, line_search_fn="strong_wolfe")
+
+    def closure() -> torch.Tensor:
+        optimizer.zero_grad()
+        loss = F.binary_cross_entropy_with_logits(weight * x + bias, y.float()) + l2 * (weight**2).sum()
+        loss.backward()
+        return loss
+
+    optimizer.step(closure)
+    return weight.detach(), bias.detach()
+
+
 class StudyHead(nn.Module):
     """Study level (stage 06): per-image embeddings -> BiLSTM -> attention + max pooling -> 8 logits.
 
@@ -305,25 +323,14 @@ class StudyHead(nn.Module):
     def start_from_evidence(self, evidence: torch.Tensor, targets: torch.Tensor, l2: float = 1e-2, steps: int = 200) -> None:
         """Fit each target's logistic regression on its evidence (training studies: (n, 8) and (n, 8));
         the untrained head then predicts exactly those, and training refines from there."""
-        self.start_from_prior(targets.float().mean(0))
-        weight = torch.zeros(evidence.shape[1], requires_grad=True)
-        bias = self.head.bias.detach().clone().requires_grad_(True)
-        evidence, targets = evidence.float().clamp(-30, 30), targets.float()
-        optimizer = torch.optim.LBFGS([weight, bias], max_iter=steps, line_search_fn="strong_wolfe")
-
-        def closure() -> torch.Tensor:
-            optimizer.zero_grad()
-            loss = F.binary_cross_entropy_with_logits(weight * evidence + bias, targets) + l2 * (weight**2).sum()
-            loss.backward()
-            return loss
-
-        optimizer.step(closure)
+        weight, bias = logistic_fit(evidence.float().clamp(-30, 30), targets.float(), l2, steps)
         with torch.no_grad():
             self.head.bias.copy_(bias)
             self.head.weight.zero_()
             self.evidence_weight.copy_(weight)
 
-    def forward(self, embeddings: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    def forward(self, embeddings: torch.Tensor, mask: torch.Tensor, evidence: torch.Tensor | None = None) -> torch.Tensor:
+        """`evidence` (studies, 8): given instead of computed from `embeddings` (06 trains on out-of-fold evidence)."""
         sequence, _ = self.lstm(embeddings)
         valid = mask.bool().unsqueeze(-1)
         scores = self.attention(sequence).masked_fill(~valid, float("-inf"))
@@ -331,7 +338,8 @@ class StudyHead(nn.Module):
         maxed = sequence.masked_fill(~valid, float("-inf")).amax(1)
         logits = self.head(self.dropout(torch.cat([attended, maxed], dim=-1)))
         if self.evidence is not None:
-            logits = logits + self.evidence_weight * self.evidence(embeddings, mask).clamp(-30, 30)
+            evidence = self.evidence(embeddings, mask) if evidence is None else evidence.to(logits)
+            logits = logits + self.evidence_weight * evidence.clamp(-30, 30)
         return logits
 
 
@@ -363,7 +371,7 @@ class StudyModel(nn.Module):
             with torch.no_grad():
                 embeddings = self.encoder(images.flatten(0, 1)).view(*images.shape[:2], -1)
             embeddings, mask = fit_length(embeddings, batch["mask"], self.max_len)
-        return {"logits": self.head(embeddings.float(), mask)}
+        return {"logits": self.head(embeddings.float(), mask, batch.get("evidence"))}
 
 
 def fit_length(embeddings: torch.Tensor, mask: torch.Tensor, max_len: int) -> tuple[torch.Tensor, torch.Tensor]:

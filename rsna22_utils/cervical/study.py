@@ -43,10 +43,18 @@ logger = logging.getLogger(__name__)
 
 
 class StudyEmbeddings(Dataset):
-    """Precomputed per-image embeddings of each study (the CNN is frozen) + its 8 labels."""
+    """Precomputed per-image embeddings of each study (the CNN is frozen) + its 8 labels (+ its stage-05
+    evidence when given: `out_of_fold_evidence`)."""
 
-    def __init__(self, uids: list[str], embeddings: dict[str, np.ndarray], labels: pd.DataFrame | None, max_len: int) -> None:
-        self.uids, self.embeddings, self.max_len = uids, embeddings, max_len
+    def __init__(
+        self,
+        uids: list[str],
+        embeddings: dict[str, np.ndarray],
+        labels: pd.DataFrame | None,
+        max_len: int,
+        evidence: dict[str, np.ndarray] | None = None,
+    ) -> None:
+        self.uids, self.embeddings, self.max_len, self.evidence = uids, embeddings, max_len, evidence
         self.targets = None if labels is None else labels.set_index("StudyInstanceUID").loc[uids, list(TARGETS)].to_numpy(np.float32)
 
     def __len__(self) -> int:
@@ -56,6 +64,8 @@ class StudyEmbeddings(Dataset):
         sequence = torch.from_numpy(self.embeddings[self.uids[index]]).float()[None]
         sequence, mask = fit_length(sequence, torch.ones(1, sequence.shape[1]), self.max_len)
         item = {"embeddings": sequence[0], "mask": mask[0], "study": torch.tensor(index)}
+        if self.evidence is not None:
+            item["evidence"] = torch.from_numpy(self.evidence[self.uids[index]]).float()
         if self.targets is not None:
             item["target"] = torch.from_numpy(self.targets[index])
         return item
@@ -80,11 +90,19 @@ class StudyImages(Dataset):
     the frozen CNN to embed at every step (`embed_on_the_fly`); augmented alike across a study's images."""
 
     def __init__(
-        self, uids: list[str], windows: Any, labels: pd.DataFrame | None, augment: bool | str = False, uint8_images: bool = False
+        self,
+        uids: list[str],
+        windows: Any,
+        labels: pd.DataFrame | None,
+        augment: bool | str = False,
+        uint8_images: bool = False,
+        evidence: dict[str, np.ndarray] | None = None,
     ) -> None:
         """`augment`: False, True (light) or an augmentation set's name (`data.sequence_augmentation`);
-        `uint8_images`: items hold uint8 (images, H, W, C) that `DeviceInputs(windows.norm, "images")` finishes on the device."""
+        `uint8_images`: items hold uint8 (images, H, W, C) that `DeviceInputs(windows.norm, "images")` finishes on the device;
+        `evidence`: each study's stage-05 evidence, given with its images (`out_of_fold_evidence`)."""
         self.uids, self.windows, self.augment, self.uint8_images = uids, windows, augment, uint8_images
+        self.evidence = evidence
         self.starts: dict[str, list[int]] = {}
         for uid, start in windows.items:
             self.starts.setdefault(uid, []).append(start)
@@ -104,6 +122,8 @@ class StudyImages(Dataset):
         if self.augment:
             images = augment_sequence(images, sequence_augmentation(len(images), "light" if self.augment is True else self.augment))
         item = {"images": self.windows.norm.item_images(images, self.uint8_images), "study": torch.tensor(index)}  # as 05 saw them
+        if self.evidence is not None:
+            item["evidence"] = torch.from_numpy(self.evidence[self.uids[index]]).float()
         if self.targets is not None:
             item["target"] = torch.from_numpy(self.targets[index])
         return item
@@ -152,7 +172,7 @@ class OnTheFlyStudyModel(StudyModel):
         if "images" not in batch:
             return super().forward(batch)
         embeddings, mask = self.embed(batch["images"], batch["lengths"])
-        return {"logits": self.head(embeddings, mask)}
+        return {"logits": self.head(embeddings, mask, batch.get("evidence"))}
 
 
 class StudyTask:
@@ -201,21 +221,24 @@ def study_training(cfg: StudyTrainConfig, start_head: bool = True) -> Training:
     train_uids = sorted(train_table["StudyInstanceUID"])
     valid_uids = None if valid_table is None else sorted(valid_table["StudyInstanceUID"])
     logger.info("study model fold %d: %d training / %d validation studies", cfg.fold, len(train_uids), len(valid_uids or []))
+    train_evidence = None
+    if start_head and cfg.slice_evidence and cfg.evidence_fit == "out_of_fold":
+        train_evidence = out_of_fold_evidence(cfg, cache, crops, ranges, train_table, device)
     if start_head:
         embeddings = embed_studies(sequence_model.encoder, cache, uids, cfg, crops, ranges, device)
         if cfg.save_embeddings:
             Path(cfg.out_dir).mkdir(parents=True, exist_ok=True)
             np.savez_compressed(Path(cfg.out_dir) / "embeddings.npz", **embeddings)
-        train = StudyEmbeddings(train_uids, embeddings, folds, cfg.max_len)
+        train = StudyEmbeddings(train_uids, embeddings, folds, cfg.max_len, train_evidence)
         valid = None if valid_uids is None else StudyEmbeddings(valid_uids, embeddings, folds, cfg.max_len)
         model = study_model(cfg, sequence_model.cpu())
-        _start_head(model, train)
+        _start_head(model, train, train_evidence)
         if not cfg.embed_on_the_fly:
             return Training(model, StudyTask(valid, folds), train, valid, cfg, collate_fn=pad_collate)
     else:
         model = study_model(cfg, sequence_model.cpu())
     train_windows = study_windows(train_uids, cache, ranges, crops, cfg)
-    train_images = StudyImages(train_uids, train_windows, folds, augment=cfg.augment, uint8_images=True)
+    train_images = StudyImages(train_uids, train_windows, folds, augment=cfg.augment, uint8_images=True, evidence=train_evidence)
     valid_images = None
     if valid_uids is not None:
         valid_images = StudyImages(valid_uids, study_windows(valid_uids, cache, ranges, crops, cfg), folds, uint8_images=True)
@@ -235,15 +258,55 @@ def _frozen_fracture_model(cfg: StudyTrainConfig, cache_settings: dict[str, Any]
     return sequence_model, with_derived(cfg, **cache_settings, **settings_from_fracture_run(fracture_cfg))
 
 
-def _start_head(model: StudyModel, train: StudyEmbeddings) -> None:
-    """The head's starting weights: the training prior, or the logistic fits of the stage-05 evidence."""
+def _start_head(model: StudyModel, train: StudyEmbeddings, train_evidence: dict[str, np.ndarray] | None = None) -> None:
+    """The head's starting weights: the training prior, or the logistic fits of the stage-05 evidence
+    (`train_evidence` when given, else what this run's frozen stage-05 layers compute)."""
     head = model.head
     if head.evidence is None:
         head.start_from_prior(torch.from_numpy(train.targets.mean(axis=0)))
     else:  # starts from the prior itself, then fits the evidence weights
-        evidence = torch.cat([head.evidence(item["embeddings"][None], item["mask"][None]) for item in train])
+        if train_evidence is not None:
+            evidence = torch.from_numpy(np.stack([train_evidence[uid] for uid in train.uids]))
+        else:
+            evidence = torch.cat([head.evidence(item["embeddings"][None], item["mask"][None]) for item in train])
         head.start_from_evidence(evidence, torch.from_numpy(train.targets))
         logger.info("evidence weights (patient_overall, C1..C7): %s", [round(float(w), 2) for w in head.evidence_weight.detach()])
+
+
+def out_of_fold_evidence(
+    cfg: StudyTrainConfig, cache: Any, crops: dict, ranges: dict, studies: pd.DataFrame, device: torch.device
+) -> dict[str, np.ndarray]:
+    """Each study's stage-05 evidence (8 values, `SliceEvidence`) from the 05 run of its own fold (`studies`:
+    StudyInstanceUID, fold), which never trained on it.
+
+    This fold's 05 run trained on the 06 training studies, so its evidence there is stronger than on
+    the new studies the fitted weights are applied to; the run of a study's own fold sees it as a
+    new study. Every 05 run must see images as this fold's run does (same crops, intensity, sizes).
+    """
+    out: dict[str, np.ndarray] = {}
+    for fold, group in studies.groupby("fold"):
+        run = run_dir(cfg.work_dir, TRAIN_FRACTURE, int(fold), cfg.seed, cfg.variant)
+        if not (run / "config.json").is_file():
+            raise FileNotFoundError(
+                f"{run}: no finished stage-05 run of fold {fold}, seed {cfg.seed}; evidence_fit='out_of_fold' needs the 05 run"
+                " of every training fold (run it, or set evidence_fit='in_sample')"
+            )
+        sequence_model, fracture_cfg = load_run(run, device)
+        differ = sorted(k for k, v in settings_from_fracture_run(fracture_cfg).items() if getattr(cfg, k) != v)
+        if differ:
+            raise ValueError(
+                f"{run}: its {', '.join(differ)} differ from those of this fold's stage-05 run; out-of-fold evidence needs the same inputs"
+            )
+        uids = sorted(group["StudyInstanceUID"])
+        embeddings = embed_studies(sequence_model.encoder, cache, uids, cfg, crops, ranges, device)
+        evidence = study_model(cfg, sequence_model.cpu()).head.evidence
+        with torch.no_grad():
+            for uid in uids:
+                sequence = torch.from_numpy(embeddings[uid]).float()[None]
+                sequence, mask = fit_length(sequence, torch.ones(1, sequence.shape[1]), cfg.max_len)  # as training sees it
+                out[uid] = evidence(sequence, mask)[0].numpy()
+        logger.info("out-of-fold evidence of %d training studies of fold %s from %s", len(uids), fold, run)
+    return out
 
 
 def study_inputs(cfg: StudyTrainConfig, cache: Any, crops: dict, ranges: dict) -> tuple[Any, dict, dict]:

@@ -1,4 +1,4 @@
-"""The native-resolution crop cache (cervical.crops) and stage 06's on-the-fly embedding."""
+"""The native-resolution crop cache (cervical.crops) and how stage 06 trains on its inputs (on-the-fly embedding, out-of-fold evidence)."""
 
 from __future__ import annotations
 
@@ -148,3 +148,47 @@ def test_fracture_model_trains_on_native_crops_built_on_first_use(tiny_pipeline,
     stored = list((work_dir / "02_infer_box" / "crops").rglob("*.npy"))
     assert stored and all("_z" in p.name for p in stored)
     assert json.loads((Path(cfg.out_dir) / "config.json").read_text())["crop_source"] == "native"
+
+
+def test_study_evidence_fit_out_of_fold_uses_each_studys_own_fold_run(tiny_pipeline, tmp_path: Path) -> None:
+    from rsna22_utils.cervical.configs import settings_from_fracture_run
+    from rsna22_utils.cervical.embed import embed_studies
+    from rsna22_utils.cervical.models import fit_length, load_run, study_model
+    from rsna22_utils.cervical.study import out_of_fold_evidence, study_inputs, train_study
+    from rsna22_utils.core.config import with_derived
+    from rsna22_utils.core.registry import execute
+    from rsna22_utils.core.resolve import resolve_config
+
+    work_dir = tmp_path / "runs"
+    shutil.copytree(tiny_pipeline["work_dir"], work_dir)
+    cfg = _study_config(tiny_pipeline, work_dir, evidence_fit="out_of_fold")
+    with pytest.raises(FileNotFoundError, match=r"fold1-seed0: no finished stage-05 run of fold 1.*evidence_fit='in_sample'"):
+        train_study(cfg)  # the tiny pipeline trained 05 on fold 0 only
+
+    fracture = {**TINY_COMMON, **TINY_STAGES["05_train_fracture"], "work_dir": str(work_dir), "fold": 1, "seed": 0}
+    execute("05_train_fracture", resolve_config("05_train_fracture", tiny_settings("05_train_fracture", fracture)))
+    metrics = train_study(cfg)
+    assert np.isfinite(metrics["metrics"]["metric"]) and metrics["n_train"] > 0
+    assert json.loads((Path(cfg.out_dir) / "config.json").read_text())["evidence_fit"] == "out_of_fold"
+
+    # the training studies (fold 1) get the evidence of the 05 run of fold 1, not that of fold 0's run, which trained on them
+    device = torch.device("cpu")
+    own, own_cfg = load_run(work_dir / "05_train_fracture" / "fold1-seed0", device)
+    other, _ = load_run(work_dir / "05_train_fracture" / "fold0-seed0", device)
+    prepared = Prepared(work_dir / "00_prepare")
+    cfg = with_derived(cfg, **settings_from_fracture_run(own_cfg))
+    folds = prepared.read("folds")
+    boxes, ranges = study_crops(work_dir)
+    training = folds[(folds["fold"] == 1) & folds["StudyInstanceUID"].isin(ranges)]
+    cache, crops, ranges = study_inputs(cfg, prepared.cache(), boxes, ranges)
+    evidence = out_of_fold_evidence(cfg, cache, crops, ranges, training, device)
+    assert sorted(evidence) == sorted(training["StudyInstanceUID"])
+    for model, same in ((own, True), (other, False)):
+        embeddings = embed_studies(model.encoder, cache, sorted(evidence), cfg, crops, ranges, device)
+        head = study_model(cfg, model).head
+        with torch.no_grad():
+            sequences = {
+                u: fit_length(torch.from_numpy(e).float()[None], torch.ones(1, len(e)), cfg.max_len) for u, e in embeddings.items()
+            }
+            expected = {u: head.evidence(*sequence)[0].numpy() for u, sequence in sequences.items()}
+        assert all(np.allclose(evidence[u], expected[u], atol=1e-5) for u in evidence) == same

@@ -142,6 +142,13 @@ def test_study_head_starts_from_logistic_fits_of_the_evidence() -> None:
     assert torch.count_nonzero(head.head.weight) == 0  # the untrained head predicts exactly the fits
     head.train()
     assert not head.evidence.training and head.lstm.training
+    # evidence given with the batch (06 trains on out-of-fold evidence) replaces what the frozen layers compute
+    head.eval()
+    embeddings, mask = torch.randn(3, 5, sequence_model.embedding_size), torch.ones(3, 5)
+    given = torch.randn(3, 8, generator=generator)
+    with torch.no_grad():
+        assert torch.allclose(head(embeddings, mask), head.head.bias + head.evidence_weight * head.evidence(embeddings, mask), atol=1e-5)
+        assert torch.allclose(head(embeddings, mask, given), head.head.bias + head.evidence_weight * given, atol=1e-5)
 
 
 def test_create_model_builds_each_stage_network_from_its_config() -> None:
