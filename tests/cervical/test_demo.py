@@ -77,6 +77,21 @@ def test_report_scores_oof_and_submission_and_writes_figures(tiny_pipeline: dict
         assert path.parent == tmp_path / "report" and path.stat().st_size > 1000, name
     text = (tmp_path / "report" / "report.md").read_text()
     assert f"{report['cv_metric']:.4f}" in text and "07_inference" in text
+
+    # each stage beside its trivial baseline, from the runs' own outputs
+    baselines = report["baselines"]
+    box_eval = pd.read_csv(work_dir / "02_infer_box" / "box_eval.csv")
+    assert baselines["box"]["median_iou"] == pytest.approx(box_eval["iou"].median()) and 0 <= baselines["box"]["centred_median_iou"] <= 1
+    vertebra = json.loads((work_dir / "04_infer_vertebra" / "metrics.json").read_text())
+    assert baselines["vertebra"]["mae"] == vertebra["mae_vs_segmentation"] and 0 < baselines["vertebra"]["mean_profile_mae"] < 1
+    fracture_runs = sorted(work_dir.glob("05_train_fracture/fold*-seed*"))
+    assert baselines["slice_fracture_auc"] == {
+        run.name: json.loads((run / "metrics.json").read_text())["metrics"]["fracture_auc"] for run in fracture_runs
+    }
+    fracture_oof = pd.concat(pd.read_parquet(run / "oof.parquet") for run in fracture_runs)
+    assert baselines["max_pooled"]["studies"] == fracture_oof["StudyInstanceUID"].nunique()
+    assert f"{baselines['box']['centred_median_iou']:.3f}" in text and f"{baselines['vertebra']['mean_profile_mae']:.3f}" in text
+    assert f"{baselines['max_pooled']['metric_raw']:.4f}" in text
     json.dumps(report, default=str)  # summary.json material
 
 
