@@ -90,28 +90,30 @@ def trainer_throughput(steps: TrainingSteps, images_of: Callable[[Any], int], n_
     return counted.images / (time.perf_counter() - t0)
 
 
-def settings_in_force(steps: TrainingSteps) -> dict[str, Any]:
-    """The settings that decide the speed, as the trainer applies them (not as configured: `auto` resolved)."""
-    dtype = steps.opt.dtype
+def speed_settings(steps: TrainingSteps) -> dict[str, Any]:
+    """The run's settings that decide its speed, as configured, and the autocast dtype they give on this device."""
+    cfg, dtype = steps.cfg, steps.opt.dtype
     return {
         "device": str(steps.device),
-        "num_workers": int(steps.cfg.num_workers),
-        "batch_size": int(steps.cfg.batch_size),
-        "amp_dtype": str(dtype).removeprefix("torch.") if dtype is not None else "float32",
-        "channels_last": bool(steps.cfg.channels_last),
-        "deterministic": bool(torch.backends.cudnn.deterministic),
+        "num_workers": int(cfg.num_workers),
+        "batch_size": int(cfg.batch_size),
+        "amp_dtype": str(cfg.amp_dtype) if cfg.amp else "off",
+        "autocast_dtype": str(dtype).removeprefix("torch.") if dtype is not None else "float32",
+        "channels_last": bool(cfg.channels_last),
+        "deterministic": bool(cfg.deterministic),
+        "compile": bool(cfg.compile),
     }
 
 
 def measure_training(
     training: Training, images_of: Callable[[Any], int], n_steps: int = 5, warmup: int = 2, data_only: bool = False
 ) -> dict[str, Any]:
-    """The four throughputs of one run (network and trainer None with `data_only`), its settings in force,
+    """The four throughputs of one run (network and trainer None with `data_only`), its speed settings,
     and the bottleneck ("data" or "network"; "data" alone with `data_only`)."""
     steps = TrainingSteps(training)
     batches = n_steps * steps.cfg.grad_accum
     workers = int(steps.cfg.num_workers)
-    result: dict[str, Any] = settings_in_force(steps)
+    result: dict[str, Any] = speed_settings(steps)
     result["data_img_s_per_worker"] = data_throughput(steps, images_of, 1, batches, warmup)
     result["data_img_s"] = result["data_img_s_per_worker"] if workers == 1 else data_throughput(steps, images_of, workers, batches, warmup)
     result["network_img_s"] = None if data_only else network_throughput(steps, images_of, n_steps, warmup)

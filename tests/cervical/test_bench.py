@@ -293,7 +293,8 @@ def test_bench_train_measures_each_training_stage_of_the_tiny_pipeline(tiny_pipe
         assert [(row["stage"].split("_")[0], row["variant"]) for row in rows] == [(stage, v) for v in variants]
         for row in rows:
             assert set(JSON_FIELDS) <= set(row)
-            assert row["device"] == "cpu" and row["amp_dtype"] == "float32" and isinstance(row["deterministic"], bool)
+            assert row["device"] == "cpu" and row["autocast_dtype"] == "float32"  # the CPU runs fp32 whatever amp_dtype says
+            assert (row["amp_dtype"], row["channels_last"], row["deterministic"]) == ("auto", False, False)  # as configured
             assert row["num_workers"] == (2 if stage == "03" else 0)
             rates = [row[k] for k in ("data_img_s_per_worker", "data_img_s", "network_img_s", "trainer_img_s")]
             assert all(rate > 0 for rate in rates)

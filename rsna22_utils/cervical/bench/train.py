@@ -225,7 +225,7 @@ def print_rows(rows: list[dict[str, Any]]) -> None:
 
     table = pd.DataFrame(rows)
     shown = ["stage", "variant", "backbone", "input_px", "batch_size", "num_workers", "data_img_s_per_worker", "data_img_s"]
-    shown += ["network_img_s", "trainer_img_s", "bottleneck", "amp_dtype", "channels_last", "deterministic", "device"]
+    shown += ["network_img_s", "trainer_img_s", "bottleneck", "amp_dtype", "autocast_dtype", "channels_last", "deterministic", "device"]
     print("images/s, a window of n images counts n (steady state after a warm-up; data: the trainer's loader alone)")
     print(table[shown].to_string(index=False, float_format=lambda v: f"{v:,.1f}"))
 
