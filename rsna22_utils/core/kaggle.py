@@ -43,6 +43,7 @@ from rsna22_utils.core.registry import (
     parse_run_name,
     run_dir,
     serving_runs,
+    stage_dir,
     stages,
 )
 from rsna22_utils.core.wheels import IMAGE_FILE, PLATFORM, KaggleImage, check_wheels, load_image, wheel_name_version
@@ -372,9 +373,16 @@ def build_weights_dataset(work_dir: Path, out_dir: Path, settings: KaggleSetting
             found[stage] = serving_runs(finished_runs(work_dir, stage))
         except FileNotFoundError as exc:
             raise KaggleError(f"weights dataset: {exc}") from None
+    files = [Path(stage_dir(work_dir, name)) / file for name in stage_names() for file in get_stage(name).submission_files]
+    missing = [str(path) for path in files if not path.is_file()]
+    if missing:
+        raise KaggleError(f"weights dataset: the submission reads {', '.join(missing)}; run its stage first")
     out = _fresh_dir(out_dir)
     runs = [_ship_run(run, stage, out) for stage, stage_runs in found.items() for run in stage_runs]
-    _write_json(out / "manifest.json", {"runs": runs})
+    for path in files:  # e.g. a fitted post-processing's coefficients
+        (out / path.parent.name).mkdir(parents=True, exist_ok=True)
+        shutil.copy2(path, out / path.parent.name / path.name)
+    _write_json(out / "manifest.json", {"runs": runs, "files": [f"{path.parent.name}/{path.name}" for path in files]})
     meta = dataset_metadata(
         "weights",
         settings,

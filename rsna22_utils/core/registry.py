@@ -68,6 +68,8 @@ class Stage:
     # earlier stages of the config's profile (`config show` before anything has run)
     preview: str = ""
     notebooks_dir: Path = NOTEBOOKS_DIR  # where the competition keeps its stage notebooks
+    # files of a once-run stage that the submission reads ({work_dir}/{stage}/{file}); the weights dataset ships them
+    submission_files: tuple[str, ...] = ()
 
     @property
     def notebook(self) -> Path:

@@ -36,7 +36,9 @@ STAGES: tuple[Stage, ...] = tuple(
             notebooks_dir=_NOTEBOOKS,
         ),
         Stage("02_predict", configs.PredictConfig, f"{_PACKAGE}.predict:predict", notebooks_dir=_NOTEBOOKS),
-        Stage("03_smooth", configs.SmoothConfig, f"{_PACKAGE}.smooth:smooth", notebooks_dir=_NOTEBOOKS),
+        Stage(
+            "03_smooth", configs.SmoothConfig, f"{_PACKAGE}.smooth:smooth", notebooks_dir=_NOTEBOOKS, submission_files=("smoothing.json",)
+        ),
         Stage("04_inference", configs.InferenceConfig, f"{_PACKAGE}.inference:infer", kaggle_internet=False, notebooks_dir=_NOTEBOOKS),
     )
 )

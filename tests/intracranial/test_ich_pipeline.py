@@ -171,8 +171,13 @@ def test_every_stage_on_a_tiny_competition(intracranial, competition, tmp_path):
     assert list(submission["ID"]) == list(sample["ID"]) and submission["Label"].between(0, 1).all()
     assert smoothed["images_without_prediction"] == 0 and np.isfinite(smoothed["oof_metric"])
 
-    # the Kaggle notebook's path, from the test DICOMs alone, gives the same submission
-    inferred = execute("04_inference", resolve_config("04_inference", {**common, "data_dir": str(competition), "device": "cpu"}))
+    # the Kaggle notebook's path, from the test DICOMs and the weights dataset alone, gives the same submission
+    from rsna22_utils.core import kaggle as kaggle_delivery
+
+    weights = kaggle_delivery.build_weights_dataset(work, tmp_path / "weights", kaggle_delivery.load_settings(owner="someone"))
+    assert (weights / "03_smooth" / "smoothing.json").is_file() and len(list((weights / "01_train").iterdir())) == 2
+    overrides = {**common, "data_dir": str(competition), "weights_dir": str(weights), "device": "cpu"}
+    inferred = execute("04_inference", resolve_config("04_inference", overrides))
     kaggle = pd.read_csv(inferred["submission"])
     assert list(kaggle["ID"]) == list(sample["ID"])
     np.testing.assert_allclose(kaggle["Label"], submission["Label"], atol=1e-5)
