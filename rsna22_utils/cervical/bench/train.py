@@ -52,8 +52,9 @@ JSON_FIELDS = (
 
 
 def network_images(batch: dict) -> int:
-    """Network input images in a training batch: (B, C, H, W) box images, (B, T, C, H, W) windows, or the
-    (N, C, H, W) images of the studies a 06 batch re-embeds; a 06 batch of embeddings counts its sequence steps."""
+    """Network input images in a training batch (each image 3 dims, channels first or last): B box images,
+    B windows of T images, or the N images of the studies a 06 batch re-embeds; a 06 batch of embeddings
+    counts its sequence steps."""
     if "images" in batch:
         return int(batch["images"].shape[0])
     if "embeddings" in batch:
