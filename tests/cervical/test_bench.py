@@ -265,6 +265,16 @@ def _tiny_train_profile(folder: Path) -> str:
     return str(path)
 
 
+def test_bench_train_names_the_training_stages_it_takes(capsys) -> None:
+    from rsna22_utils.cervical.bench.train import stage_named
+    from rsna22_utils.cli import main
+
+    assert stage_named("05") == stage_named("05_train_fracture") == "05_train_fracture"
+    assert main(["bench-train", "02"]) == 2  # 02 trains nothing: an error before anything is generated
+    printed = capsys.readouterr()
+    assert printed.err and not printed.out
+
+
 def test_network_images_counts_what_the_network_sees() -> None:
     import torch
 

@@ -19,6 +19,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import sys
 import tempfile
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -234,8 +235,13 @@ def print_rows(rows: list[dict[str, Any]]) -> None:
 def _bench_train(args: argparse.Namespace) -> int:
     from rsna22_utils.core.config import parse_overrides
 
+    try:
+        stage = stage_named(args.stage)
+    except ValueError as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 2
     rows = bench_train(
-        args.stage,
+        stage,
         args.profile,
         args.variants,
         args.device,
