@@ -9,7 +9,7 @@ component, + `crop_border` px), resized to `cache_size` square and stored as uin
 so no DICOM is decoded twice and either input reads the same file. Folder written (`Prepared`):
 
     images.parquet       one row per image: ID, split, PatientID, StudyInstanceUID, SeriesInstanceUID,
-                         z, rescale, study order (slice_index, n_slices), labels (train), fold (train)
+                         ImagePositionPatient (x, y, z), rescale, study order (slice_index, n_slices), labels (train), fold (train)
     folds.csv            PatientID, fold
     failures.csv         images that could not be read (ID, path, reason), when any
     cache/<size>px/<StudyInstanceUID>.npy     uint8 (slices head -> feet, size, size, 4)
@@ -39,7 +39,19 @@ from rsna22_utils.intracranial.labels import TEST_DIR, TRAIN_DIR, TRAIN_LABELS, 
 logger = logging.getLogger(__name__)
 
 SPLITS = {"train": TRAIN_DIR, "test": TEST_DIR}
-HEADER_COLUMNS = ["ID", "split", "PatientID", "StudyInstanceUID", "SeriesInstanceUID", "z", "RescaleSlope", "RescaleIntercept", "path"]
+HEADER_COLUMNS = [
+    "ID",
+    "split",
+    "PatientID",
+    "StudyInstanceUID",
+    "SeriesInstanceUID",
+    "x",
+    "y",
+    "z",
+    "RescaleSlope",
+    "RescaleIntercept",
+    "path",
+]
 CACHE_CHANNELS = 4  # HU 0-255, brain, subdural, bone
 CACHE_SETTINGS = ("cache_size", "crop_border", "head_threshold", "windows")
 _FILES_PER_TASK = 256
@@ -104,6 +116,8 @@ def _read_headers(split: str, paths: list[str]) -> tuple[list[dict], list[dict]]
                     "PatientID": str(ds.PatientID),
                     "StudyInstanceUID": str(ds.StudyInstanceUID),
                     "SeriesInstanceUID": str(getattr(ds, "SeriesInstanceUID", "")),
+                    "x": position[0],  # ImagePositionPatient
+                    "y": position[1],
                     "z": position[2],
                     "RescaleSlope": float(ds.RescaleSlope),
                     "RescaleIntercept": float(ds.RescaleIntercept),
