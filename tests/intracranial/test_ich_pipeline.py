@@ -212,3 +212,27 @@ def test_original_profile_builds_the_seeds_five_networks(intracranial):
         > params["efficientnet_b3"]
         > params["efficientnet_b0"]
     )
+
+
+def test_folds_group_patients_from_a_fold_file_or_our_own(tmp_path):
+    from rsna22_utils.intracranial.prepare import make_folds
+
+    rng = np.random.default_rng(0)
+    images = pd.DataFrame(
+        {
+            "split": "train",
+            "PatientID": [f"ID_p{k // 30}" for k in range(600)],
+            "StudyInstanceUID": [f"s{k // 10}" for k in range(600)],
+            "any": rng.integers(0, 2, 600),
+        }
+    )
+    own = make_folds(images, n_folds=5, seed=0)
+    assert sorted(own["PatientID"]) == sorted(images["PatientID"].unique()) and set(own["fold"]) == set(range(5))
+    given = pd.DataFrame({"StudyInstanceUID": [f"s{k}" for k in range(60)], "fold": [(k // 3) % 4 for k in range(60)]})
+    given.to_csv(tmp_path / "folds.csv", index=False)
+    from_file = make_folds(images, n_folds=5, seed=0, fold_file=str(tmp_path / "folds.csv"))
+    assert dict(zip(from_file["PatientID"], from_file["fold"]))["ID_p5"] == (15 // 3) % 4
+    given.loc[0, "fold"] = 3  # patient ID_p0's studies now in two folds
+    given.to_csv(tmp_path / "split.csv", index=False)
+    with pytest.raises(ValueError, match="patients in several folds"):
+        make_folds(images, n_folds=5, seed=0, fold_file=str(tmp_path / "split.csv"))
