@@ -45,6 +45,7 @@ from rsna22_utils.cervical.stages import TRAIN_BOX, TRAIN_STUDY
 from rsna22_utils.cervical.study_box import predict_study_box, shared_input_slices
 from rsna22_utils.core.cache import CacheSpec, encode_study
 from rsna22_utils.core.device import autocast
+from rsna22_utils.core.dicom import read_study
 from rsna22_utils.core.registry import finished_runs, parse_run_name, serving_runs
 from rsna22_utils.core.timing import NO_TIMER, LapTimer
 
@@ -180,8 +181,6 @@ def decode_study(
     any failure comes back in `.error` (never raised)."""
     result = DecodedStudy(uid)
     try:
-        from rsna22_utils.core.dicom import read_study
-
         if not study_dir.is_dir():
             raise FileNotFoundError(f"no study folder {study_dir}")
         t0 = time.perf_counter()

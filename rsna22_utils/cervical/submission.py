@@ -39,7 +39,11 @@ from rsna22_utils.cervical.configs import SubmissionConfig
 from rsna22_utils.cervical.ensemble import DecodedStudy, Ensemble, encode_volume, iter_studies, load_ensemble, predict_study
 from rsna22_utils.cervical.metric import TRAIN_PREVALENCE
 from rsna22_utils.cervical.stages import INFERENCE
+from rsna22_utils.core.config import parse_overrides
+from rsna22_utils.core.decoders import decoder_problems, transfer_syntax
 from rsna22_utils.core.device import resolve_device
+from rsna22_utils.core.dicom import TRANSFER_SYNTAX_NAMES
+from rsna22_utils.core.resolve import resolve_config
 
 logger = logging.getLogger(__name__)
 
@@ -148,9 +152,6 @@ def check_test_decoders(images_dir: Path, uids: list[str], backend: str) -> dict
 
     A study whose first file cannot be read is left to fail on its own (a per-study fallback).
     """
-    from rsna22_utils.core.decoders import decoder_problems, transfer_syntax
-    from rsna22_utils.core.dicom import TRANSFER_SYNTAX_NAMES
-
     studies: dict[str, list[str]] = {}
     for uid in uids:
         first = min((images_dir / uid).glob("*.dcm"), default=None)
@@ -422,9 +423,6 @@ def predict_submission(cfg: Any) -> pd.DataFrame:
 
 def run_cli(args: argparse.Namespace) -> int:
     """`predict`: resolve the 07_inference config from the arguments and write the submission."""
-    from rsna22_utils.core.config import parse_overrides
-    from rsna22_utils.core.resolve import resolve_config
-
     overrides = parse_overrides(args.params)
     for key, value in (("profile", args.profile), ("data_dir", args.data_dir), ("weights_dir", args.weights), ("out", args.out)):
         if value is not None:
