@@ -178,7 +178,7 @@ def predict_table(
         dataset = BoxSliceDataset(table.iloc[rows], CacheSource(cache), input_slices=input_slices, norm=norm)
         loader = DataLoader(dataset, batch_size=cfg.infer_batch_size, num_workers=cfg.num_workers, shuffle=False)
         batches = ((rows[batch["index"].numpy()], batch["image"]) for batch in tqdm(loader, desc=f"box x {len(runs)} models", unit="batch"))
-        p, b = predict_box_slices([loaded[run][0] for run in runs], batches, len(table), device, cfg.amp)
+        p, b = predict_box_slices([loaded[run][0] for run in runs], batches, len(table), device, cfg.amp, cfg.amp_dtype)
         p_box[rows], boxes[rows] = p[rows], b[rows]
     return p_box, boxes
 

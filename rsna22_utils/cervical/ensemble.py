@@ -301,11 +301,29 @@ def study_cache(run: StudyRun, study: DecodedStudy, study_box: dict[str, float],
     return built[key]
 
 
+def study_input_key(cfg: Any) -> tuple:
+    """What decides the images a study model of config `cfg` is fed (`embed.study_images`): the volume it reads
+    (cache size and windows; crops of the resized cache or native crops), its crop, window shape, slice margin
+    and intensity. Runs with one key see identical images."""
+    crop = None
+    if getattr(cfg, "crop_by_box", False):
+        crop = (
+            int(cfg.crop_size),
+            str(getattr(cfg, "crop_source", "cache")),
+            float(cfg.crop_margin),
+            bool(getattr(cfg, "crop_square", False)),
+        )
+    shape = (int(cfg.seq_len), int(cfg.slices_per_image), int(getattr(cfg, "slice_margin", 0)))
+    return (CacheSpec.of(cfg).name, shape, crop, InputNorm.of(cfg))
+
+
 def predict_study(ensemble: Ensemble, study: DecodedStudy, cfg: SubmissionConfig, flip: bool, timer: LapTimer = NO_TIMER) -> np.ndarray:
     """Box -> crops -> every study model (mean of probabilities) for one decoded study; TARGETS order.
 
-    `timer` (a no-op by default) gets a lap per part: "box" (slices), "crops" and "study models"
-    (images, each flip counted), so a benchmark times this code itself."""
+    The study is cropped and stacked once per distinct input (`study_input_key`), on the device, and every
+    model that takes that input is fed the same tensor; the inputs of one key are freed before the next.
+    `timer` (a no-op by default) gets a lap per part: "box" (slices), "crops" (once per input) and "study
+    models" (images, each flip counted), so a benchmark times this code itself."""
     device = ensemble.device
     timer.start()
     study_box = predict_study_box(
@@ -318,14 +336,23 @@ def predict_study(ensemble: Ensemble, study: DecodedStudy, cfg: SubmissionConfig
         cfg.amp,
         ensemble.box.input_slices,
         ensemble.box.norm,
+        cfg.amp_dtype,
     )
     timer.lap("box", len(study.slices) * len(ensemble.box.models))
-    outputs, crops = [], {}
-    with torch.inference_mode(), autocast(device, cfg.amp):
-        for run in ensemble.study:
-            images = study_images(run.cfg, study_cache(run, study, study_box, crops), study.uid, study_box)
+    takers: dict[tuple, list[int]] = {}  # input key -> the positions of the models that take it
+    for position, run in enumerate(ensemble.study):
+        takers.setdefault(study_input_key(run.cfg), []).append(position)
+    outputs: list[np.ndarray] = [np.empty(0)] * len(ensemble.study)
+    crops: dict[tuple, CropCache] = {}
+    with torch.inference_mode(), autocast(device, cfg.amp, cfg.amp_dtype):
+        for positions in takers.values():
+            first = ensemble.study[positions[0]]
+            images = study_images(first.cfg, study_cache(first, study, study_box, crops), study.uid, study_box, device)
             n_images = int(images.images.shape[0] * images.images.shape[1])
             timer.lap("crops", n_images)
-            outputs.append(study_probabilities(run.model, run.cfg, images, device, cfg.sequence_batch_size, flip))
-            timer.lap("study models", n_images * (2 if flip else 1))
-    return np.mean(outputs, axis=0)
+            for position in positions:
+                run = ensemble.study[position]
+                outputs[position] = study_probabilities(run.model, run.cfg, images, device, cfg.sequence_batch_size, flip)
+                timer.lap("study models", n_images * (2 if flip else 1))
+            del images
+    return np.mean(outputs, axis=0)  # in the ensemble's order, as before

@@ -276,6 +276,7 @@ def predict_sequences(
     num_workers: int = 0,
     desc: str = "windows",
     amp: bool = True,
+    amp_dtype: str = "auto",
 ) -> dict[str, np.ndarray]:
     """Overlapping windows through every model, averaged over models and windows -> per-slice probabilities.
 
@@ -284,7 +285,7 @@ def predict_sequences(
     """
     loader = DataLoader(dataset, batch_size=batch_size, num_workers=num_workers, shuffle=False)
     windows: dict[str, list[tuple[int, np.ndarray]]] = {}
-    with torch.inference_mode(), autocast(device, amp):
+    with torch.inference_mode(), autocast(device, amp, amp_dtype):
         for batch in tqdm(loader, desc=desc, unit="batch"):
             inputs = {"image": batch["image"].to(device), "slice_position": batch["slice_position"].to(device)}
             per_model = []
@@ -333,7 +334,9 @@ def vertebra_predictions(cfg: VertebraInferConfig, cache: StudyCache, fold_of: d
         crops = study_crops(cfg.work_dir)[0] if getattr(run_cfg, "crop_by_box", False) else None
         inputs = dict(_window_inputs(run_cfg, crops), per_slice=False)
         dataset = SequenceDataset(uids, cache, None, mode="infer", stride=cfg.infer_stride, **inputs)
-        per_slice = predict_sequences([model], dataset, device, cfg.infer_batch_size, cfg.num_workers, f"vertebra {run.name}", cfg.amp)
+        per_slice = predict_sequences(
+            [model], dataset, device, cfg.infer_batch_size, cfg.num_workers, f"vertebra {run.name}", cfg.amp, cfg.amp_dtype
+        )
         for uid, pred in per_slice.items():
             total[uid] = total.get(uid, 0.0) + pred
             count[uid] = count.get(uid, 0) + 1

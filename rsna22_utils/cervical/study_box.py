@@ -10,7 +10,7 @@ and `slnum_max` is the study's slice count.
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -22,7 +22,7 @@ from torch import nn
 
 from rsna22_utils.cervical.anatomy import BOX_COLUMNS
 from rsna22_utils.cervical.configs import StudyBoxRule
-from rsna22_utils.cervical.data import WINDOW_INPUT, InputNorm, images_to_tensor, stack_slices
+from rsna22_utils.cervical.data import WINDOW_INPUT, InputNorm, neighbour_positions
 from rsna22_utils.cervical.geometry import box_iou
 from rsna22_utils.cervical.stages import INFER_BOX
 from rsna22_utils.core.device import autocast
@@ -180,11 +180,16 @@ def shared_input_slices(run_configs: dict) -> int:
 
 
 def predict_box_slices(
-    models: list[nn.Module], batches: Iterable[tuple[np.ndarray, torch.Tensor]], n_slices: int, device: torch.device, amp: bool = True
+    models: list[nn.Module],
+    batches: Iterable[tuple[np.ndarray, torch.Tensor]],
+    n_slices: int,
+    device: torch.device,
+    amp: bool = True,
+    amp_dtype: str = "auto",
 ) -> tuple[np.ndarray, np.ndarray]:
     """Every box model on batches of (slice positions, images in [-1, 1]) -> mean p_box (n,) and box fractions (n, 4)."""
     p_sum, box_sum = np.zeros(n_slices), np.zeros((n_slices, 4))
-    with torch.inference_mode(), autocast(device, amp):
+    with torch.inference_mode(), autocast(device, amp, amp_dtype):
         for index, images in batches:
             images = images.to(device)
             for model in models:
@@ -192,6 +197,25 @@ def predict_box_slices(
                 p_sum[index] += torch.sigmoid(out["has_box"].float()).cpu().numpy()
                 box_sum[index] += out["box"].float().cpu().numpy()
     return p_sum / len(models), box_sum / len(models)
+
+
+def box_input_batches(
+    volume: np.ndarray, batch_size: int, input_slices: int, norm: InputNorm, device: torch.device
+) -> Iterator[tuple[np.ndarray, torch.Tensor]]:
+    """(slice positions, box-model inputs) of every slice of an encoded study (n, H, W, windows), in batches:
+    what `data.images_to_tensor(data.stack_slices(volume, positions, input_slices), device, norm)` gives.
+
+    The stretch is per channel, i.e. per slice and window, so each slice is stretched once (not once per
+    image that holds it); the study goes to the device once and each batch's images are gathered there.
+    """
+    n = volume.shape[0]
+    study = torch.from_numpy(np.array(norm.stretch(volume))).to(device)  # np.array: a writable copy
+    for start in range(0, n, batch_size):
+        index = np.arange(start, min(start + batch_size, n))
+        block = study[torch.from_numpy(neighbour_positions(index, n, input_slices)).to(device)]  # (b, k, H, W, w)
+        b, k, h, w, c = block.shape
+        images = block.permute(0, 2, 3, 1, 4).reshape(b, h, w, k * c)  # slice-major channels, as stack_slices
+        yield index, norm.normalise(images.permute(0, 3, 1, 2))
 
 
 def predict_study_box(
@@ -204,18 +228,15 @@ def predict_study_box(
     amp: bool = True,
     input_slices: int = 1,
     norm: InputNorm = WINDOW_INPUT,
+    amp_dtype: str = "auto",
 ) -> dict[str, float]:
     """Box models on every slice of one encoded study (mean) -> its box in original pixels + slice range.
 
     `input_slices`: the box runs' `box_input_slices` (consecutive slices per input, as in training);
-    `norm`: their input intensity (`data.InputNorm`).
+    `norm`: their input intensity (`data.InputNorm`); `amp`, `amp_dtype`: the config's mixed precision.
     """
     n = volume.shape[0]
-    batches = (
-        (index, images_to_tensor(stack_slices(volume, index, input_slices), device, norm))
-        for index in (np.arange(start, min(start + batch_size, n)) for start in range(0, n, batch_size))
-    )
-    p_box, boxes = predict_box_slices(models, batches, n, device, amp)
+    p_box, boxes = predict_box_slices(models, box_input_batches(volume, batch_size, input_slices, norm, device), n, device, amp, amp_dtype)
     rows, cols = float(slices["rows"].iloc[0]), float(slices["cols"].iloc[0])
     boxes = boxes * np.array([cols, rows, cols, rows])  # fractions -> original pixels
     return study_box(np.arange(n), p_box, boxes, rule)

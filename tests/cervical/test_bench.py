@@ -342,7 +342,7 @@ def test_bench_train_makes_its_inputs_once_and_can_measure_the_data_alone(tmp_pa
 def test_predict_study_laps_count_what_each_part_did(tiny_pipeline: dict) -> None:
     import torch
 
-    from rsna22_utils.cervical.ensemble import decode_study, load_ensemble, predict_study
+    from rsna22_utils.cervical.ensemble import decode_study, load_ensemble, predict_study, study_input_key
     from rsna22_utils.core.resolve import resolve_config
     from rsna22_utils.core.timing import LapTimer
 
@@ -354,8 +354,10 @@ def test_predict_study_laps_count_what_each_part_did(tiny_pipeline: dict) -> Non
     timed = predict_study(ensemble, study, cfg, flip=True, timer=timer)
     np.testing.assert_array_equal(timed, predict_study(ensemble, study, cfg, flip=True))  # the hook changes nothing
     assert timer.items["box"] == len(study.slices) * len(ensemble.box.models)
-    assert timer.counts["crops"] == timer.counts["study models"] == len(ensemble.study)
-    assert timer.items["study models"] == 2 * timer.items["crops"] > 0  # flip TTA: every image twice
+    inputs = {study_input_key(run.cfg) for run in ensemble.study}
+    assert len(inputs) == 1  # one input here; sharing among several runs: test_shared_crops
+    assert timer.counts["crops"] == len(inputs) and timer.counts["study models"] == len(ensemble.study)  # cut once, fed to each
+    assert timer.items["study models"] == 2 * len(ensemble.study) * timer.items["crops"] > 0  # flip TTA: every image twice
     assert all(timer.seconds[part] > 0 for part in ("box", "crops", "study models"))
 
 

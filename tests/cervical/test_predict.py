@@ -517,8 +517,8 @@ def test_native_study_run_sees_in_the_submission_what_06_trained_on(
         box = real_box(models, volume, slices, *args)
         return {**box, **row} if slices["StudyInstanceUID"].iloc[0] == uid else box
 
-    def spy(cfg, cache, study_uid, study_box):
-        images = real_images(cfg, cache, study_uid, study_box)
+    def spy(cfg, cache, study_uid, study_box, device=None):
+        images = real_images(cfg, cache, study_uid, study_box, device)
         seen.append((study_uid, cfg.crop_source, images))
         return images
 

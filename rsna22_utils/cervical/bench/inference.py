@@ -260,8 +260,11 @@ def synthetic_test_study(work_dir: Path, image_size: int, n_slices: int) -> Path
 
 
 def stacking_passes(studies: list[SubmissionFamily]) -> int:
-    """How often a test study's images are cropped and stacked: once per study model."""
-    return sum(f.count for f in studies)
+    """How often a test study's images are cropped and stacked: once per distinct input (`ensemble.study_input_key`),
+    shared by every study model that takes it."""
+    from rsna22_utils.cervical.ensemble import study_input_key
+
+    return len({study_input_key(f.cfg) for f in studies})
 
 
 def _measured_table(times: dict[str, float], n: int, computed: int, box: SubmissionFamily, measured: SubmissionFamily) -> pd.DataFrame:
@@ -396,9 +399,9 @@ def _projection(families: pd.DataFrame, devices: list[str], cpu_side_s: float, s
     for where in devices:
         box_s = float(families.loc[0, f"{where}_s_per_study"])
         study_s = float(families.loc[1:, f"{where}_s_per_study"].sum())
-        per_model = (study_s + stack_s) / max(1, n_study)
+        per_model = study_s / max(1, n_study)  # the crops are cut once per study, however many models take them
         wall = max(cpu_side_s, stack_s + box_s + study_s)
-        fit = n_study if wall <= budget else int(max(0, (budget - box_s) // per_model)) if cpu_side_s <= budget else 0
+        fit = n_study if wall <= budget else int(max(0, (budget - box_s - stack_s) // per_model)) if cpu_side_s <= budget else 0
         rows.append(
             {
                 "device": where,
@@ -448,7 +451,7 @@ def _print_submission(
         f"(decode {decode_ms:.1f} ms/slice, {decode_source}), stacking + box + study models); Kaggle limit {KAGGLE_HOURS:g} h "
         f"(the kit's time_budget_hours {sub.time_budget_hours:g}); study_models_that_fit: the most study models (all box models kept) "
         "within the limit (SubmissionConfig.max_study_models); hours_models_only: box + study models alone (stacking is "
-        "CPU time of this machine, repeated per study model)"
+        "CPU time of this machine, once per study and distinct input)"
     )
     print(projection.to_string(**fmt))
 
