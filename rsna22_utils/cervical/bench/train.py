@@ -64,7 +64,7 @@ def network_images(batch: dict) -> int:
 
 
 def stage_named(name: str) -> str:
-    """A training stage from its name or its number ("05" -> "05_train_fracture")."""
+    """A training stage from its name or its number (05 -> the stage named 05_train_fracture)."""
     stages = training_stages()
     found = [s for s in stages if s == name or s.split("_", 1)[0] == name]
     if len(found) != 1:
