@@ -108,6 +108,33 @@ def test_persistent_workers_draw_what_a_new_loader_per_epoch_drew(tmp_path: Path
     assert not torch.equal(before[0][0], before[1][0])  # epochs draw differently
 
 
+def test_a_run_with_loader_workers_resumed_after_a_crash_equals_an_uninterrupted_one(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from rsna22_utils.core import train
+    from rsna22_utils.core.train import fit
+    from tests.core.ddp_toy import ToyModel, ToyTask
+
+    def train_toy(out: Path) -> torch.nn.Module:
+        model = ToyModel()
+        fit(model, ToyTask(), NoisyItems(64, 0), NoisyItems(24, 1), toy_config(out, num_workers=2, epochs=3))
+        return model
+
+    uninterrupted = train_toy(tmp_path / "a")
+    real_checkpoint = train._checkpoint
+
+    def crash_after_the_first_epoch(*args, **kwargs):
+        real_checkpoint(*args, **kwargs)
+        raise RuntimeError("killed")
+
+    monkeypatch.setattr(train, "_checkpoint", crash_after_the_first_epoch)
+    with pytest.raises(RuntimeError, match="killed"):
+        train_toy(tmp_path / "b")
+    monkeypatch.setattr(train, "_checkpoint", real_checkpoint)
+    resumed = train_toy(tmp_path / "b")  # new workers from epoch 2 on
+    assert all(torch.equal(a, b) for a, b in zip(uninterrupted.state_dict().values(), resumed.state_dict().values(), strict=True))
+
+
 def test_compile_wraps_the_training_model_only(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     compiled = []
 
