@@ -258,12 +258,17 @@ class PrepareConfig(StageConfig):
     workers: int = 0  # processes that decode studies; 0 = all cores
     # studies that may fail to scan or decode before the stage fails (its outputs are written either way)
     max_failed_studies: int = 0
+    # a study keeps up to this fraction of files whose header cannot be read (or of another slice size) out,
+    # each named in slices.dropped.csv, rather than fail (as 07_inference's max_dropped_slices)
+    max_dropped_slices: float = 0.1
     drop_studies: list[str] = field(default_factory=list)  # train studies left out of the folds and labels every stage trains on
 
     def _check(self) -> list[str]:
         out = _check_windows(self.windows, self.image_size)
         if self.n_folds < 2:
             out.append(f"n_folds must be >= 2, got {self.n_folds}")
+        if not 0.0 <= self.max_dropped_slices < 1.0:
+            out.append(f"max_dropped_slices must be in [0, 1), got {self.max_dropped_slices}")
         return out
 
 
@@ -452,6 +457,9 @@ class SubmissionConfig(StageConfig, Hardware, StudyBoxRule):
     # fit Kaggle's 9 h (`bench-inference --profile`); variants take turns (ensemble.first_runs)
     max_box_models: int = 0
     max_study_models: int = 0
+    # a serving run that the weights' manifest.json (or the runner's _runs.json) lists but the folder lacks fails
+    # the run before the first study; true: submit without it (one warning naming it, noted in the summary)
+    allow_missing_models: bool = False
 
     def _check(self) -> list[str]:
         out = []

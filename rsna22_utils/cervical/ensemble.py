@@ -39,7 +39,7 @@ from rsna22_utils.cervical.anatomy import BOX_COLUMNS
 from rsna22_utils.cervical.configs import SubmissionConfig
 from rsna22_utils.cervical.crops import CropCache, NativeSpec, memory_crop_cache
 from rsna22_utils.cervical.data import WINDOW_INPUT, InputNorm, common_input_norm
-from rsna22_utils.cervical.embed import study_images, study_probabilities
+from rsna22_utils.cervical.embed import StudyImages, study_images, study_probabilities
 from rsna22_utils.cervical.models import load_run
 from rsna22_utils.cervical.stages import TRAIN_BOX, TRAIN_STUDY
 from rsna22_utils.cervical.study_box import predict_study_box, shared_input_slices
@@ -167,6 +167,7 @@ class DecodedStudy:
     decode_s: float = 0.0
     encode_s: float = 0.0
     dropped: str = ""  # unreadable slices left out: "k of n (first file: reason)"
+    files: int = 0  # .dcm files in the study folder (more than its slices when some share a z position)
 
 
 def encode_volume(volume_hu: np.ndarray, spec: CacheSpec | NativeSpec) -> np.ndarray:
@@ -186,6 +187,7 @@ def decode_study(
         t0 = time.perf_counter()
         study = read_study(study_dir, backend=backend, max_dropped=max_dropped)
         volume, table = study
+        result.files = sum(1 for path in study_dir.iterdir() if path.suffix.lower() == ".dcm")
         if study.dropped:
             first = study.dropped[0]
             result.dropped = (
@@ -317,8 +319,28 @@ def study_input_key(cfg: Any) -> tuple:
     return (CacheSpec.of(cfg).name, shape, crop, InputNorm.of(cfg))
 
 
+class UnpredictableStudy(ValueError):
+    """A decoded study the models cannot take (too few slices in its box's slice range): it gets the prior."""
+
+
+def check_images(images: StudyImages, run: StudyRun, study: DecodedStudy) -> None:
+    """UnpredictableStudy, saying why, when no image of `images` lies inside the study: the study model
+    would get an empty sequence (a one-slice study, a box range of one slice at the study's end)."""
+    if bool((images.masks > 0.5).any()):
+        return
+    n = len(study.slices)
+    why = (
+        f"too few slices: no complete {run.cfg.slices_per_image}-slice image of {run.name} in the box's slice range "
+        f"{images.first}..{images.last} of the study's {n} slice{'s' if n != 1 else ''}"
+    )
+    if n == 1 and study.files > 1:
+        why += f" (its {study.files} files share one z position: not an axial series?)"
+    raise UnpredictableStudy(why)
+
+
 def predict_study(ensemble: Ensemble, study: DecodedStudy, cfg: SubmissionConfig, flip: bool, timer: LapTimer = NO_TIMER) -> np.ndarray:
     """Box -> crops -> every study model (mean of probabilities) for one decoded study; TARGETS order.
+    UnpredictableStudy when the study has too few slices for a study model.
 
     The study is cropped and stacked once per distinct input (`study_input_key`), on the device, and every
     model that takes that input is fed the same tensor; the inputs of one key are freed before the next.
@@ -348,6 +370,7 @@ def predict_study(ensemble: Ensemble, study: DecodedStudy, cfg: SubmissionConfig
         for positions in takers.values():
             first = ensemble.study[positions[0]]
             images = study_images(first.cfg, study_cache(first, study, study_box, crops), study.uid, study_box, device)
+            check_images(images, first, study)
             n_images = int(images.images.shape[0] * images.images.shape[1])
             timer.lap("crops", n_images)
             for position in positions:

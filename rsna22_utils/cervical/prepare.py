@@ -16,7 +16,7 @@ from rsna22_utils.cervical.stages import PREPARE
 from rsna22_utils.core.cache import CacheSpec, StudyCache, build_cache
 from rsna22_utils.core.config import FULL_DATA_FOLD
 from rsna22_utils.core.outputs import StageOutputs
-from rsna22_utils.core.scan import find_studies, scan_competition
+from rsna22_utils.core.scan import dropped_files_path, find_studies, scan_competition
 
 logger = logging.getLogger(__name__)
 
@@ -79,7 +79,7 @@ def prepare(cfg: PrepareConfig) -> dict[str, Any]:
     out.mkdir(parents=True, exist_ok=True)
     prepared = Prepared(out)
     studies = [study_dir for _, study_dir in find_studies(data_dir)]
-    scan_failures = scan_competition(data_dir, prepared.slices, workers=cfg.workers or None)
+    scan_failures = scan_competition(data_dir, prepared.slices, workers=cfg.workers or None, max_dropped=cfg.max_dropped_slices)
     if len(scan_failures) == len(studies):
         raise RuntimeError(f"{data_dir}: no study could be read; reasons in {prepared.slices.with_name('slices.failures.csv')}")
     slices = prepared.read("slices")  # the one table (and study key = folder name) that labels and cache follow
@@ -92,6 +92,9 @@ def prepare(cfg: PrepareConfig) -> dict[str, Any]:
     logger.info("folds of %d studies written to %s", len(folds), prepared.folds)
 
     outputs: dict[str, Any] = {"slices": prepared.slices, "folds": prepared.folds, "scan_failures": len(scan_failures)}
+    dropped = dropped_files_path(prepared.slices)
+    if dropped.exists():  # files left out of studies that were kept, one warning at the scan; counted here
+        outputs.update(dropped_files=len(pd.read_csv(dropped)), dropped_files_list=dropped)
     if (data_dir / "segmentations").is_dir():
         outputs.update(build_segmentation_labels(data_dir, out, folds, workers=cfg.workers or None, slices=slices, drop=cfg.drop_studies))
     else:

@@ -36,13 +36,22 @@ from tqdm import tqdm
 
 from rsna22_utils.cervical.anatomy import TARGETS
 from rsna22_utils.cervical.configs import SubmissionConfig
-from rsna22_utils.cervical.ensemble import DecodedStudy, Ensemble, encode_volume, iter_studies, load_ensemble, predict_study
+from rsna22_utils.cervical.ensemble import (
+    DecodedStudy,
+    Ensemble,
+    UnpredictableStudy,
+    encode_volume,
+    iter_studies,
+    load_ensemble,
+    predict_study,
+)
 from rsna22_utils.cervical.metric import TRAIN_PREVALENCE
-from rsna22_utils.cervical.stages import INFERENCE
+from rsna22_utils.cervical.stages import INFERENCE, TRAIN_BOX, TRAIN_STUDY
 from rsna22_utils.core.config import parse_overrides
 from rsna22_utils.core.decoders import decoder_problems, transfer_syntax
 from rsna22_utils.core.device import resolve_device
-from rsna22_utils.core.dicom import TRANSFER_SYNTAX_NAMES
+from rsna22_utils.core.dicom import TRANSFER_SYNTAX_NAMES, study_folder_problem
+from rsna22_utils.core.registry import CONFIG, MANIFEST, RUNS_FILE, WEIGHTS, expected_runs, run_dirs, serving_runs
 from rsna22_utils.core.resolve import resolve_config
 
 logger = logging.getLogger(__name__)
@@ -147,6 +156,33 @@ def load_models(cfg: SubmissionConfig) -> Ensemble:
         raise SetupError(f"{weights}: cannot load the submission's models: {type(error).__name__}: {error}") from error
 
 
+def check_expected_models(cfg: SubmissionConfig) -> list[str]:
+    """A SetupError when a serving run that the weights folder lists (the weights dataset's manifest, or the
+    runner's record) is missing from it; with `allow_missing_models`, one warning per stage and a note for the
+    run's summary instead. Why: the ensemble would otherwise shrink without a word."""
+    weights, notes = Path(cfg.weights_dir), []
+    for stage in (TRAIN_BOX, TRAIN_STUDY):
+        try:
+            expected = expected_runs(weights, stage)
+        except ValueError as error:
+            raise SetupError(f"cannot tell which models the submission expects: {error}") from error
+        if expected is None:
+            logger.info("%s: no %s and no %s/%s: every finished %s run found is loaded", weights, MANIFEST, stage, RUNS_FILE, stage)
+            continue
+        names, source = expected
+        found = {run.name for run in run_dirs(weights, stage, require=WEIGHTS) if (run / CONFIG).is_file()}
+        wanted = [run.name for run in serving_runs([Path(name) for name in names])]
+        missing = [name for name in wanted if name not in found]
+        if not missing:
+            continue
+        what = f"{len(missing)} of the {len(wanted)} {stage} runs listed in {source} are missing: {', '.join(missing)}"
+        if not cfg.allow_missing_models:
+            raise SetupError(f"{weights}: {what}; restore them, or set allow_missing_models=true to submit without them")
+        logger.warning("%s: %s; allow_missing_models: the ensemble goes on without them", weights, what)
+        notes.append(f"{stage} without {', '.join(missing)} (allow_missing_models)")
+    return notes
+
+
 def check_test_decoders(images_dir: Path, uids: list[str], backend: str) -> dict[str, int]:
     """Transfer syntax -> studies, from the first file of each test study; SetupError when one has no decoder here.
 
@@ -217,12 +253,14 @@ def self_test(ensemble: Ensemble, cfg: SubmissionConfig) -> float:
     return seconds
 
 
-def preflight(cfg: SubmissionConfig, images_dir: Path, uids: list[str]) -> tuple[Ensemble, float]:
-    """What must work before the first study, else one SetupError: decoders for the test set, every model, a self-test.
+def preflight(cfg: SubmissionConfig, images_dir: Path, uids: list[str], report: RunReport) -> tuple[Ensemble, float]:
+    """What must work before the first study, else one SetupError: decoders for the test set, the ensemble the
+    weights list (`check_expected_models`), every model, a self-test.
 
     Returns the ensemble and the self-test's seconds.
     """
     check_test_decoders(images_dir, uids, cfg.dicom_backend)
+    report.notes += check_expected_models(cfg)
     ensemble = load_models(cfg)
     return ensemble, self_test(ensemble, cfg)
 
@@ -249,6 +287,7 @@ class RunReport:
     max_failed_fraction: float
     outcomes: dict[str, StudyOutcome] = field(default_factory=dict)
     self_test_s: float = 0.0
+    notes: list[str] = field(default_factory=list)  # run-wide degradations for the summary (duplicate rows, missing models)
 
     @property
     def max_failures(self) -> int:
@@ -259,15 +298,21 @@ class RunReport:
     def failures(self) -> int:
         return sum(o.failed for o in self.outcomes.values())
 
-    def add(self, uid: str, outcome: StudyOutcome) -> None:
-        """Record one study (a fallback is logged); raise TooManyFailures once failures pass `max_failures`."""
+    def add(self, uid: str, outcome: StudyOutcome, check: bool = True) -> None:
+        """Record one study (a fallback is logged); raise TooManyFailures once failures pass `max_failures`
+        (`check=False`: later, by `check`)."""
         self.outcomes[uid] = outcome
         if outcome.failed:
             logger.warning("study %s: %s -> prior", uid, outcome.detail)
+        if check:
+            self.check(f"last {uid}: {outcome.detail}")
+
+    def check(self, context: str) -> None:
+        """TooManyFailures when more studies failed than `max_failures` (`context`: where, or which study was last)."""
         if self.failures > self.max_failures:
             raise TooManyFailures(
                 f"{self.failures} of {self.n_studies} test studies failed (max_failed_fraction {self.max_failed_fraction} allows "
-                f"{self.max_failures}), last {uid}: {outcome.detail}; no submission of priors is written. {self.summary()}"
+                f"{self.max_failures}), {context}; no submission of priors is written. {self.summary()}"
             )
 
     def summary(self) -> str:
@@ -283,6 +328,7 @@ class RunReport:
         return (
             f"{self.n_studies} studies: {modes.count('full')} full, {modes.count('reduced')} reduced{some}, {modes.count('prior')} prior"
             f"{f' ({why})' if why else ''}; {self.failures} failed of {self.max_failures} allowed; self-test {self.self_test_s:.1f} s"
+            + "".join(f"; {note}" for note in self.notes)
         )
 
 
@@ -301,19 +347,80 @@ def train_prevalence(data_dir: str | Path) -> dict[str, float]:
     return dict(TRAIN_PREVALENCE)
 
 
-def read_test_table(data_dir: str | Path) -> pd.DataFrame:
-    """test.csv (row_id, StudyInstanceUID, prediction_type); errors name the file."""
+TEST_COLUMNS = ("row_id", "StudyInstanceUID", "prediction_type")
+
+
+def read_test_table(data_dir: str | Path) -> tuple[pd.DataFrame, list[str]]:
+    """test.csv (row_id, StudyInstanceUID, prediction_type) with one row per row_id, and a note when repeated
+    rows were dropped (Kaggle scores one value per row_id); a SetupError names the file, the line or column
+    and what was expected."""
     path = Path(data_dir) / "test.csv"
     if not path.is_file():
-        raise FileNotFoundError(f"{path}: no test.csv (is data_dir the competition folder?)")
-    table = pd.read_csv(path, dtype=str)
-    missing = {"row_id", "StudyInstanceUID", "prediction_type"} - set(table.columns)
-    if missing:
-        raise ValueError(f"{path}: missing column(s) {sorted(missing)}; has {list(table.columns)}")
+        raise SetupError(f"{path}: no test.csv (is data_dir the competition folder?)")
+    try:
+        table = pd.read_csv(path, dtype=str, keep_default_na=False)
+    except (ValueError, UnicodeDecodeError) as error:
+        raise SetupError(f"{path}: not a readable CSV ({type(error).__name__}: {str(error).strip()[:200]})") from error
+    _check_test_columns(table, path)
+    table = table[list(TEST_COLUMNS)]
+    line = pd.Series(np.arange(len(table)) + 2, index=table.index)  # the file's line (its header is line 1)
+    for column in TEST_COLUMNS:
+        empty = table[column].str.strip() == ""
+        if empty.any():
+            raise SetupError(f"{path}: line {line[empty].iloc[0]}: empty {column} ({int(empty.sum())} such rows)")
     bad = ~table["prediction_type"].isin(TARGETS)
     if bad.any():
-        raise ValueError(f"{path}: unknown prediction_type(s) {sorted(table.loc[bad, 'prediction_type'].unique())[:5]}")
-    return table
+        raise SetupError(
+            f"{path}: line {line[bad].iloc[0]}: prediction_type {table.loc[bad, 'prediction_type'].iloc[0]!r} is not one of "
+            f"{', '.join(TARGETS)} ({int(bad.sum())} such rows)"
+        )
+    return _one_row_per_id(table, line, path)
+
+
+def _check_test_columns(table: pd.DataFrame, path: Path) -> None:
+    """SetupError naming a missing column, or one spelt with spaces or another case."""
+    for column in TEST_COLUMNS:
+        if column in table.columns:
+            continue
+        near = [name for name in table.columns if name.strip().lower() == column.lower()]
+        found = f"a column {near[0]!r} (spaces or case differ)" if near else f"columns {list(table.columns)}"
+        raise SetupError(f"{path}: no column {column!r}; expected {', '.join(TEST_COLUMNS)}, found {found}")
+
+
+def _one_row_per_id(table: pd.DataFrame, line: pd.Series, path: Path) -> tuple[pd.DataFrame, list[str]]:
+    """Drop rows that repeat an earlier row (one warning); a row_id given two studies or types is a SetupError."""
+    repeated = table.duplicated(keep="first")
+    clash = table[~repeated]["row_id"].duplicated(keep=False)
+    if clash.any():
+        rows = table[~repeated][clash]
+        first = rows.iloc[0]
+        other = rows[rows["row_id"] == first["row_id"]].iloc[1]
+        raise SetupError(
+            f"{path}: row_id {first['row_id']} on line {line[first.name]} ({first['StudyInstanceUID']}, {first['prediction_type']}) "
+            f"and line {line[other.name]} ({other['StudyInstanceUID']}, {other['prediction_type']}): one row_id, two rows"
+        )
+    if not repeated.any():
+        return table, []
+    example = f"line {line[repeated].iloc[0]}: {table.loc[repeated, 'row_id'].iloc[0]}"
+    logger.warning("%s: %d rows repeat an earlier row (e.g. %s); one row per row_id is written", path, repeated.sum(), example)
+    return table[~repeated].reset_index(drop=True), [f"test.csv: {int(repeated.sum())} repeated rows dropped (e.g. {example})"]
+
+
+def check_output(out: Path) -> None:
+    """A SetupError, before any model loads, when `out` cannot be written: its folder is created and a probe
+    file written and removed there. Why: a run that learns it only at the end has spent its hours."""
+    blocker = next((parent for parent in out.parents if parent.exists() and not parent.is_dir()), None)
+    if blocker is not None:
+        raise SetupError(f"{out}: cannot write the submission there, {blocker} is a file, not a folder")
+    if out.is_dir():
+        raise SetupError(f"{out}: cannot write the submission there, it is a folder (give a file path, e.g. {out / 'submission.csv'})")
+    probe = out.with_name(f".{out.name}.probe")
+    try:
+        out.parent.mkdir(parents=True, exist_ok=True)
+        probe.write_bytes(b"")
+        probe.unlink()
+    except OSError as error:
+        raise SetupError(f"{out}: cannot write the submission there ({type(error).__name__}: {error.strerror or error})") from error
 
 
 def submission_rows(test: pd.DataFrame, predictions: dict[str, np.ndarray], prior: dict[str, float]) -> pd.DataFrame:
@@ -325,6 +432,42 @@ def submission_rows(test: pd.DataFrame, predictions: dict[str, np.ndarray], prio
     ]
     values = np.clip(np.nan_to_num(np.asarray(values, float), nan=0.5), PROBABILITY_CLIP, 1 - PROBABILITY_CLIP)
     return pd.DataFrame({"row_id": test["row_id"].to_numpy(), "fractured": values})
+
+
+def known_failures(uids: list[str], images_dir: Path, report: RunReport) -> list[str]:
+    """The studies to decode. Those that cannot be (no folder, no readable file) are counted in `report` now,
+    so that a run that could not finish is refused before any model loads (TooManyFailures) and one that
+    goes on knows it will. Kaggle's placeholder test.csv (no study has images) gets the prior, uncounted."""
+    present = [uid for uid in uids if (images_dir / uid).is_dir()]
+    placeholder = not present and len(uids) <= KAGGLE_PLACEHOLDER_STUDIES
+    if placeholder:
+        logger.warning(
+            "%s: none of test.csv's %d studies has images: Kaggle's public placeholder test.csv; the self-test below runs the "
+            "models on a synthetic study, and these rows get the prior",
+            images_dir,
+            len(uids),
+        )
+    for uid in uids:
+        if uid not in present:
+            missing = f"no study folder {images_dir / uid}"
+            reason = "placeholder test.csv" if placeholder else "no study folder"
+            report.add(uid, StudyOutcome("prior", reason, missing, failed=not placeholder), check=False)
+    readable = []
+    for uid in present:
+        problem = study_folder_problem(images_dir / uid)
+        if problem is None:
+            readable.append(uid)
+        else:
+            report.add(uid, StudyOutcome("prior", "no readable file", f"{images_dir / uid}: {problem}", failed=True), check=False)
+    report.check("known before the first study")
+    if report.failures:
+        logger.warning(
+            "%d of %d test studies cannot be read (max_failed_fraction allows %d): they get the prior, the run goes on",
+            report.failures,
+            len(uids),
+            report.max_failures,
+        )
+    return readable
 
 
 def predict_studies(
@@ -348,6 +491,8 @@ def predict_studies(
                     model = ensemble if mode == "full" else reduced
                     predictions[study.uid] = predict_study(model, study, cfg, flip=cfg.tta_flip and mode == "full")
                     outcome = StudyOutcome(mode, detail=study.dropped, partial=bool(study.dropped))
+                except UnpredictableStudy as error:
+                    outcome = StudyOutcome("prior", "too few slices", str(error), failed=True)
                 except Exception as error:  # this study gets the prior, the others go on
                     detail = str(error).strip().splitlines()[0] if str(error).strip() else ""
                     outcome = StudyOutcome("prior", "prediction failed", f"{type(error).__name__}: {detail}", failed=True)
@@ -375,38 +520,21 @@ def predict_submission(cfg: Any) -> pd.DataFrame:
     be read or predicted, or that the time budget leaves out, gets the train prevalence.
     """
     started = time.perf_counter()
-    data_dir = Path(cfg.data_dir)
-    test = read_test_table(data_dir)
+    data_dir, out = Path(cfg.data_dir), Path(cfg.out)
+    test, notes = read_test_table(data_dir)
+    check_output(out)
     prior = train_prevalence(data_dir)
     uids = list(dict.fromkeys(test["StudyInstanceUID"]))
     images_dir = data_dir / "test_images"
     logger.info("07_inference: %d test studies (%d rows) from %s, weights %s", len(uids), len(test), data_dir, cfg.weights_dir)
 
-    report = RunReport(len(uids), cfg.max_failed_fraction)
-    present = [uid for uid in uids if (images_dir / uid).is_dir()]
-    placeholder = not present and len(uids) <= KAGGLE_PLACEHOLDER_STUDIES
-    if placeholder:
-        logger.warning(
-            "%s: none of test.csv's %d studies has images: Kaggle's public placeholder test.csv; the self-test below runs the "
-            "models on a synthetic study, and these rows get the prior",
-            images_dir,
-            len(uids),
-        )
-    for uid in uids:
-        if uid not in present:
-            missing = f"no study folder {images_dir / uid}"
-            report.add(
-                uid,
-                StudyOutcome("prior", "placeholder test.csv", missing)
-                if placeholder
-                else StudyOutcome("prior", "no study folder", missing, failed=True),
-            )
-    ensemble, report.self_test_s = preflight(cfg, images_dir, present)
+    report = RunReport(len(uids), cfg.max_failed_fraction, notes=notes)
+    readable = known_failures(uids, images_dir, report)
+    ensemble, report.self_test_s = preflight(cfg, images_dir, readable, report)
 
-    budget = TimeBudget(cfg.time_budget_hours * 3600.0, len(present), start=started)
-    predictions = predict_studies(ensemble, present, images_dir, cfg, budget, report)
+    budget = TimeBudget(cfg.time_budget_hours * 3600.0, len(readable), start=started)
+    predictions = predict_studies(ensemble, readable, images_dir, cfg, budget, report)
     submission = submission_rows(test, predictions, prior)
-    out = Path(cfg.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     submission.to_csv(out, index=False)
     seconds = time.perf_counter() - started

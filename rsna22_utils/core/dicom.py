@@ -781,12 +781,98 @@ def read_slice_headers(study_dir: str | Path, backend: str = "auto") -> pd.DataF
     dicomsdl reads headers ~4x faster than pydicom(stop_before_pixels) on the real files, so it is
     used when installed; any file it cannot open is retried with pydicom.
     """
+    return read_headers(study_dir, backend)[0]
+
+
+def read_headers(study_dir: str | Path, backend: str = "auto", max_dropped: float = 0.0) -> tuple[pd.DataFrame, list[DicomReadError]]:
+    """`read_slice_headers`, leaving out up to `max_dropped` (a fraction of the folder's files) files whose
+    header cannot be read (empty, not DICOM, truncated) or, when `max_dropped` > 0, whose slice size differs
+    from the study's (the most common): the table and those left out, with one warning naming the first
+    and why. Past the allowance, a DicomReadError says how many and why.
+    """
     study_dir = Path(study_dir)
     files = _list_dicoms(study_dir)
-    rows = [_read(path, backend, pixels=False)[0] for path in files]
+    allowance = _Allowance(max_dropped, len(files), "files")
+    rows = []
+    for path in files:
+        try:
+            rows.append(_read(path, backend, pixels=False)[0])
+        except DicomReadError as error:
+            allowance.drop(error)
     table = _one_series(pd.DataFrame(rows, columns=SLICE_COLUMNS), study_dir)
-    table = _one_key(table, study_dir)
-    return _unique_z(_sort_head_to_feet(table), study_dir)
+    table = _unique_z(_sort_head_to_feet(_one_key(table, study_dir)), study_dir)
+    if max_dropped > 0:
+        table = _one_shape(table, allowance)
+    allowance.warn(study_dir)
+    return table, allowance.dropped
+
+
+class _Allowance:
+    """The files a study may leave out (`max_dropped` of its `total`): DicomReadError past it, naming how many."""
+
+    def __init__(self, max_dropped: float, total: int, what: str) -> None:
+        self.max_dropped, self.total, self.what = max_dropped, total, what
+        self.dropped: list[DicomReadError] = []
+        self.warned = 0
+
+    def drop(self, error: DicomReadError) -> None:
+        """Leave `error`'s file out, or raise when that passes the allowance (the first error alone as itself)."""
+        if len(self.dropped) + 1 > self.max_dropped * self.total:
+            if self.dropped:
+                raise DicomReadError(
+                    error.path,
+                    f"{len(self.dropped) + 1} of {self.total} {self.what} unreadable "
+                    f"(at most {self.max_dropped:.0%} may be left out): {error.reason}",
+                ) from error
+            raise error
+        self.dropped.append(error)
+
+    def warn(self, study_dir: Path) -> None:
+        """One warning for the files left out since the last call (the first named, with its reason)."""
+        new = self.dropped[self.warned :]
+        if new:
+            logger.warning(
+                "%s: %d of %d %s unreadable, left out (e.g. %s: %s)",
+                study_dir,
+                len(new),
+                self.total,
+                self.what,
+                Path(new[0].path).name,
+                new[0].reason,
+            )
+        self.warned = len(self.dropped)
+
+
+def _one_shape(table: pd.DataFrame, allowance: _Allowance) -> pd.DataFrame:
+    """The slices of the study's size (the most common; ties: the first slice's); the others are left out
+    within the allowance, else a DicomReadError names the first of them."""
+    sizes = list(zip(table["rows"].astype(int), table["cols"].astype(int)))
+    if len(set(sizes)) < 2:
+        return table
+    counts = pd.Series(sizes).value_counts(sort=False)
+    study_size = max(counts.index, key=lambda size: (counts[size], size == sizes[0]))
+    odd = [i for i, size in enumerate(sizes) if size != study_size]
+    for i in odd:
+        row = table.iloc[i]
+        allowance.drop(DicomReadError(row["path"], f"slice size ({row['rows']}, {row['cols']}) differs from the study's {study_size}"))
+    return table.drop(index=table.index[odd]).reset_index(drop=True)
+
+
+def study_folder_problem(study_dir: str | Path) -> str | None:
+    """Why no file of a study folder can be read (no folder, no .dcm file, none passes the file check), or
+    None; it stops at the first file that passes, so it costs one small read for a usual study."""
+    try:
+        files = sorted(_list_dicoms(Path(study_dir)))
+    except DicomReadError as error:
+        return error.reason
+    first = None
+    for path in files:
+        try:
+            _check_file(path)
+            return None
+        except DicomReadError as error:
+            first = first or error
+    return f"none of its {len(files)} .dcm files can be read (e.g. {Path(first.path).name}: {first.reason})"
 
 
 def read_study(study_dir: str | Path, backend: str = "auto", slices: pd.DataFrame | None = None, max_dropped: float = 0.0) -> Study:
@@ -801,7 +887,7 @@ def read_study(study_dir: str | Path, backend: str = "auto", slices: pd.DataFram
     rest, with one warning that names the first bad file and its reason.
     """
     study_dir = Path(study_dir)
-    table = read_slice_headers(study_dir, backend=backend) if slices is None else _given_slices(slices, study_dir)
+    table, before = read_headers(study_dir, backend, max_dropped) if slices is None else (_given_slices(slices, study_dir), [])
     shapes = table[["rows", "cols"]].drop_duplicates()
     if len(shapes) > 1:
         first = (int(table.at[0, "rows"]), int(table.at[0, "cols"]))
@@ -809,8 +895,10 @@ def read_study(study_dir: str | Path, backend: str = "auto", slices: pd.DataFram
         raise DicomReadError(
             odd["path"], f"slice shape ({odd['rows']}, {odd['cols']}) differs from the study's first slice {first} in {study_dir}"
         )
+    # one allowance for the study: files left out at the header read count against it too
+    allowance = _Allowance(max_dropped, len(table) + len(before), "slices")
+    allowance.dropped, allowance.warned = list(before), len(before)
     volume = np.empty((len(table), int(table.at[0, "rows"]), int(table.at[0, "cols"])), dtype=np.int16)
-    dropped: list[DicomReadError] = []
     keep = np.ones(len(table), bool)
     for i, path in enumerate(table["path"]):
         path = Path(path)
@@ -818,27 +906,13 @@ def read_study(study_dir: str | Path, backend: str = "auto", slices: pd.DataFram
             _, info, stored = _read(path, backend)
             _to_hu(path, stored, info, out=volume[i])
         except DicomReadError as error:
-            if len(dropped) + 1 > max_dropped * len(table):
-                if dropped:
-                    raise DicomReadError(
-                        path,
-                        f"{len(dropped) + 1} of {len(table)} slices unreadable (at most {max_dropped:.0%} may be left out): {error.reason}",
-                    ) from error
-                raise
-            dropped.append(error)
+            allowance.drop(error)
             keep[i] = False
-    if dropped:
+    if not keep.all():
         volume, table = volume[keep], table[keep].reset_index(drop=True)
-        logger.warning(
-            "%s: %d of %d slices unreadable, left out (e.g. %s: %s)",
-            study_dir,
-            len(dropped),
-            len(keep),
-            Path(dropped[0].path).name,
-            dropped[0].reason,
-        )
+    allowance.warn(study_dir)
     logger.debug("read %s: %d slices %s", study_dir, len(table), volume.shape[1:])
-    return Study(volume, table, tuple(dropped))
+    return Study(volume, table, tuple(allowance.dropped))
 
 
 def _given_slices(slices: pd.DataFrame, study_dir: Path) -> pd.DataFrame:

@@ -36,6 +36,7 @@ from rsna22_utils.core.paths import KAGGLE_INPUT, REPO_ROOT, kaggle_input_dir
 from rsna22_utils.core.registry import (
     CONFIG,
     DEFAULT_COMPETITION,
+    MANIFEST,
     WEIGHTS,
     competition,
     finished_runs,
@@ -382,7 +383,7 @@ def build_weights_dataset(work_dir: Path, out_dir: Path, settings: KaggleSetting
     for path in files:  # e.g. a fitted post-processing's coefficients
         (out / path.parent.name).mkdir(parents=True, exist_ok=True)
         shutil.copy2(path, out / path.parent.name / path.name)
-    _write_json(out / "manifest.json", {"runs": runs, "files": [f"{path.parent.name}/{path.name}" for path in files]})
+    _write_json(out / MANIFEST, {"runs": runs, "files": [f"{path.parent.name}/{path.name}" for path in files]})
     meta = dataset_metadata(
         "weights",
         settings,

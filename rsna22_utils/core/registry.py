@@ -23,6 +23,7 @@ import contextlib
 import difflib
 import importlib
 import importlib.util
+import json
 import os
 import pkgutil
 import re
@@ -44,6 +45,8 @@ _PACKAGE_ROOT = "rsna22_utils"
 
 WEIGHTS = "model.safetensors"
 CONFIG = "config.json"
+RUNS_FILE = "_runs.json"  # {work_dir}/{stage}/: the runner's record of its last sweep of the stage (core.runner)
+MANIFEST = "manifest.json"  # the weights dataset's list of the runs it ships (core.kaggle)
 _RUN_NAME = re.compile(r"^(?:(?P<variant>[A-Za-z0-9_]+)-)?fold(?P<fold>-?\d+)-seed(?P<seed>\d+)$")
 
 
@@ -265,6 +268,26 @@ def serving_runs(runs: list[Path]) -> list[Path]:
     in the original's submission; otherwise every cross-validation run."""
     full = [run for run in runs if (key := parse_run_name(run.name)) is not None and key.fold == FULL_DATA_FOLD]
     return full or list(runs)
+
+
+def expected_runs(weights_dir: str | Path, stage: str) -> tuple[list[str], Path] | None:
+    """The run folders of `stage` a weights folder should hold, and the file that says so: the weights
+    dataset's manifest.json, else the runner's record of the stage's last sweep (`<stage>/_runs.json`,
+    failed runs included); None when neither exists. Why: a deleted or failed run otherwise shrinks the
+    ensemble that `finished_runs` finds without a word."""
+    root = Path(weights_dir)
+    for source in (root / MANIFEST, stage_dir(root, stage) / RUNS_FILE):
+        if not source.is_file():
+            continue
+        try:
+            entries = json.loads(source.read_text())["runs"]
+            if source.name == MANIFEST:
+                entries = [entry for entry in entries if entry["stage"] == stage]
+            names = [run_name(entry["fold"], entry["seed"], entry.get("variant") or "") for entry in entries if entry["fold"] is not None]
+        except (ValueError, KeyError, TypeError) as error:
+            raise ValueError(f"{source}: not a list of runs ({type(error).__name__}: {error})") from error
+        return names, source
+    return None
 
 
 def finished_runs(work_dir: str | Path, stage: str) -> list[Path]:

@@ -46,13 +46,12 @@ from rsna22_utils.core.files import LOCK_FILE, run_lock
 from rsna22_utils.core.notebooks import write_ipynb
 from rsna22_utils.core.paths import NOTEBOOKS_DIR, REPO_ROOT
 from rsna22_utils.core.profiles import load_profile
-from rsna22_utils.core.registry import execute, get_stage, run_name, stage_dir, stages
+from rsna22_utils.core.registry import RUNS_FILE, execute, get_stage, run_name, stage_dir, stages
 from rsna22_utils.core.resolve import resolve_config
 
 logger = logging.getLogger(__name__)
 
 COMPLETE_FILE = "_complete.json"
-RUNS_FILE = "_runs.json"
 
 
 @dataclass

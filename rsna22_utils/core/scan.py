@@ -50,17 +50,18 @@ def find_studies(data_dir: Path) -> list[tuple[str, Path]]:
     return studies
 
 
-def _scan_one(split: str, study_dir: Path) -> pd.DataFrame:
-    from rsna22_utils.core.dicom import read_slice_headers  # lazy: the CLI imports this module to register `scan`
+def _scan_one(split: str, study_dir: Path, max_dropped: float = 0.0) -> tuple[pd.DataFrame, list[ScanFailure]]:
+    """One study's slice table, and the files it left out (`dicom.read_headers`)."""
+    from rsna22_utils.core.dicom import read_headers  # lazy: the CLI imports this module to register `scan`
 
-    table = read_slice_headers(study_dir)
+    table, dropped = read_headers(study_dir, max_dropped=max_dropped)
     table.insert(0, "split", split.removesuffix("_images"))
     table["slice_index"] = range(len(table))
-    return table
+    return table, [ScanFailure(split, study_dir.name, Path(error.path).name, error.reason) for error in dropped]
 
 
-def _label(task: tuple[str, Path]) -> str:
-    split, study_dir = task
+def _label(task: tuple[str, Path, float]) -> str:
+    split, study_dir, _ = task
     return f"study {split}/{study_dir.name}"
 
 
@@ -69,10 +70,17 @@ def _failure(split: str, study_dir: Path, error: BaseException) -> ScanFailure:
     return ScanFailure(split, study_dir.name, Path(file).name if file else "", f"{type(error).__name__}: {error}")
 
 
-def scan_competition(data_dir: Path, out: Path, workers: int | None = None) -> list[ScanFailure]:
+def dropped_files_path(out: Path) -> Path:
+    """Where `scan_competition(out=...)` lists the files it left out of studies it kept."""
+    return Path(out).with_name(Path(out).stem + ".dropped.csv")
+
+
+def scan_competition(data_dir: Path, out: Path, workers: int | None = None, max_dropped: float = 0.0) -> list[ScanFailure]:
     """Write one row per slice of every study to `out` (.parquet or .csv); return the failures.
 
-    Failures are also written beside the output as `<out stem>.failures.csv`.
+    Failures are also written beside the output as `<out stem>.failures.csv`. A study may leave out up
+    to `max_dropped` (a fraction) of its files whose header cannot be read or whose slice size is not
+    the study's: the study is kept, those files are listed in `dropped_files_path(out)` (one warning).
     """
     import pandas as pd  # lazy: the CLI imports this module to register `scan`
 
@@ -83,9 +91,12 @@ def scan_competition(data_dir: Path, out: Path, workers: int | None = None) -> l
     workers = workers or os.cpu_count() or 1
     tables: list[pd.DataFrame] = []
     failures: list[ScanFailure] = []
-    for index, table, error in run_tasks(_scan_one, studies, workers, desc="scan studies", unit="study", label=_label):
+    dropped: list[ScanFailure] = []
+    tasks = [(split, study_dir, max_dropped) for split, study_dir in studies]
+    for index, result, error in run_tasks(_scan_one, tasks, workers, desc="scan studies", unit="study", label=_label):
         if error is None:
-            tables.append(table)
+            tables.append(result[0])
+            dropped += result[1]
             continue
         split, study_dir = studies[index]
         failure = _failure(split, study_dir, error)
@@ -96,6 +107,14 @@ def scan_competition(data_dir: Path, out: Path, workers: int | None = None) -> l
     failures_path = out.with_name(out.stem + ".failures.csv")
     if write_failures(failures_path, [asdict(f) for f in failures]):
         logger.warning("%d of %d studies failed; listed in %s", len(failures), len(studies), failures_path)
+    if write_failures(dropped_files_path(out), [asdict(f) for f in dropped]):
+        logger.warning(
+            "%d unreadable files left out of %d studies (at most %.0f%% of a study's); listed in %s",
+            len(dropped),
+            len({(f.split, f.study) for f in dropped}),
+            100 * max_dropped,
+            dropped_files_path(out),
+        )
     if not tables:
         logger.error("no study could be read under %s; nothing written to %s", data_dir, out)
         return failures

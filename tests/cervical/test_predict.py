@@ -66,10 +66,12 @@ def test_corrupt_study_gets_prior_and_others_predicted(tiny_pipeline: dict, tmp_
     test = pd.read_csv(data_dir / "test.csv")
     bad = test["StudyInstanceUID"].iloc[0]
     dicom = sorted((data_dir / "test_images" / bad).glob("*.dcm"))[3]
-    dicom.write_bytes(dicom.read_bytes()[:300])  # truncated file
+    dicom.write_bytes(dicom.read_bytes()[:300])  # truncated file; no file may be left out (max_dropped_slices 0)
     out = tmp_path / "submission.csv"
     with caplog.at_level(logging.WARNING, logger="rsna22_utils.cervical.submission"):
-        submission = predict_submission(_config(data_dir, tiny_pipeline["work_dir"], out, num_workers=1, max_failed_fraction=0.5))
+        submission = predict_submission(
+            _config(data_dir, tiny_pipeline["work_dir"], out, num_workers=1, max_failed_fraction=0.5, max_dropped_slices=0.0)
+        )
     written = pd.read_csv(out)
     assert list(written["row_id"]) == list(test["row_id"])
     assert set(submission.attrs["fallbacks"]) == {bad}
@@ -89,10 +91,11 @@ def test_failures_past_max_failed_fraction_fail_the_run(tiny_pipeline: dict, tmp
         dicom = sorted((data_dir / "test_images" / uid).glob("*.dcm"))[2]
         dicom.write_bytes(dicom.read_bytes()[:300])
     out = tmp_path / "submission.csv"
+    strict = {"num_workers": 0, "max_dropped_slices": 0.0}  # no file may be left out: each study is unreadable
     with pytest.raises(TooManyFailures, match=r"2 of 3 test studies failed \(max_failed_fraction 0.5 allows 1\)"):
-        predict_submission(_config(data_dir, tiny_pipeline["work_dir"], out, num_workers=0, max_failed_fraction=0.5))
+        predict_submission(_config(data_dir, tiny_pipeline["work_dir"], out, max_failed_fraction=0.5, **strict))
     with pytest.raises(TooManyFailures, match=r"3 of 3 test studies failed \(max_failed_fraction 1.0 allows 2\)"):
-        predict_submission(_config(data_dir, tiny_pipeline["work_dir"], out, num_workers=0, max_failed_fraction=1.0))
+        predict_submission(_config(data_dir, tiny_pipeline["work_dir"], out, max_failed_fraction=1.0, **strict))
     assert not out.exists()
 
 
@@ -538,3 +541,242 @@ def test_native_study_run_sees_in_the_submission_what_06_trained_on(
     assert submitted.images.shape[-1] == native.crop_size
     torch.testing.assert_close(submitted.images, torch.stack([item["image"] for item in trained]), rtol=0, atol=0)
     torch.testing.assert_close(submitted.masks, torch.stack([item["mask"] for item in trained]), rtol=0, atol=0)
+
+
+# --------------------------------------------------------------------------- what is known before the first study
+
+
+def _no_models(*args, **kwargs):
+    raise AssertionError("the models were loaded: the check should have come first")
+
+
+@pytest.mark.parametrize("where", ["a folder", "under a file"])
+def test_an_output_that_cannot_be_written_fails_before_any_model_loads(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, where: str) -> None:
+    import rsna22_utils.cervical.submission as submission
+
+    monkeypatch.setattr(submission, "load_models", _no_models)
+    if where == "a folder":
+        out = tmp_path / "out.csv"
+        out.mkdir()
+        error = r"out.csv: cannot write the submission there, it is a folder"
+    else:
+        (tmp_path / "base.csv").write_text("x\n")
+        out = tmp_path / "base.csv" / "submission.csv"
+        error = r"cannot write the submission there, .*base.csv is a file, not a folder"
+    with pytest.raises(SetupError, match=error):
+        predict_submission(_config(_placeholder(tmp_path), tmp_path / "weights", out))
+    assert not list(tmp_path.glob("**/.*probe"))
+
+
+def _test_csv(tmp_path: Path, text: str) -> Path:
+    data_dir = tmp_path / "competition"
+    (data_dir / "test_images").mkdir(parents=True)
+    (data_dir / "test.csv").write_text(text)
+    return data_dir
+
+
+@pytest.mark.parametrize(
+    "text, error",
+    [
+        (None, r"competition/test.csv: no test.csv \(is data_dir the competition folder\?\)"),
+        (
+            "row_id, StudyInstanceUID ,prediction_type\n1.2_C1,1.2,C1\n",
+            r"test.csv: no column 'StudyInstanceUID'; expected row_id, StudyInstanceUID, prediction_type, "
+            r"found a column ' StudyInstanceUID '",
+        ),
+        (
+            "row_id,StudyInstanceUID,prediction_type\n1.2_C1,1.2,C1\n1.2_C3,1.2,c3\n",
+            r"test.csv: line 3: prediction_type 'c3' is not one of",
+        ),
+        (
+            "row_id,StudyInstanceUID,prediction_type\n1.2_C8,1.2,C8\n",
+            r"test.csv: line 2: prediction_type 'C8' is not one of .*\(1 such rows\)",
+        ),
+        ("row_id,StudyInstanceUID,prediction_type\n1.2_C1,,C1\n", r"test.csv: line 2: empty StudyInstanceUID"),
+        (
+            "row_id,StudyInstanceUID,prediction_type\n1.2_C1,1.2,C1\n1.2_C1,1.3,C1\n",
+            r"row_id 1.2_C1 on line 2 \(1.2, C1\) and line 3 \(1.3, C1\): one row_id, two rows",
+        ),
+    ],
+    ids=["no test.csv", "spaced column", "lower-case type", "C8", "empty study", "one row_id two studies"],
+)
+def test_a_bad_test_csv_is_one_setup_error_before_any_model_loads(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, text: str | None, error: str
+) -> None:
+    import rsna22_utils.cervical.submission as submission
+
+    monkeypatch.setattr(submission, "load_models", _no_models)
+    data_dir = _test_csv(tmp_path, text or "")
+    if text is None:
+        (data_dir / "test.csv").unlink()
+    with pytest.raises(SetupError, match=error):
+        predict_submission(_config(data_dir, tmp_path / "weights", tmp_path / "submission.csv"))
+    assert not (tmp_path / "submission.csv").exists()
+
+
+def test_a_setup_error_is_one_line_and_exit_status_2(tmp_path: Path) -> None:
+    data_dir = _test_csv(tmp_path, "row_id,StudyInstanceUID,prediction_type\n1.2_C8,1.2,C8\n")
+    args = ["predict", "--data-dir", str(data_dir), "--weights", str(tmp_path / "weights"), "--out", str(tmp_path / "s.csv")]
+    env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[2])}
+    proc = subprocess.run([sys.executable, "-m", "rsna22_utils", *args], capture_output=True, text=True, env=env, timeout=300)
+    assert proc.returncode == 2, proc.stderr[-3000:]
+    errors = [line for line in proc.stderr.splitlines() if line.startswith("error: ")]
+    assert len(errors) == 1 and "test.csv: line 2: prediction_type 'C8'" in errors[0], proc.stderr[-3000:]
+    assert "Traceback" not in proc.stderr
+
+
+def test_repeated_test_csv_rows_are_written_once_and_named(tiny_pipeline: dict, tmp_path: Path) -> None:
+    data_dir = _placeholder(tmp_path)
+    test = pd.read_csv(data_dir / "test.csv")
+    pd.concat([test, test.iloc[[1]]], ignore_index=True).to_csv(data_dir / "test.csv", index=False)
+    submission = predict_submission(_config(data_dir, tiny_pipeline["work_dir"], tmp_path / "submission.csv"))
+    written = pd.read_csv(tmp_path / "submission.csv")
+    assert list(written["row_id"]) == list(test["row_id"])
+    assert f"test.csv: 1 repeated rows dropped (e.g. line 5: {test['row_id'].iloc[1]})" in submission.attrs["summary"]
+
+
+def _without_a_study(tiny: dict, tmp_path: Path, how: str) -> tuple[Path, str]:
+    data_dir = _copy_competition(tiny["data_dir"], tmp_path / "competition")
+    uid = pd.read_csv(data_dir / "test.csv")["StudyInstanceUID"].iloc[1]
+    folder = data_dir / "test_images" / uid
+    shutil.rmtree(folder)
+    if how == "no readable file":
+        folder.mkdir()
+        (folder / "1.dcm").write_bytes(b"")
+        (folder / "2.dcm").write_text("not a DICOM file")
+    return data_dir, uid
+
+
+@pytest.mark.parametrize("how", ["no study folder", "no readable file"])
+def test_studies_known_to_fail_are_counted_before_the_first_study(
+    tiny_pipeline: dict, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, how: str
+) -> None:
+    import rsna22_utils.cervical.submission as submission
+
+    data_dir, uid = _without_a_study(tiny_pipeline, tmp_path, how)
+    with monkeypatch.context() as patch:
+        patch.setattr(submission, "load_models", _no_models)
+        with pytest.raises(TooManyFailures, match=rf"1 of 3 test studies failed .*allows 0\), known before the first study.*1 {how}"):
+            predict_submission(_config(data_dir, tiny_pipeline["work_dir"], tmp_path / "submission.csv"))
+    assert not (tmp_path / "submission.csv").exists()
+    allowed = predict_submission(_config(data_dir, tiny_pipeline["work_dir"], tmp_path / "submission.csv", max_failed_fraction=0.5))
+    assert set(allowed.attrs["fallbacks"]) == {uid} and allowed.attrs["predicted"] == 2
+    assert f"2 full, 0 reduced, 1 prior (1 {how} (e.g. {uid}: " in allowed.attrs["summary"]
+    assert len(pd.read_csv(tmp_path / "submission.csv")) == len(pd.read_csv(data_dir / "test.csv"))
+
+
+def _weights_dataset(tiny: dict, tmp_path: Path) -> Path:
+    from rsna22_utils.core.kaggle import KaggleSettings, build_weights_dataset
+
+    return build_weights_dataset(tiny["work_dir"], tmp_path / "weights", KaggleSettings(owner="kit-tester"))
+
+
+def _runner_record(tiny: dict, tmp_path: Path) -> Path:
+    """A runs folder whose 01_train_box sweep the runner recorded (both folds done)."""
+    from rsna22_utils.core.registry import RUNS_FILE
+    from rsna22_utils.core.runner import RunResult, RunSummary, _write_runs
+
+    weights = tmp_path / "runs"
+    for stage in ("01_train_box", "06_train_study"):
+        shutil.copytree(tiny["work_dir"] / stage, weights / stage)
+    summary = RunSummary("01_train_box")
+    for fold in (0, 1):
+        summary.add(RunResult("01_train_box", fold, 0, "done", str(weights / "01_train_box" / f"fold{fold}-seed0"), "nb.ipynb"))
+    _write_runs(summary, weights / "01_train_box" / RUNS_FILE)
+    return weights
+
+
+@pytest.mark.parametrize("weights", [_weights_dataset, _runner_record], ids=["weights dataset manifest", "runner record"])
+def test_a_missing_model_is_refused_unless_allowed(tiny_pipeline: dict, tmp_path: Path, caplog: pytest.LogCaptureFixture, weights) -> None:
+    folder = weights(tiny_pipeline, tmp_path)
+    source = "manifest.json" if (folder / "manifest.json").exists() else "_runs.json"
+    shutil.rmtree(folder / "01_train_box" / "fold1-seed0")
+    out = tmp_path / "submission.csv"
+    data_dir = _placeholder(tmp_path)
+    with pytest.raises(
+        SetupError, match=rf"1 of the 2 01_train_box runs listed in .*{source} are missing: fold1-seed0; .*allow_missing_models"
+    ):
+        predict_submission(_config(data_dir, folder, out))
+    assert not out.exists()
+    with caplog.at_level(logging.WARNING, logger="rsna22_utils.cervical.submission"):
+        allowed = predict_submission(_config(data_dir, folder, out, allow_missing_models=True))
+    assert "01_train_box without fold1-seed0 (allow_missing_models)" in allowed.attrs["summary"]
+    assert [r.getMessage() for r in caplog.records if "fold1-seed0" in r.getMessage()]  # named in a warning too
+
+
+def test_degenerate_studies_get_the_prior_with_the_reason(tiny_pipeline: dict, tmp_path: Path) -> None:
+    """One slice left, or every slice at one z (a sagittal series): named, the prior, counted; the others predicted."""
+    import pydicom
+
+    data_dir = _copy_competition(tiny_pipeline["data_dir"], tmp_path / "competition")
+    one_slice, flat, fine = pd.read_csv(data_dir / "test.csv")["StudyInstanceUID"].unique()
+    for dicom in sorted((data_dir / "test_images" / one_slice).glob("*.dcm"))[1:]:
+        dicom.unlink()
+    for dicom in (data_dir / "test_images" / flat).glob("*.dcm"):
+        ds = pydicom.dcmread(dicom)
+        ds.ImagePositionPatient = [ds.ImagePositionPatient[0], ds.ImagePositionPatient[1], 12.5]
+        ds.save_as(dicom)
+    out = tmp_path / "submission.csv"
+    with pytest.raises(TooManyFailures, match=r"too few slices"):  # counted: 2 of 3 where max_failed_fraction 0.5 allows 1
+        predict_submission(_config(data_dir, tiny_pipeline["work_dir"], out, max_failed_fraction=0.5))
+    submission = predict_submission(_config(data_dir, tiny_pipeline["work_dir"], out, max_failed_fraction=0.7))
+    assert set(submission.attrs["fallbacks"]) == {one_slice, flat} and submission.attrs["predicted"] == 1
+    assert "too few slices: no complete 3-slice image" in submission.attrs["fallbacks"][one_slice]
+    assert "files share one z position: not an axial series?" in submission.attrs["fallbacks"][flat]
+    assert "1 full, 0 reduced, 2 prior (2 too few slices (e.g. " in submission.attrs["summary"]
+    assert len(pd.read_csv(out)) == len(pd.read_csv(data_dir / "test.csv"))
+
+
+def test_an_extra_zero_byte_file_leaves_every_row_written_and_is_named(tiny_pipeline: dict, tmp_path: Path) -> None:
+    """#23: the file is left out under max_dropped_slices, the study predicted from the rest, exit status 0."""
+    data_dir = _copy_competition(tiny_pipeline["data_dir"], tmp_path / "competition")
+    test = pd.read_csv(data_dir / "test.csv")
+    uid = test["StudyInstanceUID"].iloc[0]
+    (data_dir / "test_images" / uid / "999.dcm").write_bytes(b"")
+    out = tmp_path / "submission.csv"
+    args = ["predict", "--data-dir", str(data_dir), "--weights", str(tiny_pipeline["work_dir"]), "--out", str(out), "-p", "device=cpu"]
+    env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[2])}
+    proc = subprocess.run([sys.executable, "-m", "rsna22_utils", *args], capture_output=True, text=True, env=env, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert list(pd.read_csv(out)["row_id"]) == list(test["row_id"])
+    summary = [line for line in proc.stderr.splitlines() if "submission of" in line and "written to" in line]
+    assert len(summary) == 1 and "3 full, 0 reduced, 1 of them from part of their slices" in summary[0], proc.stderr[-3000:]
+    assert f"{uid}: 1 of " in summary[0] and "999.dcm: empty file (0 bytes)" in summary[0]
+
+
+def _slice_of_another_size(study: Path, rows: int) -> Path:
+    """A slice of this study's series, between two of its slices, of `rows` x `rows` pixels."""
+    import pydicom
+
+    from rsna22_utils.core.dicom_writer import EXPLICIT_LE, write_dicom_slice
+
+    first, second = (pydicom.dcmread(path, stop_before_pixels=True) for path in sorted(study.glob("*.dcm"))[:2])
+    z = (float(first.ImagePositionPatient[2]) + float(second.ImagePositionPatient[2])) / 2
+    path = study / "997.dcm"
+    hu = np.full((rows, rows), 40, np.int16)
+    write_dicom_slice(
+        path, hu, transfer_syntax=EXPLICIT_LE, study_uid=first.StudyInstanceUID, series_uid=first.SeriesInstanceUID,
+        sop_uid=f"{first.SeriesInstanceUID}.997", instance_number=997, z=z,
+    )  # fmt: skip
+    return path
+
+
+def test_one_odd_file_is_left_out_with_a_warning_naming_it(tiny_pipeline: dict, tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    """#24: a slice of another size, or a file that is not DICOM, beside readable slices: dropped, named, the study predicted."""
+    data_dir = _copy_competition(tiny_pipeline["data_dir"], tmp_path / "competition")
+    test = pd.read_csv(data_dir / "test.csv")
+    odd_size, not_dicom, _ = test["StudyInstanceUID"].unique()
+    odd = _slice_of_another_size(data_dir / "test_images" / odd_size, rows=24)
+    (data_dir / "test_images" / not_dicom / "998.dcm").write_text("a note saved with the wrong name\n" * 10)
+    with caplog.at_level(logging.WARNING, logger="rsna22_utils.core.dicom"):
+        submission = predict_submission(_config(data_dir, tiny_pipeline["work_dir"], tmp_path / "submission.csv", num_workers=0))
+    assert submission.attrs["predicted"] == 3 and not submission.attrs["fallbacks"]
+    assert "3 full, 0 reduced, 2 of them from part of their slices" in submission.attrs["summary"]
+    warned = {uid: [r.getMessage() for r in caplog.records if uid in r.getMessage()] for uid in (odd_size, not_dicom)}
+    assert len(warned[odd_size]) == 1 and f"{odd.name}: slice size (24, 24) differs from the study's (48, 48)" in warned[odd_size][0]
+    assert len(warned[not_dicom]) == 1 and "998.dcm: not a DICOM file" in warned[not_dicom][0]
+    # allowed none, the study gets the prior with the reason
+    strict = predict_submission(
+        _config(data_dir, tiny_pipeline["work_dir"], tmp_path / "b.csv", num_workers=0, max_dropped_slices=0.0, max_failed_fraction=0.7)
+    )
+    assert set(strict.attrs["fallbacks"]) == {odd_size, not_dicom} and "not a DICOM file" in strict.attrs["fallbacks"][not_dicom]

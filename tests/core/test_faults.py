@@ -307,7 +307,15 @@ def test_prepare_keys_each_study_by_its_folder_and_warns_once(tmp_path: Path, ca
         ds.save_as(path)
     empty = sorted(broken.glob("*.dcm"))[2]
     empty.write_bytes(b"")
-    settings = {"data_dir": str(data), "out_dir": str(tmp_path / "prep"), "image_size": 32, "workers": 2, "n_folds": 2}
+    # no file may be left out here: the zero-byte file fails its study (see the test below for the default)
+    settings = {
+        "data_dir": str(data),
+        "out_dir": str(tmp_path / "prep"),
+        "image_size": 32,
+        "workers": 2,
+        "n_folds": 2,
+        "max_dropped_slices": 0.0,
+    }
     caplog.set_level(logging.WARNING)
     with pytest.raises(PrepareFailed, match=rf"1 of 5 studies failed \(e\.g\. {broken.name}: .*max_failed_studies=1"):
         prepare(resolve_config("00_prepare", settings))  # a failed study fails the stage: exit status non-zero
@@ -325,6 +333,31 @@ def test_prepare_keys_each_study_by_its_folder_and_warns_once(tmp_path: Path, ca
     failures = pd.read_csv(tmp_path / "prep" / "slices.failures.csv", dtype=str)
     assert failures[["study", "file"]].values.tolist() == [[broken.name, empty.name]]
     assert outputs["scan_failures"] == 1 and outputs["cache_failures"] == 1
+
+
+def test_prepare_leaves_out_a_bad_file_not_its_study(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    """#23: a zero-byte file and a file that is not DICOM beside readable slices: each named and counted, both studies cached."""
+    from rsna22_utils.cervical.prepare import Prepared, prepare
+    from rsna22_utils.cervical.synth import generate_competition
+    from rsna22_utils.core.resolve import resolve_config
+
+    data = tmp_path / "data"
+    generate_competition(data, n_studies=4, n_test_studies=1, image_size=32, median_slices=30, seed=1, workers=1)
+    empty_in, text_in = sorted((data / "train_images").iterdir())[:2]
+    (empty_in / "999.dcm").write_bytes(b"")
+    (text_in / "998.dcm").write_text("not an image\n")
+    settings = {"data_dir": str(data), "out_dir": str(tmp_path / "prep"), "image_size": 32, "workers": 2, "n_folds": 2}
+    with caplog.at_level(logging.WARNING):
+        outputs = prepare(resolve_config("00_prepare", settings))
+    prepared = Prepared(tmp_path / "prep")
+    assert outputs["scan_failures"] == 0 and outputs["cache_failures"] == 0 and outputs["dropped_files"] == 2
+    assert sorted(prepared.cache().uids) == sorted(p.name for p in data.glob("*_images/*"))
+    dropped = pd.read_csv(tmp_path / "prep" / "slices.dropped.csv", dtype=str).sort_values("file")
+    assert dropped[["study", "file"]].values.tolist() == [[text_in.name, "998.dcm"], [empty_in.name, "999.dcm"]]
+    assert "not a DICOM file" in dropped["reason"].iloc[0] and "empty file" in dropped["reason"].iloc[1]
+    assert not prepared.read("slices")["path"].str.endswith(("998.dcm", "999.dcm")).any()
+    named = [m for m in warnings_of(caplog) if "999.dcm" in m or "998.dcm" in m]
+    assert len(named) == 2, named  # one warning per study, naming its file
 
 
 # ------------------------------------------------------------------ pools that survive a dead worker
@@ -497,6 +530,41 @@ def test_read_study_leaves_out_unreadable_slices_up_to_max_dropped(tmp_path: Pat
     one = 1.5 / len(files)  # one unreadable slice allowed, not two
     with pytest.raises(DicomReadError, match=rf"2 of {len(files)} slices unreadable \(at most {one:.0%} may be left out\): truncated"):
         read_study(study, max_dropped=one)
+
+
+def test_files_that_fail_at_the_header_read_are_left_out_up_to_max_dropped(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    """#23: zero-byte, not DICOM, truncated before the pixels: left out like a slice that fails to decode, under one allowance."""
+    study = competition(tmp_path / "data", n_studies=1, n_slices=8)[0]
+    whole = read_study(study)
+    (study / "91.dcm").write_bytes(b"")
+    (study / "92.dcm").write_text("not DICOM\n" * 20)
+    with pytest.raises(DicomReadError, match="empty file|not a DICOM file"):
+        read_study(study)  # by default a study is all of its files or an error
+    with caplog.at_level(logging.WARNING, logger="rsna22_utils.core.dicom"):
+        partial = read_study(study, max_dropped=0.25)
+    assert sorted(Path(e.path).name for e in partial.dropped) == ["91.dcm", "92.dcm"]
+    assert {Path(e.path).name: e.reason for e in partial.dropped}["91.dcm"] == "empty file (0 bytes)"
+    np.testing.assert_array_equal(partial.volume, whole.volume)
+    assert len([m for m in warnings_of(caplog) if "left out" in m]) == 1
+    bad = study / "3.dcm"
+    bad.write_bytes(bad.read_bytes()[:-100])  # and one that fails to decode: 3 of 10 is past 25 %
+    with pytest.raises(DicomReadError, match=r"3 of 10 slices unreadable \(at most 25% may be left out\): truncated"):
+        read_study(study, max_dropped=0.25)
+    assert len(read_study(study, max_dropped=0.3).dropped) == 3
+
+
+def test_a_slice_of_another_size_is_left_out_up_to_max_dropped(tmp_path: Path) -> None:
+    study = competition(tmp_path / "data", n_studies=1, n_slices=6)[0]
+    whole = read_study(study)
+    write(study / "7.dcm", np.full((SIZE // 2, SIZE // 2), 40, np.int16), z=2.5, number=7, study=study.name, series=f"{study.name}.1")
+    with pytest.raises(DicomReadError, match=r"7.dcm: slice shape \(16, 16\) differs from the study's first slice \(32, 32\)"):
+        read_study(study)
+    partial = read_study(study, max_dropped=0.2)
+    assert [(Path(e.path).name, e.reason) for e in partial.dropped] == [("7.dcm", "slice size (16, 16) differs from the study's (32, 32)")]
+    np.testing.assert_array_equal(partial.volume, whole.volume)
+    failures = scan_competition(tmp_path / "data", tmp_path / "slices.parquet", workers=1, max_dropped=0.2)
+    assert failures == [] and len(pd.read_parquet(tmp_path / "slices.parquet")) == 6
+    assert pd.read_csv(tmp_path / "slices.dropped.csv")["file"].tolist() == ["7.dcm"]
 
 
 @pytest.mark.parametrize("syntax", ["1.2.840.10008.1.2.4.57", "1.2.840.10008.1.2.4.70", "1.2.840.10008.1.2.5"])
