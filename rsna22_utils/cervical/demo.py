@@ -20,7 +20,7 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
-from rsna22_utils.cervical import qc
+from rsna22_utils.cervical import baselines, qc
 from rsna22_utils.cervical.anatomy import BOX_COLUMNS
 from rsna22_utils.cervical.metric import (
     TARGETS,
@@ -33,7 +33,7 @@ from rsna22_utils.cervical.metric import (
 )
 from rsna22_utils.cervical.prepare import Prepared
 from rsna22_utils.cervical.sequence import VertebraInference
-from rsna22_utils.cervical.stages import INFER_BOX, INFERENCE, PREPARE, TRAIN_STUDY
+from rsna22_utils.cervical.stages import INFER_BOX, INFERENCE, PREPARE, TRAIN_FRACTURE, TRAIN_STUDY
 from rsna22_utils.cervical.study_box import BoxInference
 from rsna22_utils.cervical.synth import generate_competition
 from rsna22_utils.core.demo import demo_overrides, run_demo_stage, synthetic_competition, write_report_markdown
@@ -180,27 +180,23 @@ def stage_baselines(work_dir: Path, labels: pd.DataFrame, result: dict[str, Any]
     """What each trained stage scores out of fold beside a trivial baseline (`baselines`), from the runs' outputs.
 
     `labels`: train.csv; `result`: the report's figures so far (the study model's metric and AUCs)."""
-    from rsna22_utils.cervical import baselines
-    from rsna22_utils.cervical.prepare import Prepared
-    from rsna22_utils.cervical.stages import INFER_BOX, INFER_VERTEBRA, PREPARE, TRAIN_FRACTURE
-
-    prepared = Prepared(work_dir / PREPARE)
+    prepared = Prepared.of(work_dir)
     folds = prepared.read("folds")
     out: dict[str, Any] = {}
-    box_eval_path = work_dir / INFER_BOX / "box_eval.csv"
-    if box_eval_path.exists():
-        box_eval = pd.read_csv(box_eval_path)
+    box_outputs = BoxInference.of(work_dir)
+    if box_outputs.path("box_eval").exists():
+        box_eval = box_outputs.read("box_eval")
         centred = baselines.centred_box_iou(box_eval, prepared.read("slices"))
         out["box"] = {
             "studies": len(box_eval),
             "median_iou": float(box_eval["iou"].median()),
             "centred_median_iou": float(centred.median()),
         }
-    vertebra_metrics = json.loads((work_dir / INFER_VERTEBRA / "metrics.json").read_text())
+    vertebra_metrics = VertebraInference.of(work_dir).read("metrics")
     if "mae_vs_segmentation" in vertebra_metrics and prepared.vertebra_ratios.exists():
         out["vertebra"] = {
             "mae": float(vertebra_metrics["mae_vs_segmentation"]),
-            "mean_profile_mae": baselines.mean_profile_error(pd.read_parquet(prepared.vertebra_ratios)),
+            "mean_profile_mae": baselines.mean_profile_error(prepared.read("vertebra_ratios")),
         }
     fracture_runs = run_dirs(work_dir, TRAIN_FRACTURE, require="oof.parquet")
     out["slice_fracture_auc"] = baselines.slice_fracture_auc(fracture_runs)
