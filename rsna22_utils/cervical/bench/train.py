@@ -81,11 +81,11 @@ def prepare_inputs(work_dir: Path, data_dir: Path, profile: str) -> None:
     from rsna22_utils.core.resolve import resolve_config
 
     try:
-        Prepared(work_dir / PREPARE).cache()
+        Prepared.of(work_dir).cache()
     except FileNotFoundError:
         values = {"profile": profile, "data_dir": str(data_dir), "work_dir": str(work_dir), "n_folds": 2, "fold_file": ""}
         execute(PREPARE, resolve_config(PREPARE, values))
-    prepared = Prepared(work_dir / PREPARE)
+    prepared = Prepared.of(work_dir)
     for outputs, name, make in (
         (BoxInference.of(work_dir), "study_boxes", true_study_boxes),
         (VertebraInference.of(work_dir), "slice_labels", true_slice_labels),
