@@ -139,8 +139,12 @@ class InputNorm:
 
     def to_input(self, pixels: torch.Tensor) -> torch.Tensor:
         """uint8 images (..., H, W, C) on any device -> float32 network inputs (..., C, H, W), as `normalise`
-        makes them (the trainer's step does this on the device for datasets built with `uint8_images`)."""
-        return self.normalise(pixels.movedim(-1, -3).contiguous())
+        makes them (the trainer's step does this on the device for datasets built with `uint8_images`).
+
+        The copy gets the standard (..., C, H, W) strides even for one channel, where `contiguous()` keeps the
+        moved strides: convolution kernels are chosen by stride, and these must be the ones the float items had.
+        """
+        return self.normalise(pixels.movedim(-1, -3).clone(memory_format=torch.contiguous_format))
 
     def item_images(self, images: np.ndarray, uint8: bool) -> torch.Tensor:
         """A dataset item's uint8 images (..., H, W, C): as they are with `uint8` (for `to_input` on the device), else network inputs."""

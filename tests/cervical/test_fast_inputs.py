@@ -85,3 +85,18 @@ def test_sequence_and_study_items_finished_on_the_device_equal_the_per_item_inpu
         np.random.seed(7)
         got = on_device(images_collate([StudyImages(["a"], windows, None, augment="original", uint8_images=True)[0]]), norm, "images")
         assert all(torch.equal(got[k], want[k]) for k in want)
+
+
+def test_one_channel_inputs_finished_on_the_device_keep_the_float_items_strides(tmp_path: Path) -> None:
+    """One-channel images: the device path must hand the network the strides the float items had (CPU kernels
+    are chosen by stride, so other strides change the trained weights)."""
+    cache = textured_cache(tmp_path)
+    table = pd.DataFrame({"StudyInstanceUID": "a", "slice_index": [0, 5, 17], "has_box": 0.0, "rows": 64, "cols": 64})
+    table[["x0", "y0", "x1", "y1"]] = 0.0
+    floats = BoxSliceDataset(table, CacheSource(cache), input_slices=1)
+    uint8 = BoxSliceDataset(table, CacheSource(cache), input_slices=1, uint8_images=True)
+    want = default_collate([floats[i] for i in range(len(table))])["image"]
+    got = on_device(default_collate([uint8[i] for i in range(len(table))]), InputNorm())["image"]
+    assert got.shape[1] == 1
+    assert torch.equal(got, want)
+    assert got.stride() == want.stride()
