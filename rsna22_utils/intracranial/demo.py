@@ -24,6 +24,7 @@ from rsna22_utils.core.registry import run_dirs, stage_dir, stages
 from rsna22_utils.intracranial.labels import IMAGE_ID, LABELS, rows_from_wide, wide_from_rows
 from rsna22_utils.intracranial.metric import per_label_auc, prior_predictions, score, score_wide
 from rsna22_utils.intracranial.prepare import Prepared
+from rsna22_utils.intracranial.stages import INFERENCE, PREDICT, PREPARE, SMOOTH, TRAIN
 from rsna22_utils.intracranial.synth import generate_competition
 
 logger = logging.getLogger(__name__)
@@ -58,10 +59,10 @@ def write_report(out: Path, data_dir: Path, work_dir: Path) -> dict[str, Any]:
     submission scored on the synthetic test labels, and the figures."""
     report_dir = out / "report"
     report_dir.mkdir(parents=True, exist_ok=True)
-    images = Prepared(stage_dir(work_dir, "00_prepare")).read_images()
+    images = Prepared(stage_dir(work_dir, PREPARE)).read_images()
     train = images[images["split"] == "train"]
-    oof = pd.read_parquet(stage_dir(work_dir, "03_smooth") / "oof_smoothed.parquet")
-    raw = pd.read_parquet(stage_dir(work_dir, "02_predict") / "oof_predictions.parquet")
+    oof = pd.read_parquet(stage_dir(work_dir, SMOOTH) / "oof_smoothed.parquet")
+    raw = pd.read_parquet(stage_dir(work_dir, PREDICT) / "oof_predictions.parquet")
     labels = train.set_index(IMAGE_ID).loc[oof[IMAGE_ID]].reset_index()
     oof = oof.set_index(IMAGE_ID).loc[labels[IMAGE_ID]].reset_index()
     prior = score_wide(labels, prior_predictions(train, labels[IMAGE_ID]))
@@ -97,7 +98,7 @@ def write_report(out: Path, data_dir: Path, work_dir: Path) -> dict[str, Any]:
     lines += _submission_lines(result, data_dir, work_dir, train)
     figures = {"roc": report_dir / "roc.png"}
     plot_roc(labels, oof, figures["roc"], LABELS, bold="any", unit="images (out of fold, smoothed)")
-    histories = {run.name: run / "history.csv" for run in run_dirs(work_dir, "01_train", require="history.csv")}
+    histories = {run.name: run / "history.csv" for run in run_dirs(work_dir, TRAIN, require="history.csv")}
     if histories:
         figures["loss_01_train"] = plot_loss_curves(histories, report_dir / "loss_01_train.png")
     write_report_markdown(report_dir, lines, figures, work_dir, result)
@@ -117,7 +118,7 @@ def _submission_lines(result: dict[str, Any], data_dir: Path, work_dir: Path, tr
         "",
         f"- prior baseline: {result['test']['prior_metric']:.4f} ({len(test_images)} images)",
     ]
-    for stage in ("03_smooth", "04_inference"):
+    for stage in (SMOOTH, INFERENCE):
         path = stage_dir(work_dir, stage) / "submission.csv"
         if path.is_file():
             submission = pd.read_csv(path, dtype={"ID": str})

@@ -19,9 +19,10 @@ from rsna22_utils.core.registry import CONFIG, finished_runs, serving_runs
 from rsna22_utils.core.resolve import load_config
 from rsna22_utils.intracranial.configs import InferenceConfig
 from rsna22_utils.intracranial.labels import SAMPLE_SUBMISSION
-from rsna22_utils.intracranial.predict import TRAIN_STAGE, mean_of_runs
+from rsna22_utils.intracranial.predict import mean_of_runs
 from rsna22_utils.intracranial.prepare import Prepared, build_cache, order_studies, scan_headers
-from rsna22_utils.intracranial.smooth import SMOOTH_STAGE, SMOOTHING_FILE, Smoother, neighbour_features, write_submission
+from rsna22_utils.intracranial.smooth import SMOOTHING_FILE, Smoother, neighbour_features, write_submission
+from rsna22_utils.intracranial.stages import SMOOTH, TRAIN
 
 logger = logging.getLogger(__name__)
 
@@ -32,8 +33,8 @@ def infer(cfg: InferenceConfig) -> dict[str, Any]:
     """04_inference: submission.csv for the test images of `data_dir` from the runs in `weights_dir`."""
     data_dir = Path(cfg.data_dir) if cfg.data_dir else kaggle_input_dir() / KAGGLE_COMPETITION
     weights = Path(cfg.weights_dir or cfg.work_dir)
-    runs = serving_runs(finished_runs(weights, TRAIN_STAGE))
-    smoother = Smoother.from_json(weights / SMOOTH_STAGE / SMOOTHING_FILE)
+    runs = serving_runs(finished_runs(weights, TRAIN))
+    smoother = Smoother.from_json(weights / SMOOTH / SMOOTHING_FILE)
     trained = load_config(runs[0] / CONFIG)
     settings = {"cache_size": trained.cache_size, "crop_border": trained.crop_border, "head_threshold": trained.head_threshold}
     settings["windows"] = trained.cache_windows

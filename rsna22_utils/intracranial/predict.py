@@ -30,10 +30,10 @@ from rsna22_utils.intracranial.labels import IMAGE_ID, LABELS
 from rsna22_utils.intracranial.metric import prior_predictions, score_wide
 from rsna22_utils.intracranial.models import untrained_network
 from rsna22_utils.intracranial.prepare import Prepared
+from rsna22_utils.intracranial.stages import TRAIN
 
 logger = logging.getLogger(__name__)
 
-TRAIN_STAGE = "01_train"
 OOF_PREDICTIONS = "oof_predictions.parquet"
 TEST_PREDICTIONS = "test_predictions.parquet"
 
@@ -63,7 +63,7 @@ def predict(cfg: PredictConfig) -> dict[str, Any]:
     """02_predict: out-of-fold predictions of the training images, and the test images' mean of the runs."""
     prepared = Prepared(Path(cfg.prepared_dir))
     images = prepared.read_images()
-    runs = finished_runs(cfg.work_dir, TRAIN_STAGE)
+    runs = finished_runs(cfg.work_dir, TRAIN)
     device = resolve_device(cfg.device)
     out = Path(cfg.out_dir)
     out.mkdir(parents=True, exist_ok=True)

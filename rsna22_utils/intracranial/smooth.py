@@ -26,11 +26,10 @@ from rsna22_utils.intracranial.labels import IMAGE_ID, LABELS, SAMPLE_SUBMISSION
 from rsna22_utils.intracranial.metric import score_wide
 from rsna22_utils.intracranial.predict import OOF_PREDICTIONS, TEST_PREDICTIONS
 from rsna22_utils.intracranial.prepare import Prepared
+from rsna22_utils.intracranial.stages import PREDICT
 
 logger = logging.getLogger(__name__)
 
-PREDICT_STAGE = "02_predict"
-SMOOTH_STAGE = "03_smooth"
 SMOOTHING_FILE = "smoothing.json"
 _CLIP = 1e-6  # probabilities -> logits without infinities
 
@@ -110,7 +109,7 @@ class Smoother:
 
 def _read(path: Path) -> pd.DataFrame:
     if not path.is_file():
-        raise FileNotFoundError(f"{path}: missing; run {PREDICT_STAGE} first")
+        raise FileNotFoundError(f"{path}: missing; run {PREDICT} first")
     return pd.read_parquet(path)
 
 
@@ -118,7 +117,7 @@ def smooth(cfg: SmoothConfig) -> dict[str, Any]:
     """03_smooth: fit on the out-of-fold predictions (scored out of fold), apply to the test predictions, write submission.csv."""
     prepared = Prepared(Path(cfg.prepared_dir))
     images = prepared.read_images()
-    predicted = stage_dir(cfg.work_dir, PREDICT_STAGE)
+    predicted = stage_dir(cfg.work_dir, PREDICT)
     oof = _read(predicted / OOF_PREDICTIONS)
     out = Path(cfg.out_dir)
     out.mkdir(parents=True, exist_ok=True)

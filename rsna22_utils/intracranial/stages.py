@@ -16,6 +16,13 @@ from rsna22_utils.core.registry import Stage, register
 from rsna22_utils.intracranial import configs
 
 _PACKAGE = "rsna22_utils.intracranial"
+
+# Each stage's name, spelt here only: every other module names a stage through these.
+PREPARE = "00_prepare"
+TRAIN = "01_train"
+PREDICT = "02_predict"
+SMOOTH = "03_smooth"
+INFERENCE = "04_inference"
 _NOTEBOOKS = NOTEBOOKS_DIR / "intracranial"
 
 # The competition's command-line modules: the CLI calls `add_commands(subparsers)` of each (beside the core's).
@@ -24,9 +31,9 @@ COMMAND_MODULES: tuple[str, ...] = (f"{_PACKAGE}.commands",)
 STAGES: tuple[Stage, ...] = tuple(
     register(stage, _PACKAGE)
     for stage in (
-        Stage("00_prepare", configs.PrepareConfig, f"{_PACKAGE}.prepare:prepare", prepares=True, notebooks_dir=_NOTEBOOKS),
+        Stage(PREPARE, configs.PrepareConfig, f"{_PACKAGE}.prepare:prepare", prepares=True, notebooks_dir=_NOTEBOOKS),
         Stage(
-            "01_train",
+            TRAIN,
             configs.ClassifierTrainConfig,
             f"{_PACKAGE}.train:train_classifier",
             per_fold=True,
@@ -35,10 +42,8 @@ STAGES: tuple[Stage, ...] = tuple(
             network=f"{_PACKAGE}.models:untrained_network",
             notebooks_dir=_NOTEBOOKS,
         ),
-        Stage("02_predict", configs.PredictConfig, f"{_PACKAGE}.predict:predict", notebooks_dir=_NOTEBOOKS),
-        Stage(
-            "03_smooth", configs.SmoothConfig, f"{_PACKAGE}.smooth:smooth", notebooks_dir=_NOTEBOOKS, submission_files=("smoothing.json",)
-        ),
-        Stage("04_inference", configs.InferenceConfig, f"{_PACKAGE}.inference:infer", kaggle_internet=False, notebooks_dir=_NOTEBOOKS),
+        Stage(PREDICT, configs.PredictConfig, f"{_PACKAGE}.predict:predict", notebooks_dir=_NOTEBOOKS),
+        Stage(SMOOTH, configs.SmoothConfig, f"{_PACKAGE}.smooth:smooth", notebooks_dir=_NOTEBOOKS, submission_files=("smoothing.json",)),
+        Stage(INFERENCE, configs.InferenceConfig, f"{_PACKAGE}.inference:infer", kaggle_internet=False, notebooks_dir=_NOTEBOOKS),
     )
 )

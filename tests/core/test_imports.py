@@ -116,3 +116,18 @@ def test_the_submission_does_not_import_the_trainer() -> None:
         [sys.executable, "-c", code], cwd=root, capture_output=True, text=True, check=True, env={**os.environ, "PYTHONPATH": str(root)}
     )
     assert out.stdout.strip() == "False"
+
+
+def test_each_stage_name_is_spelt_in_its_stage_table_only() -> None:
+    """A stage's name ("05_train_fracture") is a string literal in its competition's stages.py and nowhere else in
+    the package: every other module names a stage through the stage table's constants."""
+    import re
+
+    spelt: dict[str, set[str]] = {}
+    for path in PACKAGE_ROOT.rglob("*.py"):
+        for node in ast.walk(ast.parse(path.read_text(), filename=str(path))):
+            if isinstance(node, ast.Constant) and isinstance(node.value, str) and re.fullmatch(r"\d\d_[a-z][a-z_]*", node.value):
+                spelt.setdefault(node.value, set()).add(str(path.relative_to(PACKAGE_ROOT)))
+    assert "01_train_box" in spelt  # the scan sees the stage tables
+    elsewhere = {name: sorted(p for p in paths if not p.endswith("/stages.py")) for name, paths in spelt.items()}
+    assert {name: paths for name, paths in elsewhere.items() if paths} == {}
