@@ -4,8 +4,9 @@ A haemorrhage spans neighbouring slices, so for each label the slice's predictio
 `neighbours` slices on each side (in the study's z order; the edge slice repeats itself), as logits,
 are the features of one logistic regression, fitted on the out-of-fold predictions of 02 (never on predictions of
 models that saw the image). Its own score is measured out of fold too (fitted on the other folds'
-images, applied to each fold's), then it is refitted on every training image and applied to the
-test predictions. Writes `oof_smoothed.parquet`, `smoothing.json` (the fitted coefficients),
+images, applied to each fold's); a label keeps its smoothing only where that lowers its out-of-fold log
+loss (else its 02 prediction passes through, with a warning). It is then refitted on every training image
+and applied to the test predictions. Writes `oof_smoothed.parquet`, `smoothing.json` (the fitted coefficients),
 `submission.csv` (exactly the sample submission's IDs, in its order) and `metrics.json`.
 """
 
@@ -23,7 +24,7 @@ from rsna22_utils.core.files import atomic_write
 from rsna22_utils.core.registry import stage_dir
 from rsna22_utils.intracranial.configs import SmoothConfig
 from rsna22_utils.intracranial.labels import IMAGE_ID, LABELS, SAMPLE_SUBMISSION, wide_from_rows
-from rsna22_utils.intracranial.metric import score_wide
+from rsna22_utils.intracranial.metric import EPS, score_wide
 from rsna22_utils.intracranial.predict import OOF_PREDICTIONS, TEST_PREDICTIONS
 from rsna22_utils.intracranial.prepare import Prepared
 from rsna22_utils.intracranial.stages import PREDICT
@@ -82,12 +83,16 @@ class Smoother:
         for k, label in enumerate(LABELS):
             y = labels[label].to_numpy().astype(int)
             if len(np.unique(y)) < 2:  # one class: keep the model's own prediction (the centre slice's logit)
-                self.coef[label] = [1.0 if offset == self.neighbours else 0.0 for offset in range(features.shape[1])]
-                self.intercept[label] = 0.0
+                self.keep_model_prediction(label)
                 continue
             model = LogisticRegression(C=self.regularisation, max_iter=1000).fit(features[:, :, k], y)
             self.coef[label], self.intercept[label] = model.coef_[0].tolist(), float(model.intercept_[0])
         return self
+
+    def keep_model_prediction(self, label: str) -> None:
+        """`label` passes through unchanged (the centre slice's logit, weight 1, no intercept)."""
+        self.coef[label] = [1.0 if offset == self.neighbours else 0.0 for offset in range(2 * self.neighbours + 1)]
+        self.intercept[label] = 0.0
 
     def predict(self, features: np.ndarray, ids: np.ndarray) -> pd.DataFrame:
         out = {IMAGE_ID: ids}
@@ -105,6 +110,13 @@ class Smoother:
             "intercept": self.intercept,
             "prevalence": self.prevalence,
         }
+
+
+def _log_loss(truth: pd.Series, probabilities: pd.Series) -> float:
+    """Mean binary log loss, clipped as the metric clips."""
+    p = np.clip(probabilities.to_numpy(np.float64), EPS, 1 - EPS)
+    y = truth.to_numpy(np.float64)
+    return float(-(y * np.log(p) + (1 - y) * np.log(1 - p)).mean())
 
 
 def _read(path: Path) -> pd.DataFrame:
@@ -128,14 +140,26 @@ def smooth(cfg: SmoothConfig) -> dict[str, Any]:
         held = (labels["fold"] == fold).to_numpy()
         smoother = Smoother(cfg.neighbours, cfg.regularisation).fit(features[~held], labels[~held])
         smoothed.append(smoother.predict(features[held], oof[IMAGE_ID].to_numpy()[held]))
-    oof_smoothed = pd.concat(smoothed, ignore_index=True)
+    oof_smoothed = pd.concat(smoothed, ignore_index=True).set_index(IMAGE_ID).loc[oof[IMAGE_ID]].reset_index()
+    # A label keeps its smoothing only where it lowers that label's out-of-fold log loss: a smoother fitted on
+    # some folds' models can be miscalibrated for another fold's model (steep slopes learnt from confident ones).
+    kept = {label: _log_loss(labels[label], oof_smoothed[label]) < _log_loss(labels[label], oof[label]) for label in LABELS}
+    for label in LABELS:
+        if not kept[label]:
+            oof_smoothed[label] = oof[label].to_numpy()
+    dropped = [label for label in LABELS if not kept[label]]
+    if dropped:
+        logger.warning("smoothing left out for %s: it raised their out-of-fold log loss (their 02 predictions pass through)", dropped)
     atomic_write(out / "oof_smoothed.parquet", lambda tmp: oof_smoothed.to_parquet(tmp, index=False))
     result: dict[str, Any] = {
         "oof_images": len(oof),
         "oof_metric_before": score_wide(labels, oof),
         "oof_metric": score_wide(labels, oof_smoothed),
+        "smoothed_labels": [label for label in LABELS if kept[label]],
     }
     smoother = Smoother(cfg.neighbours, cfg.regularisation).fit(features, labels)
+    for label in dropped:
+        smoother.keep_model_prediction(label)
     (out / SMOOTHING_FILE).write_text(json.dumps(smoother.to_json(), indent=2) + "\n")
     logger.info(
         "smoothing: out-of-fold metric %.4f -> %.4f; wrote %s", result["oof_metric_before"], result["oof_metric"], out / SMOOTHING_FILE
