@@ -454,7 +454,7 @@ class SubmissionConfig(StageConfig, Hardware, StudyBoxRule):
     # fail the run instead of submitting priors; fewer get the prior each
     max_failed_fraction: float = 0.05
     # models loaded (0 = every serving run): fewer, chosen in advance, when the whole ensemble would not
-    # fit Kaggle's 9 h (`bench-inference --profile`); variants take turns (ensemble.first_runs)
+    # fit Kaggle's 9 h (`bench-inference --profile`); variants take turns (ensemble.runs_in_variant_turns)
     max_box_models: int = 0
     max_study_models: int = 0
     # a serving run that the weights' manifest.json (or the runner's _runs.json) lists but the folder lacks fails

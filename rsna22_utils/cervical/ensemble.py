@@ -105,7 +105,7 @@ class Ensemble:
         return Ensemble(BoxEnsemble(self.box.models[:1], self.box.spec, self.box.input_slices, self.box.norm), self.study[:1], self.device)
 
 
-def first_runs(runs: list[Path], limit: int) -> list[Path]:
+def runs_in_variant_turns(runs: list[Path], limit: int) -> list[Path]:
     """At most `limit` of `runs` (0: all, in their order), chosen variant by variant in turn: the first run
     (lowest fold, then seed) of each variant, then the second of each, and so on. With the original's
     10 study models, 2 are one resnest50d and one seresnext50 run, seeds 0; 3 add resnest50d seed 1."""
@@ -122,7 +122,7 @@ def load_box_models(weights_dir: str | Path, device: torch.device, limit: int = 
     """The `01_train_box` runs of the weights folder that serve test studies (`serving_runs`: the full-data
     runs when there are any); they must share one image size, window set and box_input_slices."""
     models, spec, configs = [], None, {}
-    for run in first_runs(serving_runs(finished_runs(weights_dir, TRAIN_BOX)), limit):
+    for run in runs_in_variant_turns(serving_runs(finished_runs(weights_dir, TRAIN_BOX)), limit):
         model, cfg = load_run(run, device)
         if spec is not None and CacheSpec.of(cfg) != spec:
             raise ValueError(f"{run}: box model trained on {CacheSpec.of(cfg).name}, the others on {spec.name}")
@@ -136,7 +136,7 @@ def load_study_models(weights_dir: str | Path, device: torch.device, limit: int 
     """The `06_train_study` runs that serve test studies (`serving_runs`): the stage-05 CNN architecture +
     StudyHead, weights from model.safetensors."""
     runs = []
-    for run in first_runs(serving_runs(finished_runs(weights_dir, TRAIN_STUDY)), limit):
+    for run in runs_in_variant_turns(serving_runs(finished_runs(weights_dir, TRAIN_STUDY)), limit):
         model, cfg = load_run(run, device)
         runs.append(StudyRun(f"{run.parent.name}/{run.name}", model, cfg))
     return runs
@@ -144,7 +144,7 @@ def load_study_models(weights_dir: str | Path, device: torch.device, limit: int 
 
 def load_ensemble(weights_dir: str | Path, device: torch.device, max_box_models: int = 0, max_study_models: int = 0) -> Ensemble:
     """Box and study models of a weights folder (`runs/` locally, the weights dataset on Kaggle); at most
-    `max_box_models` / `max_study_models` of them (0: all), chosen by `first_runs`."""
+    `max_box_models` / `max_study_models` of them (0: all), chosen by `runs_in_variant_turns`."""
     box = load_box_models(weights_dir, device, max_box_models)
     study = load_study_models(weights_dir, device, max_study_models)
     logger.info(
@@ -219,7 +219,8 @@ class TestStudies(Dataset):
         return decode_study(uid, self.images_dir / uid, self.specs, self.backend, self.max_dropped)
 
 
-def _keep(item: DecodedStudy) -> DecodedStudy:
+def _study_as_batch(item: DecodedStudy) -> DecodedStudy:
+    """The loader's collate: each batch is one decoded study, as the worker made it."""
     return item
 
 
@@ -237,7 +238,7 @@ def study_loader(dataset: TestStudies, num_workers: int) -> DataLoader:
     # a native volume is ~79 MB (300 slices of 512 px): then each worker keeps one study ready, not two
     prefetch = 1 if any(isinstance(spec, NativeSpec) for spec in dataset.specs) else 2
     extra = {"prefetch_factor": prefetch, "worker_init_fn": _worker_init, "multiprocessing_context": "spawn"} if num_workers > 0 else {}
-    return DataLoader(dataset, batch_size=None, shuffle=False, num_workers=num_workers, collate_fn=_keep, **extra)
+    return DataLoader(dataset, batch_size=None, shuffle=False, num_workers=num_workers, collate_fn=_study_as_batch, **extra)
 
 
 def iter_studies(

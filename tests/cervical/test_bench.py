@@ -12,7 +12,7 @@ from rsna22_utils.cervical.bench.cost import TrainingData, bench_cost, example_b
 from rsna22_utils.cervical.bench.epoch import bench_epoch
 from rsna22_utils.cervical.bench.inference import bench_submission
 from rsna22_utils.cervical.data import CacheSource, DicomSource
-from rsna22_utils.cervical.ensemble import first_runs
+from rsna22_utils.cervical.ensemble import runs_in_variant_turns
 from rsna22_utils.cervical.models import create_network
 from rsna22_utils.cervical.synth import generate_competition
 from rsna22_utils.core.cache import CacheSpec, StudyCache, build_cache
@@ -206,9 +206,9 @@ def test_bench_submission_scales_measured_parts_to_the_ensemble(tiny_profile: st
 def test_first_runs_takes_variants_in_turn() -> None:
     runs = [Path(n) for n in ("a-fold-1-seed0", "a-fold-1-seed1", "a-fold-1-seed2", "b-fold-1-seed0", "b-fold-1-seed1")]
     names = lambda chosen: [p.name for p in chosen]
-    assert names(first_runs(runs, 0)) == names(runs)  # 0: all, in their order
-    assert names(first_runs(runs, 3)) == ["a-fold-1-seed0", "b-fold-1-seed0", "a-fold-1-seed1"]
-    assert names(first_runs(runs, 9)) == names(runs)
+    assert names(runs_in_variant_turns(runs, 0)) == names(runs)  # 0: all, in their order
+    assert names(runs_in_variant_turns(runs, 3)) == ["a-fold-1-seed0", "b-fold-1-seed0", "a-fold-1-seed1"]
+    assert names(runs_in_variant_turns(runs, 9)) == names(runs)
 
 
 @pytest.mark.slow

@@ -223,7 +223,9 @@ def whole_study_box(box_network: Any) -> Any:
     return network
 
 
-def _time_one_study(folder: Path, box: SubmissionFamily, study_net: Any, run_cfg: Any, sub: Any, dev: Any) -> tuple[dict, int, int]:
+def _time_one_study(
+    folder: Path, box: SubmissionFamily, study_net: Any, run_cfg: Any, submission_cfg: Any, dev: Any
+) -> tuple[dict, int, int]:
     """Seconds of each part of predicting one study with one box and one study model, through the submission's
     own `decode_study` and `predict_study` (its lap timer; on CUDA a first untimed pass warms kernels):
     (times, slices, images the study CNN embedded)."""
@@ -236,7 +238,7 @@ def _time_one_study(folder: Path, box: SubmissionFamily, study_net: Any, run_cfg
     )
     ensemble = Ensemble(box_ensemble, [StudyRun("measured", study_net.to(dev), run_cfg)], dev)
     for _ in range(2 if dev.type == "cuda" else 1):
-        study, timer = time_study(ensemble, folder, sub)
+        study, timer = time_study(ensemble, folder, submission_cfg)
     study_net.cpu()
     seconds = timer.seconds
     times = {
@@ -328,14 +330,14 @@ def bench_submission(
     data = data or default_training_data()
     dev = resolve_device(device)
     own = {k: v for k, v in (overrides or {}).items() if k in settable_fields(SubmissionConfig)}  # the rest go to 01 / 06
-    sub = resolve_config(INFERENCE, {"profile": profile, "out": "unused.csv", **own})
+    submission_cfg = resolve_config(INFERENCE, {"profile": profile, "out": "unused.csv", **own})
     families = submission_families(profile, overrides)
     box, studies = families[0], families[1:]
     folder = synthetic_test_study(Path(work_dir or tempfile.mkdtemp(prefix="rsna22-bench-")), image_size, n_slices)
 
     measured = studies[0]
     run_cfg = dataclasses.replace(measured.cfg, seq_len=measure_seq_len) if measure_seq_len else measured.cfg
-    times, n, computed = _time_one_study(folder, box, measured.network, run_cfg, sub, dev)
+    times, n, computed = _time_one_study(folder, box, measured.network, run_cfg, submission_cfg, dev)
 
     spine = round(float(np.mean(data.sample_spine)))
     range_slices = study_range(test_slices, spine, measured.cfg.slice_margin)
@@ -346,12 +348,21 @@ def bench_submission(
 
     decode_ms, decode_source = real_decode_ms()
     per_image = {family.name: per_slice["box"] if family is box else study_s_per_image for family in families}
-    family_table = _family_table(families, per_image, dev.type, test_slices, spine, sub.tta_flip)
+    family_table = _family_table(families, per_image, dev.type, test_slices, spine, submission_cfg.tta_flip)
     cpu_side_s = test_slices * (decode_ms / 1e3 + per_slice["encode"]) / KAGGLE_DECODE_WORKERS
     stack_s = stack_s_per_slice * range_slices * stacking_passes(studies)
     projection = _projection(family_table, [dev.type, *INFER_UTILISATION], cpu_side_s, stack_s, test_studies)
     _print_submission(
-        measured_table, family_table, projection, dev, n, image_size, measure_seq_len, (decode_ms, decode_source), range_slices, sub
+        measured_table,
+        family_table,
+        projection,
+        dev,
+        n,
+        image_size,
+        measure_seq_len,
+        (decode_ms, decode_source),
+        range_slices,
+        submission_cfg,
     )
     result = {"measured": measured_table, "families": family_table, "projection": projection}
     if out:
@@ -429,14 +440,14 @@ def _print_submission(
     seq_len: int | None,
     decode: tuple[float, str],
     range_slices: int,
-    sub: Any,
+    submission_cfg: Any,
 ) -> None:
     decode_ms, decode_source = decode
     test_studies = int(projection.filter(like="hours_").columns[0].removeprefix("hours_"))
     fmt = {"float_format": lambda v: f"{v:,.2f}", "index": False}
     print(
         f"submission, measured on {dev}: one synthetic study of {n} slices at {image_size} px, one model per family "
-        f"(random weights; study windows of {seq_len or 'the config'} images, flip TTA {sub.tta_flip})"
+        f"(random weights; study windows of {seq_len or 'the config'} images, flip TTA {submission_cfg.tta_flip})"
     )
     print(measured.to_string(**fmt))
     print(
@@ -449,7 +460,8 @@ def _print_submission(
     print(
         f"\nprojection to {test_studies} studies: per study = max(decode + encode on {KAGGLE_DECODE_WORKERS} workers "
         f"(decode {decode_ms:.1f} ms/slice, {decode_source}), stacking + box + study models); Kaggle limit {KAGGLE_HOURS:g} h "
-        f"(the kit's time_budget_hours {sub.time_budget_hours:g}); study_models_that_fit: the most study models (all box models kept) "
+        f"(the kit's time_budget_hours {submission_cfg.time_budget_hours:g}); "
+        "study_models_that_fit: the most study models (all box models kept) "
         "within the limit (SubmissionConfig.max_study_models); hours_models_only: box + study models alone (stacking is "
         "CPU time of this machine, once per study and distinct input)"
     )
