@@ -47,9 +47,20 @@ def score(solution: pd.DataFrame, submission: pd.DataFrame, eps: float = EPS) ->
     y = binary_column(sol, "Label", "solution", "ID")
     p = pd.Series(probability_column(sub, "Label", "submission", "ID"), index=sub_ids).reindex(sol_ids).to_numpy()
     w = label.map(LABEL_WEIGHTS).to_numpy(dtype=np.float64)
-    p = np.clip(p, eps, 1.0 - eps)
-    loss = -(y * np.log(p) + (1.0 - y) * np.log1p(-p))
-    return float((w * loss).sum() / w.sum())
+    return float((w * log_losses(y, p, eps)).sum() / w.sum())
+
+
+def log_losses(truth: np.ndarray, probabilities: np.ndarray, eps: float = EPS) -> np.ndarray:
+    """Each prediction's binary log loss, the probabilities clipped to [eps, 1 - eps] as Kaggle clipped them."""
+    p = np.clip(np.asarray(probabilities, dtype=np.float64), eps, 1.0 - eps)
+    y = np.asarray(truth, dtype=np.float64)
+    return -(y * np.log(p) + (1.0 - y) * np.log1p(-p))
+
+
+def per_label_log_loss(labels: pd.DataFrame, predictions: pd.DataFrame) -> dict[str, float]:
+    """Mean log loss per label (LABELS order) over the labelled images, predictions matched by ID."""
+    predictions = predictions.set_index(IMAGE_ID).loc[labels[IMAGE_ID]]
+    return {label: float(log_losses(labels[label].to_numpy(), predictions[label].to_numpy()).mean()) for label in LABELS}
 
 
 def score_files(submission: str | Path, solution: str | Path) -> float:

@@ -24,7 +24,7 @@ from rsna22_utils.core.files import atomic_write
 from rsna22_utils.core.registry import stage_dir
 from rsna22_utils.intracranial.configs import SmoothConfig
 from rsna22_utils.intracranial.labels import IMAGE_ID, LABELS, SAMPLE_SUBMISSION, wide_from_rows
-from rsna22_utils.intracranial.metric import EPS, score_wide
+from rsna22_utils.intracranial.metric import per_label_log_loss, score_wide
 from rsna22_utils.intracranial.predict import OOF_PREDICTIONS, TEST_PREDICTIONS
 from rsna22_utils.intracranial.prepare import Prepared
 from rsna22_utils.intracranial.stages import PREDICT
@@ -112,13 +112,6 @@ class Smoother:
         }
 
 
-def _log_loss(truth: pd.Series, probabilities: pd.Series) -> float:
-    """Mean binary log loss, clipped as the metric clips."""
-    p = np.clip(probabilities.to_numpy(np.float64), EPS, 1 - EPS)
-    y = truth.to_numpy(np.float64)
-    return float(-(y * np.log(p) + (1 - y) * np.log(1 - p)).mean())
-
-
 def _read(path: Path) -> pd.DataFrame:
     if not path.is_file():
         raise FileNotFoundError(f"{path}: missing; run {PREDICT} first")
@@ -143,7 +136,8 @@ def smooth(cfg: SmoothConfig) -> dict[str, Any]:
     oof_smoothed = pd.concat(smoothed, ignore_index=True).set_index(IMAGE_ID).loc[oof[IMAGE_ID]].reset_index()
     # A label keeps its smoothing only where it lowers that label's out-of-fold log loss: a smoother fitted on
     # some folds' models can be miscalibrated for another fold's model (steep slopes learnt from confident ones).
-    kept = {label: _log_loss(labels[label], oof_smoothed[label]) < _log_loss(labels[label], oof[label]) for label in LABELS}
+    before, after = per_label_log_loss(labels, oof), per_label_log_loss(labels, oof_smoothed)
+    kept = {label: after[label] < before[label] for label in LABELS}
     for label in LABELS:
         if not kept[label]:
             oof_smoothed[label] = oof[label].to_numpy()
