@@ -67,20 +67,17 @@ def data_throughput(steps: TrainingSteps, images_of: Callable[[Any], int], num_w
 def network_throughput(steps: TrainingSteps, images_of: Callable[[Any], int], n_steps: int, warmup: int) -> float:
     """Images/s of the trainer's optimizer step on one loader batch kept on the device."""
     batch = steps.to_device(next(iter(steps.loader(0, 1))))
-    counted = _Counted(itertools.repeat(batch), images_of)
-    steps.run(counted, warmup)
-    _sync(steps.device)
-    counted.reset()
-    t0 = time.perf_counter()
-    steps.run(counted, n_steps)
-    _sync(steps.device)
-    return counted.images / (time.perf_counter() - t0)
+    return _timed_steps(steps, _Counted(itertools.repeat(batch), images_of), n_steps, warmup)
 
 
 def trainer_throughput(steps: TrainingSteps, images_of: Callable[[Any], int], n_steps: int, warmup: int) -> float:
     """Images/s of the trainer's steps fed by its loader with the config's workers, as `fit` runs them."""
     micro_batches = (warmup + n_steps) * steps.cfg.grad_accum
-    counted = _Counted(iter(steps.loader(steps.cfg.num_workers, micro_batches)), images_of)
+    return _timed_steps(steps, _Counted(iter(steps.loader(steps.cfg.num_workers, micro_batches)), images_of), n_steps, warmup)
+
+
+def _timed_steps(steps: TrainingSteps, counted: _Counted, n_steps: int, warmup: int) -> float:
+    """Images/s of `n_steps` optimizer steps on `counted`'s batches, after `warmup` untimed ones."""
     steps.run(counted, warmup)
     _sync(steps.device)
     counted.reset()
