@@ -89,14 +89,14 @@ class SequenceTask:
         return dict(batch, target=torch.cat([target, target[..., self.fracture_columns].amax(-1, keepdim=True)], dim=-1))
 
     def loss(self, model: nn.Module, batch: dict) -> torch.Tensor:
+        outputs = model(batch)  # the loader's batch: in validation, the forward `predict` already ran
         batch = self.targets(batch)
-        return sequence_loss(
-            model(batch), batch, self.target_weights, self.positive_weights, self.loss_name, self.positive_weight, self.groups
-        )
+        return sequence_loss(outputs, batch, self.target_weights, self.positive_weights, self.loss_name, self.positive_weight, self.groups)
 
     def predict(self, model: nn.Module, batch: dict) -> pd.DataFrame:
+        logits = model(batch)["logits"]
         batch = self.targets(batch)
-        probs = _unwrapped(model).probabilities(model(batch)["logits"].float()).cpu().numpy()
+        probs = _unwrapped(model).probabilities(logits.float()).cpu().numpy()
         target = batch["target"].cpu().numpy()
         mask = batch["mask"].cpu().numpy() > 0.5
         frames = []

@@ -63,7 +63,8 @@ class Task(Protocol):
     """What a stage tells the trainer: how to compute the loss, predict OOF rows, and score them."""
 
     def loss(self, model: nn.Module, batch: Any) -> torch.Tensor:
-        """Scalar loss, mean over the batch (called in train mode, under autocast)."""
+        """Scalar loss, mean over the batch (called in train mode, under autocast; in validation after
+        `predict`, with a `SharedForward` model: call it on what `predict` called it on)."""
         ...
 
     def predict(self, model: nn.Module, batch: Any) -> pd.DataFrame:
@@ -581,6 +582,23 @@ def _valid_batch(micro: int) -> int:
     return max(1, 2 * micro)
 
 
+class SharedForward:
+    """A network whose output for one input is computed once: validation calls `Task.predict` and then
+    `Task.loss` on the same batch, and both call the network on it (eval mode, no gradients: the same
+    output), so the loss costs no second forward. Other attributes are the network's."""
+
+    def __init__(self, network: nn.Module) -> None:
+        self._network, self._input, self._output = network, None, None
+
+    def __call__(self, inputs: Any) -> Any:
+        if inputs is not self._input:
+            self._input, self._output = inputs, self._network(inputs)
+        return self._output
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._network, name)
+
+
 def _validate(model, task, loader, cfg, autocast, procs, to_device) -> tuple[list[pd.DataFrame], float, float]:
     """Predict OOF rows on this process's validation shard (+ the summed loss when cfg.valid_loss)."""
     net = unwrap(model)
@@ -590,11 +608,12 @@ def _validate(model, task, loader, cfg, autocast, procs, to_device) -> tuple[lis
     with torch.no_grad():
         for batch in tqdm(loader, desc="valid", disable=not procs.main, leave=False):
             batch = to_device(batch)
+            shared = SharedForward(net)
             with autocast():
-                frames.append(task.predict(net, batch))
+                frames.append(task.predict(shared, batch))
                 if cfg.valid_loss:
                     n = _batch_len(batch)
-                    loss_sum += float(task.loss(net, batch)) * n
+                    loss_sum += float(task.loss(shared, batch)) * n
                     count += n
     net.train()
     return frames, loss_sum, count

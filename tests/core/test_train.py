@@ -181,3 +181,25 @@ def test_early_stopping_ends_the_run_after_patience_epochs_without_improvement(t
     assert metrics["epoch"] == 1
     _, again = run(tmp_path, **settings)  # resuming a stopped run trains nothing more
     assert [h["epoch"] for h in again["history"]] == [1, 2, 3]
+
+
+class _CountingModel(ToyModel):
+    """The toy model, counting its forward passes in eval mode (validation)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.eval_forwards = 0
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        self.eval_forwards += 0 if self.training else 1
+        return super().forward(x)
+
+
+def test_validation_runs_the_network_once_per_batch_for_predictions_and_loss(tmp_path: Path) -> None:
+    without_loss, with_loss = _CountingModel(), _CountingModel()
+    run(tmp_path / "predictions", n_valid=24, model=without_loss, epochs=2, valid_loss=False)
+    _, metrics = run(tmp_path / "both", n_valid=24, model=with_loss, epochs=2)
+    assert without_loss.eval_forwards > 0
+    assert with_loss.eval_forwards == without_loss.eval_forwards  # the loss shares predict's forward
+    assert metrics["metrics"]["valid_loss"] == pytest.approx(_mse(with_loss), rel=1e-5)  # the loss of that same output
+    assert metrics["metrics"]["valid_loss"] == pytest.approx(metrics["metrics"]["mse"], rel=1e-5)
