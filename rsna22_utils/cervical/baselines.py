@@ -3,7 +3,8 @@
 Each function compares a stage's out-of-fold result with what a model that learned nothing from the
 images would score: a fixed centred box (01/02), the mean vertebra profile along the study (03/04),
 chance (05's slice fracture AUC), the training prevalence and the stage-05 fracture probabilities
-max-pooled per study (06).
+max-pooled per study (06). On a synthetic competition, `drawn_break_auc` also scores 05 against the
+breaks the generator drew.
 """
 
 from __future__ import annotations
@@ -15,6 +16,7 @@ from typing import Any
 import numpy as np
 import pandas as pd
 import torch
+from sklearn.metrics import roc_auc_score
 
 from rsna22_utils.cervical.anatomy import BOX_COLUMNS, TARGETS, VERTEBRAE
 from rsna22_utils.cervical.metric import per_target_auc, score_predictions
@@ -66,6 +68,41 @@ def slice_fracture_auc(runs: list[Path]) -> dict[str, float]:
         metrics = json.loads((run / "metrics.json").read_text()).get("metrics", {})
         if "fracture_auc" in metrics:
             out[run.name] = float(metrics["fracture_auc"])
+    return out
+
+
+def drawn_break_auc(oof: pd.DataFrame, breaks: pd.DataFrame, studies: pd.DataFrame, slices_per_image: int = 3) -> dict[str, float]:
+    """Stage 05's out-of-fold fracture outputs against the breaks a synthetic competition drew, per vertebra,
+    among the images of that vertebra only; chance is 0.5.
+
+    The slice fracture AUC of the runs (`slice_fracture_auc`) is scored against the pseudo-labels, which
+    mark every slice of a fractured vertebra: outputs that only learned where the vertebrae lie and how
+    often each is broken score well there. Inside one vertebra's images that knowledge is the same for
+    every image, so only seeing the break ranks the broken images first.
+
+    `oof`: 05's oof.parquet rows (one per image: `start`, `step`, `C1_frac_pred`..); `breaks`: the
+    generator's `_synthetic/boxes.csv` (StudyInstanceUID, vertebra, slice_index of each drawn break);
+    `studies`: its `_synthetic/studies.csv` (each vertebra's first/last slice, `C1_from`/`C1_to`..);
+    `slices_per_image`: the runs' slices per step (1 for `outputs_per_slice`). Returns the AUC of each
+    vertebra with broken and unbroken images, and their mean (`mean`).
+    """
+    k = int(slices_per_image)
+    first = oof["start"].to_numpy() + k * oof["step"].to_numpy()
+    span = first[:, None] + np.arange(k)[None, :]  # the slices of each image
+    centre = first + k // 2
+    drawn = set(zip(breaks["StudyInstanceUID"], breaks["vertebra"], breaks["slice_index"]))
+    extents = studies.set_index("StudyInstanceUID")
+    out: dict[str, float] = {}
+    for vertebra in VERTEBRAE:
+        low = extents[f"{vertebra}_from"].reindex(oof["StudyInstanceUID"]).to_numpy()
+        high = extents[f"{vertebra}_to"].reindex(oof["StudyInstanceUID"]).to_numpy()
+        inside = (centre >= low) & (centre <= high)
+        images = zip(oof["StudyInstanceUID"].to_numpy()[inside], span[inside])
+        broken = np.array([any((uid, vertebra, int(s)) in drawn for s in slices) for uid, slices in images], dtype=bool)
+        if 0 < broken.sum() < len(broken):
+            out[vertebra] = float(roc_auc_score(broken, oof.loc[inside, f"{vertebra}_frac_pred"].to_numpy()))
+    if out:
+        out["mean"] = float(np.mean(list(out.values())))
     return out
 
 

@@ -99,3 +99,24 @@ def test_calibration_across_folds_never_uses_a_studys_own_fold() -> None:
     assert result["metric_calibrated"] < result["metric_raw"]  # calibration brings inflated probabilities down to the rates
     with pytest.raises(ValueError, match="at least 2 folds"):
         baselines.calibrate_across_folds(scores, labels.assign(fold=0))
+
+
+def _images(predictions: list[float]) -> pd.DataFrame:
+    """05 OOF rows of one study: one window from slice 0, one 3-slice image per step, C1 fracture outputs as given."""
+    rows = pd.DataFrame({"StudyInstanceUID": "a", "start": 0, "step": np.arange(len(predictions))})
+    for v in range(1, 8):
+        rows[f"C{v}_frac_pred"] = predictions if v == 1 else 0.0
+    return rows
+
+
+def test_drawn_break_auc_scores_the_break_itself_not_where_the_vertebra_lies() -> None:
+    extents = {f"C{v}_{end}": value for v in range(1, 8) for end, value in (("from", 12 * (v - 1)), ("to", 12 * (v - 1) + 8))}
+    studies = pd.DataFrame([{"StudyInstanceUID": "a", **extents}])  # C1: slices 0-8 (images 0-2), C2: 12-20 ...
+    breaks = pd.DataFrame({"StudyInstanceUID": "a", "vertebra": "C1", "slice_index": [3, 4]})  # drawn on C1's image 1
+    sees_it = baselines.drawn_break_auc(_images([0.1, 0.9, 0.2, 0.0, 0.0, 0.0]), breaks, studies, slices_per_image=3)
+    assert sees_it == {"C1": 1.0, "mean": 1.0}  # no other vertebra has both broken and unbroken images
+    # outputs that only know where C1 lies (the same on each of its images) are at chance, though the pseudo-labels reward them
+    assert baselines.drawn_break_auc(_images([0.7, 0.7, 0.7, 0.0, 0.0, 0.0]), breaks, studies)["C1"] == pytest.approx(0.5)
+    # one slice per step: slice 4 alone is the broken step among C1's slices 0-5 here
+    per_slice = baselines.drawn_break_auc(_images([0.0, 0.0, 0.0, 0.9, 0.8, 0.1]), breaks, studies, slices_per_image=1)
+    assert per_slice["C1"] == pytest.approx(1.0)

@@ -9,6 +9,7 @@ from pathlib import Path
 import pandas as pd
 import pytest
 
+from rsna22_utils.cervical.anatomy import VERTEBRAE
 from rsna22_utils.cervical.demo import write_report
 from rsna22_utils.cervical.metric import TARGETS
 from rsna22_utils.cervical.submission import predict_submission
@@ -92,6 +93,9 @@ def test_report_scores_oof_and_submission_and_writes_figures(tiny_pipeline: dict
     assert baselines["max_pooled"]["studies"] == fracture_oof["StudyInstanceUID"].nunique()
     assert f"{baselines['box']['centred_median_iou']:.3f}" in text and f"{baselines['vertebra']['mean_profile_mae']:.3f}" in text
     assert f"{baselines['max_pooled']['metric_raw']:.4f}" in text
+    drawn = baselines["drawn_breaks_auc"]  # the synthetic competition's own breaks (values: test_baselines)
+    assert set(drawn) <= {*VERTEBRAE, "mean"} and all(0 <= v <= 1 for v in drawn.values())
+    assert not drawn or f"AUC {drawn['mean']:.3f}" in text
     json.dumps(report, default=str)  # summary.json material
 
 
