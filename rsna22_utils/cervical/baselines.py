@@ -92,12 +92,13 @@ def drawn_break_auc(oof: pd.DataFrame, breaks: pd.DataFrame, studies: pd.DataFra
     centre = first + k // 2
     drawn = set(zip(breaks["StudyInstanceUID"], breaks["vertebra"], breaks["slice_index"]))
     extents = studies.set_index("StudyInstanceUID")
+    uids = oof["StudyInstanceUID"].to_numpy()
     out: dict[str, float] = {}
     for vertebra in VERTEBRAE:
-        low = extents[f"{vertebra}_from"].reindex(oof["StudyInstanceUID"]).to_numpy()
-        high = extents[f"{vertebra}_to"].reindex(oof["StudyInstanceUID"]).to_numpy()
+        low = extents[f"{vertebra}_from"].reindex(uids).to_numpy()
+        high = extents[f"{vertebra}_to"].reindex(uids).to_numpy()
         inside = (centre >= low) & (centre <= high)
-        images = zip(oof["StudyInstanceUID"].to_numpy()[inside], span[inside])
+        images = zip(uids[inside], span[inside])
         broken = np.array([any((uid, vertebra, int(s)) in drawn for s in slices) for uid, slices in images], dtype=bool)
         if 0 < broken.sum() < len(broken):
             out[vertebra] = float(roc_auc_score(broken, oof.loc[inside, f"{vertebra}_frac_pred"].to_numpy()))

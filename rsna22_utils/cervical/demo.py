@@ -202,13 +202,14 @@ def stage_baselines(work_dir: Path, labels: pd.DataFrame, result: dict[str, Any]
         }
     fracture_runs = run_dirs(work_dir, TRAIN_FRACTURE, require="oof.parquet")
     out["slice_fracture_auc"] = baselines.slice_fracture_auc(fracture_runs)
+    fracture_oof = _oof(work_dir, TRAIN_FRACTURE)
     if synthetic is not None and (synthetic / "boxes.csv").exists() and fracture_runs:
         run_cfg = json.loads((fracture_runs[0] / "config.json").read_text())
         per_step = 1 if run_cfg.get("outputs_per_slice") else int(run_cfg.get("slices_per_image", 3))
         out["drawn_breaks_auc"] = baselines.drawn_break_auc(
-            _oof(work_dir, TRAIN_FRACTURE), pd.read_csv(synthetic / "boxes.csv"), pd.read_csv(synthetic / "studies.csv"), per_step
+            fracture_oof, pd.read_csv(synthetic / "boxes.csv"), pd.read_csv(synthetic / "studies.csv"), per_step
         )
-    out["max_pooled"] = baselines.max_pooled_baseline(_oof(work_dir, TRAIN_FRACTURE), folds)
+    out["max_pooled"] = baselines.max_pooled_baseline(fracture_oof, folds)
     out["study"] = {"metric": result["cv_metric"], "prior_metric": result["prior_metric"], "auc": result["auc"]}
     return out
 
