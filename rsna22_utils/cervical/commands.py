@@ -75,4 +75,5 @@ def _add_synth(subparsers: Any) -> None:
 
 
 def _add_demo(subparsers: Any) -> None:
-    add_demo_command(subparsers, _cmd_demo, out="demo", image_size=96)
+    # studies: cervical.demo.DEMO_STUDIES (why 90: there), spelt here so that building the CLI does not load pandas
+    add_demo_command(subparsers, _cmd_demo, out="demo", image_size=96, studies=90)

@@ -80,12 +80,12 @@ def run_demo_stage(stage: str, overrides: dict[str, Any], seed: int, work_dir: P
 
 
 def add_demo_command(
-    subparsers: Any, func: Callable[[argparse.Namespace], int], out: str, image_size: int, image_size_help: str = ""
+    subparsers: Any, func: Callable[[argparse.Namespace], int], out: str, image_size: int, image_size_help: str = "", studies: int = 60
 ) -> None:
     """The `demo` command of a competition: --out, --studies, --image-size, --seed and `-p [STAGE:]KEY=VALUE`."""
     p = subparsers.add_parser("demo", help="synthetic competition -> every stage of the pipeline -> report")
     p.add_argument("--out", type=Path, default=Path(out), help="working folder of the demo")
-    p.add_argument("--studies", type=int, default=60)
+    p.add_argument("--studies", type=int, default=studies, help="training studies of the synthetic competition")
     p.add_argument("--image-size", type=int, default=image_size, help=image_size_help or None)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument(

@@ -36,6 +36,18 @@ def test_demo_profile_sets_every_stage_and_trains_every_fold() -> None:
 COMMON = {"data_dir": "d", "work_dir": "w"}
 
 
+def test_the_demo_command_generates_as_many_studies_as_run_demo() -> None:
+    import inspect
+
+    from rsna22_utils import cli
+    from rsna22_utils.cervical.demo import DEMO_STUDIES, run_demo
+    from rsna22_utils.core import registry
+
+    registry.select_competition("cervical")
+    demo = cli._parser()._subparsers._group_actions[0].choices["demo"]
+    assert demo.get_default("studies") == DEMO_STUDIES == inspect.signature(run_demo).parameters["n_studies"].default
+
+
 def test_demo_overrides_for_every_stage_or_one() -> None:
     extra = parse_demo_overrides(["n_folds=5", "05_train_fracture:epochs=24"])
     assert extra == {"*": {"n_folds": 5}, "05_train_fracture": {"epochs": 24}}
