@@ -207,7 +207,7 @@ def stage_baselines(work_dir: Path, labels: pd.DataFrame, result: dict[str, Any]
     fracture_runs = run_dirs(work_dir, TRAIN_FRACTURE, require="oof.parquet")
     out["slice_fracture_auc"] = baselines.slice_fracture_auc(fracture_runs)
     fracture_oof = _oof(work_dir, TRAIN_FRACTURE)
-    if synthetic is not None and (synthetic / "boxes.csv").exists() and fracture_runs:
+    if synthetic is not None and (synthetic / "boxes.csv").exists():  # _oof raised if there is no 05 run
         run_cfg = json.loads((fracture_runs[0] / "config.json").read_text())
         per_step = 1 if run_cfg.get("outputs_per_slice") else int(run_cfg.get("slices_per_image", 3))
         out["drawn_breaks_auc"] = baselines.drawn_break_auc(
